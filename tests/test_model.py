@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+import loader
+from conftest import mixture_ratings
+from MFMixTaste import PRIOR_TERMS, MFMixTaste, _MixtureOfTastes
+
+
+def batch(n_users, n_items, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n_users, (size,), generator=g), torch.randint(0, n_items, (size,),
+                                                                           generator=g)
+
+
+def randomised(model, scale=0.5):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, scale)
+    return model
+
+
+def reference_scores(model, users, items):
+    """The model written straight from Kula (2017), with autograd: the contract of forward."""
+    tastes, attention = model.tastes[users], model.attention[users]          # (B, K, d)
+    item_vectors = model.item_factors[items]                                 # (B, d)
+    weights = torch.softmax(torch.einsum("bkd,bd->bk", attention, item_vectors), dim=1)
+    scores = torch.einsum("bkd,bd->bk", tastes, item_vectors)
+    return ((weights * scores).sum(1) + model.global_bias + model.user_bias[users]
+            + model.item_bias[items])
+
+
+def test_shapes_and_weights_sum_to_one_over_tastes():
+    model = randomised(MFMixTaste(10, 7, dim=5, n_tastes=3))
+    users, items = batch(10, 7)
+    assert model(users, items).shape == (64,)
+    weights = model.mixture_weights(users, items)
+    assert weights.shape == (64, 3)
+    torch.testing.assert_close(weights.sum(1), torch.ones(64))
+    assert (weights > 0).all()
+
+
+def test_weights_change_with_the_item():
+    model = randomised(MFMixTaste(4, 6, dim=5, n_tastes=3))
+    users = torch.zeros(6, dtype=torch.long)
+    weights = model.mixture_weights(users, torch.arange(6))
+    assert (weights - weights[0]).abs().max() > 0.05
+
+
+def test_forward_matches_the_papers_formula():
+    model = randomised(MFMixTaste(10, 7, dim=5, n_tastes=3))
+    users, items = batch(10, 7)
+    torch.testing.assert_close(model(users, items), reference_scores(model, users, items))
+
+
+def test_one_taste_is_exactly_biased_matrix_factorisation():
+    model = randomised(MFMixTaste(10, 7, dim=5, n_tastes=1))
+    users, items = batch(10, 7)
+    dot = (model.tastes[users, 0] * model.item_factors[items]).sum(1)
+    biased_mf = dot + model.global_bias + model.user_bias[users] + model.item_bias[items]
+    torch.testing.assert_close(model(users, items), biased_mf, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.mixture_weights(users, items), torch.ones(64, 1))
+
+
+def test_hand_written_backward_matches_autograd():
+    model = randomised(MFMixTaste(6, 5, dim=3, n_tastes=2)).double()
+    users, items = batch(6, 5, size=20)  # repeated indices: gradients must accumulate
+    params = (model.user_factors, model.item_factors, model.user_bias, model.item_bias,
+              model.global_bias)
+    assert torch.autograd.gradcheck(lambda *p: _MixtureOfTastes.apply(users, items, *p), params)
+
+
+def test_prior_terms_are_batch_mean_squared_norms_and_weighted_sum():
+    model = randomised(MFMixTaste(10, 7, dim=5, n_tastes=3))
+    users, items = batch(10, 7)
+    terms = model.prior_terms(users, items)
+    assert list(terms) == list(PRIOR_TERMS)
+    torch.testing.assert_close(terms["tastes"], model.tastes[users].pow(2).sum((1, 2)).mean())
+    torch.testing.assert_close(terms["attention"],
+                               model.attention[users].pow(2).sum((1, 2)).mean())
+    torch.testing.assert_close(terms["items"], model.item_factors[items].pow(2).sum(1).mean())
+    torch.testing.assert_close(terms["biases"], (model.user_bias[users].pow(2)
+                                                 + model.item_bias[items].pow(2)).mean())
+    _, norms = model(users, items, return_prior=True)
+    weights = {"tastes": 1.0, "attention": 0.0, "items": 2.0, "biases": 0.5}
+    torch.testing.assert_close(model.l2_prior(norms, weights),
+                               terms["tastes"] + 2 * terms["items"] + 0.5 * terms["biases"])
+    assert model.l2_prior(norms, weights).dim() == 0
+
+
+def test_global_bias_starts_at_the_given_mean_and_predictions_near_it():
+    model = MFMixTaste(50, 40, global_mean=3.6)
+    users, items = batch(50, 40)
+    assert (model(users, items) - 3.6).abs().max() < 1e-2
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError, match="n_tastes=0"):
+        MFMixTaste(3, 3, n_tastes=0)
+
+
+def fit(n_tastes, dim, train, steps=1000, prior=3e-3, seed=0, init_std=0.1):
+    torch.manual_seed(seed)
+    users, items, ratings = train
+    model = MFMixTaste(int(users.max()) + 1, int(items.max()) + 1, dim=dim, n_tastes=n_tastes,
+                       global_mean=float(ratings.mean()), init_std=init_std)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
+    weights = dict.fromkeys(PRIOR_TERMS, prior)
+    for step, (u, i, r, _) in zip(range(steps), _forever(train)):
+        predictions, norms = model(u, i, return_prior=True)
+        loss = torch.nn.functional.mse_loss(predictions, r) + model.l2_prior(norms, weights)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def _forever(tensors):
+    batches = loader.BatchIterator(tensors, batch_size=512, seed=0)
+    while True:
+        yield from batches
+
+
+def test_learns_a_known_mixture_far_better_than_biases_alone():
+    data = loader.encode(*mixture_ratings(n_users=150, n_items=100, n_ratings=9000))
+    train_rows, _, test_rows = loader.split(len(data), val_fraction=0.01)
+    train, (tu, ti, tr) = data.tensors(train_rows), data.tensors(test_rows)
+    mixture, single_taste = fit(3, 4, train), fit(1, 4, train)
+    # Factors that start at zero get zero gradients and stay there: only biases learn.
+    bias_only = fit(1, 1, train, init_std=0.0)
+    assert bias_only.user_factors.abs().max() == 0
+    with torch.no_grad():
+        mixture_mse = float(((mixture(tu, ti) - tr) ** 2).mean())
+        bias_only_mse = float(((bias_only(tu, ti) - tr) ** 2).mean())
+        single_taste_mse = float(((single_taste(tu, ti) - tr) ** 2).mean())
+    assert mixture_mse < 0.75 * bias_only_mse, (mixture_mse, bias_only_mse)
+    # The data is a mixture, so K=3 tastes must also beat one taste of the same size.
+    assert mixture_mse < 0.95 * single_taste_mse, (mixture_mse, single_taste_mse)

@@ -1,0 +1,111 @@
+"""train.py end to end, as a subprocess on a small synthetic MovieLens folder."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def run_train(tmp_path, data_dir, *overrides, check=True):
+    args = [sys.executable, str(ROOT / "train.py"), "--dataset=ml-100k", f"--data_dir={data_dir}",
+            f"--runs_dir={tmp_path / 'runs'}", f"--results_dir={tmp_path / 'results'}",
+            "--download=False", "--progress=False", "--batch_size=512", "--dim=8",
+            "--n_tastes=3", "--log_interval=2", *overrides]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_writes_events_checkpoints_and_results(tmp_path, synthetic_ml100k):
+    run_train(tmp_path, synthetic_ml100k, "--epochs=3", "--run_name=first", "--eval_train=True")
+    run_dir, results = tmp_path / "runs" / "first", tmp_path / "results" / "first"
+    assert len(list(run_dir.glob("last_checkpoint_*.pt"))) == 1
+    assert len(list(run_dir.glob("best_model_*.pt"))) == 1
+    assert json.loads((run_dir / "config.json").read_text())["n_tastes"] == 3
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir)).Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"train_step/loss", "train_step/mse", "train_step/prior_tastes",
+                "train_step/prior_attention", "train_step/prior_items", "train_step/prior_biases"}
+    expected |= {f"{split}/{m}" for split in ("train", "val", "test") for m in ("mse", "rmse", "mae")}
+    assert expected <= tags, expected - tags
+    assert [e.step for e in events.Scalars("val/mse")] == [1, 2, 3]
+    assert list((run_dir / "hparams").rglob("events.out.tfevents.*"))
+
+    summary = json.loads((results / "summary.json").read_text())
+    for key in ("test_mse", "test_rmse", "test_mae", "best_epoch", "epochs_run", "wall_seconds",
+                "dataset", "world_size", "backend"):
+        assert key in summary, key
+    assert summary["epochs_run"] == 3 and summary["dataset"] == "ml-100k"
+    assert summary["hyperparameters"]["dim"] == 8 and summary["world_size"] == 1
+    assert abs(summary["test_rmse"] ** 2 - summary["test_mse"]) < 1e-6
+    rows = read_csv(results / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    best = min(rows, key=lambda r: float(r["val_mse"]))
+    assert summary["best_epoch"] == int(best["epoch"])
+    # The summary's test figures are those of the best-by-validation model.
+    assert abs(summary["test_mse"] - float(best["test_mse"])) < 1e-6
+    assert float(rows[-1]["train_mse"]) < float(rows[0]["train_mse"])
+    for name in ("train_mse.svg", "test_mse.svg"):
+        text = (results / name).read_text()
+        assert "<svg" in text and "</svg>" in text
+
+
+def test_resume_continues_to_the_same_model_as_an_uninterrupted_run(tmp_path, synthetic_ml100k):
+    run_train(tmp_path, synthetic_ml100k, "--epochs=4", "--patience=0", "--run_name=straight")
+    run_train(tmp_path, synthetic_ml100k, "--epochs=2", "--patience=0", "--run_name=split")
+    resumed = run_train(tmp_path, synthetic_ml100k, f"--resume={tmp_path / 'runs' / 'split'}",
+                        "--epochs=4")
+    assert "test MSE" in resumed.stdout
+    straight = read_csv(tmp_path / "results" / "straight" / "metrics.csv")
+    split = read_csv(tmp_path / "results" / "split" / "metrics.csv")
+    assert [int(r["epoch"]) for r in split] == [1, 2, 3, 4]
+    for a, b in zip(straight, split):
+        for key in ("train_loss", "val_mse", "test_mse"):
+            assert abs(float(a[key]) - float(b[key])) < 1e-6, (a["epoch"], key)
+    summary = json.loads((tmp_path / "results" / "split" / "summary.json").read_text())
+    assert summary["epochs_run"] == 4 and summary["hyperparameters"]["batch_size"] == 512
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--learning_rate=0.1", "unknown hyperparameter 'learning_rate'"),
+    ("--epochs=three", "--epochs takes a int"),
+    ("--lr=fast", "--lr takes a float"),
+    ("--download=maybe", "--download takes True or False"),
+    ("--dataset=ml-2m", "unknown dataset 'ml-2m'; valid names: ml-100k"),
+    ("--batch_size=0", "--batch_size must be positive"),
+    ("epochs=3", "arguments are --key=value"),
+    ("--resume=nowhere", "no run there"),
+])
+def test_bad_overrides_fail_with_one_clear_message(tmp_path, synthetic_ml100k, override, message):
+    result = run_train(tmp_path, synthetic_ml100k, "--epochs=1", override, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path, synthetic_ml100k):
+    run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--run_name=kept")
+    before = sorted(p.name for p in (tmp_path / "runs" / "kept").iterdir())
+    again = run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--run_name=kept", check=False)
+    assert again.returncode == 2 and "--resume=" in again.stderr
+    assert sorted(p.name for p in (tmp_path / "runs" / "kept").iterdir()) == before
+
+
+def test_missing_data_without_download_is_a_clear_error(tmp_path):
+    result = run_train(tmp_path, tmp_path / "empty", "--epochs=1", check=False)
+    assert result.returncode == 2
+    assert "by hand" in result.stderr and "Traceback" not in result.stderr
