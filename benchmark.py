@@ -223,8 +223,8 @@ def peers_table(results, args):
 
 
 def machine_lines(command):
-    import torch
     import ignite
+    import torch
     try:
         import surprise
         surprise_version = surprise.__version__
@@ -276,10 +276,10 @@ def scaling(args):
     base = Path(args.scaling_dir)
     shapes = {"ml-1m x10 (synthetic)": (60_400, 37_000, 10_000_000),
               "ml-25m shape (synthetic)": (162_000, 59_000, 25_000_000)}
-    cases = [(f"ml-1m (real), K=4 d=32", args.data_dir, "ml-1m", [], 1),
-             (f"ml-1m (real), K=1 d=32", args.data_dir, "ml-1m", ["--n_tastes=1"], 1),
-             (f"ml-1m (real), K=8 d=32", args.data_dir, "ml-1m", ["--n_tastes=8"], 1),
-             (f"ml-1m (real), K=4 d=64", args.data_dir, "ml-1m", ["--dim=64"], 1)]
+    cases = [("ml-1m (real), K=4 d=32", args.data_dir, "ml-1m", [], 1),
+             ("ml-1m (real), K=1 d=32", args.data_dir, "ml-1m", ["--n_tastes=1"], 1),
+             ("ml-1m (real), K=8 d=32", args.data_dir, "ml-1m", ["--n_tastes=8"], 1),
+             ("ml-1m (real), K=4 d=64", args.data_dir, "ml-1m", ["--dim=64"], 1)]
     for label, (n_users, n_items, n) in shapes.items():
         folder = base / label.split()[0].replace("x10", "x10")
         ratings_csv = folder / "ml-25m" / "ratings.csv"

@@ -11,13 +11,33 @@ results/<run_name>/ (summary.json, metrics.csv, two SVG plots).
 """
 
 import ast
-import ctypes
 import csv
+import ctypes
 import json
 import os
 import sys
 import time
 from pathlib import Path
+
+import ignite
+import ignite.distributed as idist
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from ignite.handlers import (
+    Checkpoint,
+    DiskSaver,
+    EarlyStopping,
+    ProgressBar,
+    TerminateOnNan,
+    global_step_from_engine,
+)
+from ignite.handlers.tensorboard_logger import TensorboardLogger
+from ignite.metrics import Average, MeanAbsoluteError, MeanSquaredError, RootMeanSquaredError
+
+import loader
+from MFMixTaste import PRIOR_TERMS, MFMixTaste
 
 # -----------------------------------------------------------------------------
 # data
@@ -58,6 +78,7 @@ progress = True            # show Ignite's progress bar
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+
 
 
 class ConfigError(Exception):
@@ -128,23 +149,6 @@ def resolve_config(argv):
     check(cfg)
     return cfg
 
-
-# -----------------------------------------------------------------------------
-# Heavy imports after the configuration code, so `--help`-style mistakes fail fast.
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import ignite  # noqa: E402
-import ignite.distributed as idist  # noqa: E402
-from ignite.engine import Engine, Events  # noqa: E402
-from ignite.handlers import (Checkpoint, DiskSaver, EarlyStopping, ProgressBar,  # noqa: E402
-                             TerminateOnNan, global_step_from_engine)
-from ignite.handlers.tensorboard_logger import TensorboardLogger  # noqa: E402
-from ignite.metrics import Average, MeanAbsoluteError, MeanSquaredError, RootMeanSquaredError  # noqa: E402
-
-import loader  # noqa: E402
-from MFMixTaste import PRIOR_TERMS, MFMixTaste  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 METRICS = ("mse", "rmse", "mae")
@@ -272,7 +276,7 @@ def training(local_rank, cfg):
     Average(output_transform=lambda out: out["loss"], device=device).attach(trainer, "loss")
     # Training-set metrics over the epoch's own batches, as the model learns (free); with
     # eval_train, a separate pass over the training set after the epoch replaces them.
-    batch_outputs = lambda out: (out["predictions"], out["targets"])  # noqa: E731
+    batch_outputs = lambda out: (out["predictions"], out["targets"])
     MeanSquaredError(batch_outputs, device=device).attach(trainer, "mse")
     RootMeanSquaredError(batch_outputs, device=device).attach(trainer, "rmse")
     MeanAbsoluteError(batch_outputs, device=device).attach(trainer, "mae")
@@ -373,6 +377,9 @@ def training(local_rank, cfg):
         print(f"test MSE {final['test_mse']:.4f} RMSE {final['test_rmse']:.4f} "
               f"MAE {final['test_mae']:.4f} (best epoch {best_epoch} of {trainer.state.epoch}, "
               f"val MSE {final['val_mse']:.4f}); results in {results}/")
+    # Let every rank leave together: a rank that tears down its gloo connections while rank 0
+    # still writes results can abort ("terminate called without an active exception").
+    idist.barrier()
 
 
 def attach_tensorboard(run_dir, trainer, evaluators, optimizer, cfg):

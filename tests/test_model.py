@@ -105,7 +105,7 @@ def fit(n_tastes, dim, train, steps=1000, prior=3e-3, seed=0, init_std=0.1):
                        global_mean=float(ratings.mean()), init_std=init_std)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
     weights = dict.fromkeys(PRIOR_TERMS, prior)
-    for step, (u, i, r, _) in zip(range(steps), _forever(train)):
+    for _step, (u, i, r, _) in zip(range(steps), _forever(train)):
         predictions, norms = model(u, i, return_prior=True)
         loss = torch.nn.functional.mse_loss(predictions, r) + model.l2_prior(norms, weights)
         optimizer.zero_grad()
