@@ -1,14 +1,16 @@
 """Two gloo processes on the CPU (torchrun) train the same model as one process."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch.distributed as dist
+from test_train import read_csv
 
 from conftest import ROOT
-from test_train import read_csv
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -18,7 +20,7 @@ pytestmark = [
 
 
 def train(tmp_path, data_dir, run_name, nproc):
-    args = [f"--dataset=ml-100k", f"--data_dir={data_dir}", f"--run_name={run_name}",
+    args = ["--dataset=ml-100k", f"--data_dir={data_dir}", f"--run_name={run_name}",
             f"--runs_dir={tmp_path / 'runs'}", f"--results_dir={tmp_path / 'results'}",
             "--download=False", "--progress=False", "--batch_size=500", "--dim=8",
             "--n_tastes=3", "--epochs=3", "--patience=0", "--threads=1"]
@@ -34,8 +36,6 @@ def train(tmp_path, data_dir, run_name, nproc):
                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
         out, err = process.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        import os
-        import signal
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         pytest.fail(f"{nproc}-process run did not finish in 300 s")

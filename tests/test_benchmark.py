@@ -1,0 +1,71 @@
+import importlib.util
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+import benchmark
+from conftest import ROOT
+
+
+def run_benchmark(tmp_path, data_dir, only):
+    output = tmp_path / "bench.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--dataset=ml-100k",
+                           f"--data_dir={data_dir}", f"--only={only}", f"--output={output}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    return done, output
+
+
+def table_mse(report, label):
+    row = next(line for line in report.splitlines() if line.startswith(f"| {label} "))
+    return float(row.split("|")[2])
+
+
+def test_baseline_rows_are_measured_and_ordered(tmp_path, synthetic_ml100k):
+    done, output = run_benchmark(tmp_path, synthetic_ml100k, "global_mean,bias_only")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = output.read_text()
+    assert "<!-- peers:begin -->" in report and "Machine:" in report
+    assert "--only=global_mean,bias_only" in report
+    assert table_mse(report, "biases only (user + item)") < table_mse(report, "global mean")
+    assert "| replaced script, published (author's machine) | 0.7878 |" in report
+    # Wall time and peak memory were measured, not left blank.
+    row = next(line for line in report.splitlines() if line.startswith("| global mean "))
+    assert re.search(r"\| \d+\.\d \| \d+ \|", row), row
+
+
+def test_surprise_rows_run_or_say_how_to_install(tmp_path, synthetic_ml100k):
+    done, output = run_benchmark(tmp_path, synthetic_ml100k, "svd")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = output.read_text()
+    if importlib.util.find_spec("surprise") is None:
+        assert "pip install scikit-surprise" in report
+    else:
+        assert table_mse(report, "Surprise SVD (defaults)") < 1.5
+
+
+def test_unknown_row_is_refused(tmp_path, synthetic_ml100k):
+    done, _ = run_benchmark(tmp_path, synthetic_ml100k, "svd,magic")
+    assert done.returncode != 0 and "unknown row(s) magic" in done.stderr
+
+
+def test_sections_are_replaced_in_place(tmp_path):
+    path = tmp_path / "report.md"
+    benchmark.write_section(path, "peers", "first\n")
+    benchmark.write_section(path, "scaling", "scale\n")
+    benchmark.write_section(path, "peers", "second\n")
+    text = path.read_text()
+    assert "second" in text and "first" not in text and "scale" in text
+    assert text.index("second") < text.index("scale")
+
+
+def test_fit_biases_recovers_known_biases():
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, 30, 5000), rng.integers(0, 20, 5000)
+    true_user, true_item = rng.normal(0, 0.5, 30), rng.normal(0, 0.5, 20)
+    ratings = 3.0 + true_user[users] + true_item[items]
+    mu, user_bias, item_bias = benchmark.fit_biases(users, items, ratings, 30, 20, reg=0.01,
+                                                    sweeps=50)
+    predictions = mu + user_bias[users] + item_bias[items]
+    assert np.abs(predictions - ratings).max() < 1e-2
