@@ -29,7 +29,9 @@ class _MixtureOfTastes(torch.autograd.Function):
     K=4, d=32). This node computes the same function with one gather per table in the forward and,
     in the backward, one outer product for the tastes and attention rows, one contraction for the
     item rows, and one index_add_ per table, with the prior gradient folded in
-    (~0.4 us per rating). tests/test_model.py checks it against autograd with gradcheck.
+    (~0.4 us per rating). torch.compile of the plain expression reached 10 ms per step against
+    this node's 6 ms (batch 8192, K=2), after 19 s of compilation. tests/test_model.py checks
+    the node against autograd with gradcheck.
     """
 
     @staticmethod

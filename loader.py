@@ -226,7 +226,12 @@ def download(url, destination, md5=None, md5_url=None, progress=True):
     from tqdm.auto import tqdm
 
     destination = Path(destination)
-    partial = destination.with_name(destination.name + ".part")
+    # A name of its own, so that processes downloading at once (several machines' ranks on a
+    # shared folder) never write into one file; each renames a complete, verified copy.
+    handle, partial = tempfile.mkstemp(prefix=destination.name + ".", suffix=".part",
+                                       dir=destination.parent)
+    os.close(handle)
+    partial = Path(partial)
     try:
         if md5 is None and md5_url is not None:
             with _fetch(md5_url) as response:
@@ -262,10 +267,16 @@ def extract(archive, folder_name, ratings_file, target_dir):
             if member not in zipped.namelist():
                 raise DataError(f"{archive}: the archive has no {member}")
             zipped.extractall(staging)
-        os.replace(staging / folder_name, Path(target_dir) / folder_name)
+        try:
+            os.replace(staging / folder_name, Path(target_dir) / folder_name)
+        except OSError:
+            if not (Path(target_dir) / member).is_file():  # else another process was first
+                raise
     except (zipfile.BadZipFile, EOFError) as error:
         raise DataError(f"{archive} is not a valid zip archive ({error}); delete it and run "
                         "again to download a fresh copy") from None
+    except OSError as error:
+        raise DataError(f"could not extract {archive} into {target_dir}: {error}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Path(target_dir) / folder_name / ratings_file
