@@ -81,6 +81,12 @@ DEFAULTS = {k: v for k, v in globals().items()
 
 
 
+# What a resumed run may change; the rest is fixed by its checkpoint and saved config.
+CHANGEABLE_ON_RESUME = {"resume", "epochs", "patience", "data_dir", "download", "device",
+                        "threads", "log_interval", "progress", "eval_train", "eval_batch_size",
+                        "results_dir"}
+
+
 class ConfigError(Exception):
     """A bad command line or run folder: the message says which key or path."""
 
@@ -141,8 +147,12 @@ def resolve_config(argv):
         if not saved.is_file():
             raise ConfigError(f"--resume={run_dir}: no run there ({saved} is missing)")
         cfg.update({k: v for k, v in json.loads(saved.read_text()).items() if k in DEFAULTS})
+        fixed = sorted(k for k, v in overrides.items()
+                       if k not in CHANGEABLE_ON_RESUME and v != cfg[k])
+        if fixed:
+            raise ConfigError(f"--resume={run_dir}: {', '.join(fixed)} cannot change when resuming "
+                              "(the checkpoint fixes them); start a new run instead")
         cfg["run_name"], cfg["runs_dir"] = run_dir.name, str(run_dir.parent)
-        overrides.pop("run_name", None)
     cfg.update(overrides)
     if not cfg["run_name"]:
         cfg["run_name"] = f"{cfg['dataset']}-K{cfg['n_tastes']}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -80,6 +80,13 @@ def test_resume_continues_to_the_same_model_as_an_uninterrupted_run(tmp_path, sy
     assert summary["epochs_run"] == 4 and summary["hyperparameters"]["batch_size"] == 512
 
 
+def test_resume_refuses_settings_its_checkpoint_fixes(tmp_path, synthetic_ml100k):
+    run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--run_name=fixed")
+    refused = run_train(tmp_path, synthetic_ml100k, f"--resume={tmp_path / 'runs' / 'fixed'}",
+                        "--epochs=2", "--lr=0.5", check=False)
+    assert refused.returncode == 2 and "lr cannot change when resuming" in refused.stderr
+
+
 @pytest.mark.parametrize("override,message", [
     ("--learning_rate=0.1", "unknown hyperparameter 'learning_rate'"),
     ("--epochs=three", "--epochs takes a int"),
