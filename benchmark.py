@@ -133,6 +133,11 @@ def measure(command, env=None):
         done.returncode
 
 
+def failed_row(name, stderr):
+    """A row whose process failed, with the last line it printed."""
+    return {"row": name, "error": stderr.strip().splitlines()[-1] if stderr.strip() else "failed"}
+
+
 def train_row(name, args, scratch, extra_overrides=()):
     run_name = f"bench-{name}-{os.getpid()}"
     command = [sys.executable, str(ROOT / "train.py"), f"--dataset={args.dataset}",
@@ -141,7 +146,7 @@ def train_row(name, args, scratch, extra_overrides=()):
                f"--results_dir={scratch / 'results'}", *extra_overrides]
     wall, peak, out, err, code = measure(command)
     if code != 0:
-        return {"row": name, "error": err.strip().splitlines()[-1] if err.strip() else "failed"}
+        return failed_row(name, err)
     summary = json.loads((scratch / "results" / run_name / "summary.json").read_text())
     return {"row": name, "mse": summary["test_mse"], "rmse": summary["test_rmse"],
             "mae": summary["test_mae"], "wall": wall, "peak_mib": peak,
@@ -154,7 +159,7 @@ def baseline_row(name, args):
                f"--dataset={args.dataset}", f"--data_dir={args.data_dir}"]
     wall, peak, out, err, code = measure(command)
     if code != 0:
-        return {"row": name, "error": err.strip().splitlines()[-1] if err.strip() else "failed"}
+        return failed_row(name, err)
     result = json.loads(out.strip().splitlines()[-1])
     if result["scores"] is None:
         return {"row": name, "error": result["extra"]["skipped"]}

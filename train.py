@@ -79,8 +79,6 @@ progress = True            # show Ignite's progress bar
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
-
-
 # What a resumed run may change; the rest is fixed by its checkpoint and saved config.
 CHANGEABLE_ON_RESUME = {"resume", "epochs", "patience", "data_dir", "download", "device",
                         "threads", "log_interval", "progress", "eval_train", "eval_batch_size",
@@ -217,11 +215,16 @@ def make_evaluator(model, rating_range, device):
         return predictions, ratings
 
     evaluator = Engine(evaluate_step)
-    # Ignite's metrics reduce their sums across processes, so each rank evaluates its share only.
-    MeanSquaredError(device=device).attach(evaluator, "mse")
-    RootMeanSquaredError(device=device).attach(evaluator, "rmse")
-    MeanAbsoluteError(device=device).attach(evaluator, "mae")
+    attach_metrics(evaluator, lambda output: output, device)
     return evaluator
+
+
+def attach_metrics(engine, output_transform, device):
+    """MSE, RMSE and MAE of (predictions, targets) as engine.state.metrics[name], names as in
+    METRICS. Ignite's metrics reduce their sums across processes, so each rank feeds its share."""
+    MeanSquaredError(output_transform, device=device).attach(engine, "mse")
+    RootMeanSquaredError(output_transform, device=device).attach(engine, "rmse")
+    MeanAbsoluteError(output_transform, device=device).attach(engine, "mae")
 
 
 def training(local_rank, cfg):
@@ -285,10 +288,7 @@ def training(local_rank, cfg):
     Average(output_transform=lambda out: out["loss"], device=device).attach(trainer, "loss")
     # Training-set metrics over the epoch's own batches, as the model learns (free); with
     # eval_train, a separate pass over the training set after the epoch replaces them.
-    batch_outputs = lambda out: (out["predictions"], out["targets"])
-    MeanSquaredError(batch_outputs, device=device).attach(trainer, "mse")
-    RootMeanSquaredError(batch_outputs, device=device).attach(trainer, "rmse")
-    MeanAbsoluteError(batch_outputs, device=device).attach(trainer, "mae")
+    attach_metrics(trainer, lambda out: (out["predictions"], out["targets"]), device)
 
     evaluators = {split: make_evaluator(model, rating_range, device) for split in SPLITS}
     eval_batches = {split: loader.BatchIterator(tensors[split], cfg["eval_batch_size"],
@@ -360,12 +360,12 @@ def training(local_rank, cfg):
     if best_files:
         Checkpoint.load_objects({"model": model}, torch.load(best_files[-1], map_location=device))
     final_evaluator, final = make_evaluator(model, rating_range, device), {}
-    for split in SPLITS:
+    for split in ("test", "val", "train"):  # test first: the figures summary.json leads with
         final_evaluator.run(eval_batches[split])
         final.update({f"{split}_{m}": final_evaluator.state.metrics[m] for m in METRICS})
     best_epoch = max(history.rows, key=lambda r: -r["val_mse"])["epoch"] if history.rows else 0
     if rank == 0:
-        summary = {**{f"test_{m}": final[f"test_{m}"] for m in METRICS}, **final,
+        summary = {**final,
                    "best_epoch": best_epoch, "epochs_run": trainer.state.epoch,
                    "wall_seconds": round(wall_before + time.perf_counter() - started, 2),
                    "dataset": cfg["dataset"], "n_users": ratings.n_users,
