@@ -17,6 +17,7 @@ optimisation and step counting live in train.py.
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 PRIOR_TERMS = ("tastes", "attention", "items", "biases")
 
@@ -57,7 +58,7 @@ class _MixtureOfTastes(torch.autograd.Function):
         row_norms = (halves * halves).sum(-1).sum(0)                              # (2,)
         squared_norms = torch.stack([
             row_norms[0], row_norms[1],
-            item_rows.pow(2).sum(), user_b.pow(2).sum() + item_b.pow(2).sum()]) / batch
+            item_rows.pow(2).sum(), user_b.pow(2).sum() + item_b.pow(2).sum()]) / max(batch, 1)
 
         ctx.save_for_backward(users, items, rows, item_rows, weights, taste_scores, mixed,
                               user_b, item_b)
@@ -66,12 +67,14 @@ class _MixtureOfTastes(torch.autograd.Function):
         return prediction, squared_norms
 
     @staticmethod
+    @once_differentiable  # the backward is not itself differentiable: double backward raises
     def backward(ctx, grad_prediction, grad_norms):
         users, items, rows, item_rows, weights, taste_scores, mixed, user_b, item_b = \
             ctx.saved_tensors
         batch, two_k, _ = rows.shape
         n_tastes = two_k // 2
-        norm_coef = grad_norms * (2.0 / batch)                                    # (4,)
+        # An empty batch (a process's share of a short last batch) has zero norms and gradients.
+        norm_coef = grad_norms * (2.0 / max(batch, 1))                            # (4,)
 
         # d mixed / d taste_k = w_k e ;  d mixed / d attention_k = w_k (s_k - mixed) e
         grad_scores = grad_prediction.unsqueeze(-1) * weights                     # (B, K)

@@ -27,7 +27,8 @@ import numpy as np
 import loader
 
 ROOT = Path(__file__).resolve().parent
-ROWS = ("mfmixtaste", "mfmixtaste_k1", "global_mean", "bias_only", "svd", "svdpp")
+ROWS = ("mfmixtaste", "mfmixtaste_1thread", "mfmixtaste_k1", "global_mean", "bias_only", "svd",
+        "svdpp")
 # The replaced script (a 2020 PyTorch/Ignite trio), on this same protocol.
 REPLACED = [("replaced script, published (author's machine)", 0.7878, "13m44s"),
             ("replaced script, run on a 2-core machine here", 0.7838, "194 s")]
@@ -128,8 +129,9 @@ def measure(command, env=None):
     done = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True,
                           text=True, env=env, cwd=ROOT)
     wall = time.perf_counter() - started
-    peak = re.search(r"PEAK_KB (\d+)", done.stderr)
-    return wall, int(peak.group(1)) / 1024 if peak else float("nan"), done.stdout, done.stderr, \
+    peak = re.search(r"^PEAK_KB (\d+)\n?", done.stderr, re.MULTILINE)
+    stderr = done.stderr.replace(peak.group(0), "") if peak else done.stderr  # the child's own
+    return wall, int(peak.group(1)) / 1024 if peak else float("nan"), done.stdout, stderr, \
         done.returncode
 
 
@@ -169,6 +171,7 @@ def baseline_row(name, args):
 
 
 LABELS = {"mfmixtaste": "this project, train.py defaults",
+          "mfmixtaste_1thread": "this project, train.py defaults, 1 thread",
           "mfmixtaste_k1": "this project, n_tastes=1 (biased MF)",
           "global_mean": "global mean", "bias_only": "biases only (user + item)",
           "svd": "Surprise SVD (defaults)", "svdpp": "Surprise SVD++ (defaults)"}
@@ -186,6 +189,8 @@ def peers(args):
             print(f"running {name} ...", flush=True)
             if name == "mfmixtaste":
                 row = train_row(name, args, Path(scratch))
+            elif name == "mfmixtaste_1thread":  # as Surprise's fit runs: one thread
+                row = train_row(name, args, Path(scratch), ["--threads=1"])
             elif name == "mfmixtaste_k1":
                 row = train_row(name, args, Path(scratch), ["--n_tastes=1"])
             else:
@@ -216,13 +221,18 @@ def peers_table(results, args):
                   f"{by_row['mfmixtaste']['wall']:.1f} s start to finish, "
                   f"{ratio:.2f} times Surprise SVD's `fit` ({by_row['svd']['fit_seconds']:.2f} s) "
                   "measured in the same benchmark run (target: at most 4)."]
+        if "mfmixtaste_1thread" in by_row:
+            one = by_row["mfmixtaste_1thread"]["wall"]
+            lines[-1] += (f" Surprise's `fit` runs on one thread while `train.py` uses two (torch's "
+                          f"default here); on one thread (`--threads=1`) the whole run took {one:.1f} s, "
+                          f"{one / by_row['svd']['fit_seconds']:.2f} times SVD's `fit`.")
     lines += ["", "Wall time is the whole process, start to finish (imports, data from the parse "
               "cache, training, evaluation, writing results), timed by benchmark.py; the SVD "
               "rows' `fit` time alone is in their notes. Peak memory is the process's maximum "
               "resident set size. Our model trains on 95% of the training rows (the rest choose "
               "the epoch); the baselines fit all training rows.", "",
               machine_lines(f"python benchmark.py --dataset={args.dataset} "
-                            f"--data_dir={args.data_dir}"
+                            f"--data_dir={args.data_dir_given}"
                             + (f" --only={args.only}" if args.only else ""))]
     return "\n".join(lines) + "\n"
 
@@ -331,7 +341,7 @@ def scaling(args):
               "process. Synthetic sets: uniform random users, items and half-star ratings, "
               "written in ML-25M's CSV format and read by loader.py; they train with "
               f"--batch_size={args.large_batch}.", "",
-              machine_lines(f"python benchmark.py --scaling --data_dir={args.data_dir}")]
+              machine_lines(f"python benchmark.py --scaling --data_dir={args.data_dir_given}")]
     report = "\n".join(lines) + "\n"
     print(report)
     write_section(Path(args.output), "scaling", report)
@@ -352,6 +362,11 @@ def main():
                         help="batch size for the synthetic large sets")
     parser.add_argument("--_row", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # The rows run from the project folder: paths given relative to the caller's folder must
+    # mean the same there.
+    args.data_dir_given = args.data_dir  # as the report's command line shows it
+    args.data_dir, args.output, args.scaling_dir = (
+        str(Path(p).resolve()) for p in (args.data_dir, args.output, args.scaling_dir))
     try:
         if args._row:
             run_row(args._row, args.dataset, args.data_dir)

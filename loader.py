@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 GROUPLENS = "https://files.grouplens.org/datasets/movielens/"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: ratings lines must have their four fields
 
 
 class DataError(Exception):
@@ -132,12 +132,16 @@ def encode(raw_users, raw_items, ratings):
 
 # ----------------------------------------------------------------------------- parsing
 
+FIELDS = 4  # user, item, rating, timestamp: every MovieLens ratings file has four per line
+
+
 def parse_ratings(path, sep, header, encoding="utf-8"):
-    """Read user, item and rating (the first three fields) of a ratings file.
+    """Read user, item and rating of a ratings file (the timestamp must be there, unused).
 
     pandas' C parser reads ML-1M in ~0.3 s; the '::' separator of ml-1m and ml-10m is rewritten to
     a tab first, because pandas only parses multi-character separators with its Python engine
-    (10x slower). Any anomaly sends us to a line-by-line scan that names the first bad line."""
+    (10x slower). Any anomaly (a missing or extra field, a non-number) sends us to a line-by-line
+    scan that names the first bad line."""
     import pandas as pd  # imported here: a cached run does not pay for it
 
     path = Path(path)
@@ -148,9 +152,12 @@ def parse_ratings(path, sep, header, encoding="utf-8"):
     if len(sep) > 1:
         raw, data_sep = raw.replace(sep.encode(encoding), b"\t"), "\t"
     try:
+        # A line with three fields leaves the int64 timestamp empty, which pandas refuses; a line
+        # with five is a ParserError: both go to the scan below.
         frame = pd.read_csv(io.BytesIO(raw), sep=data_sep, header=0 if header else None,
-                            names=["user", "item", "rating"], usecols=[0, 1, 2],
-                            dtype={"user": np.int64, "item": np.int64, "rating": np.float32},
+                            names=["user", "item", "rating", "timestamp"],
+                            dtype={"user": np.int64, "item": np.int64, "rating": np.float32,
+                                   "timestamp": np.int64},
                             encoding=encoding, engine="c")
     except (ValueError, pd.errors.ParserError) as error:
         _raise_first_bad_line(path, sep, header, encoding, error)
@@ -168,11 +175,15 @@ def _field_problem(fields):
     except ValueError:
         return "user and item ids must be integers"
     try:
-        if np.isfinite(float(fields[2])):
-            return None
+        if not np.isfinite(float(fields[2])):
+            return "the rating is not a finite number"
     except ValueError:
-        pass
-    return "the rating is not a finite number"
+        return "the rating is not a finite number"
+    try:
+        int(fields[3])
+    except ValueError:
+        return "the timestamp must be an integer"
+    return None
 
 
 def _raise_first_bad_line(path, sep, header, encoding, error):
@@ -181,9 +192,9 @@ def _raise_first_bad_line(path, sep, header, encoding, error):
             if (header and number == 1) or not line.strip():
                 continue
             fields = line.rstrip("\r\n").split(sep)
-            problem = None
-            if len(fields) < 3:
-                problem = f"expected at least 3 fields separated by {sep!r}, found {len(fields)}"
+            if len(fields) != FIELDS:
+                problem = (f"expected {FIELDS} fields (user, item, rating, timestamp) separated "
+                           f"by {sep!r}, found {len(fields)}")
             else:
                 problem = _field_problem(fields)
             if problem:
@@ -258,20 +269,31 @@ def download(url, destination, md5=None, md5_url=None, progress=True):
 
 
 def extract(archive, folder_name, ratings_file, target_dir):
-    """Extract archive into target_dir through a temporary folder renamed into place, so an
-    interrupted extraction never leaves a half-written <target_dir>/<folder_name>."""
+    """Extract archive into target_dir through a temporary folder moved into place, so an
+    interrupted extraction never leaves a half-written <target_dir>/<folder_name>.
+
+    Where that folder already exists (it can hold only our parse cache, the ratings file having
+    been deleted), the extracted files move in one by one, the ratings file last: its presence
+    is what says the folder is complete."""
     member = f"{folder_name}/{ratings_file}"
+    destination = Path(target_dir) / folder_name
     staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=target_dir))
     try:
         with zipfile.ZipFile(archive) as zipped:
             if member not in zipped.namelist():
                 raise DataError(f"{archive}: the archive has no {member}")
             zipped.extractall(staging)
-        try:
-            os.replace(staging / folder_name, Path(target_dir) / folder_name)
-        except OSError:
-            if not (Path(target_dir) / member).is_file():  # else another process was first
-                raise
+        if not destination.exists():
+            try:
+                os.replace(staging / folder_name, destination)
+            except OSError:
+                if not (destination / ratings_file).is_file():  # else another process was first
+                    raise
+        else:
+            entries = sorted((staging / folder_name).iterdir(), key=lambda p: p.name == ratings_file)
+            for entry in entries:
+                if not (destination / entry.name).exists():
+                    os.replace(entry, destination / entry.name)
     except (zipfile.BadZipFile, EOFError) as error:
         raise DataError(f"{archive} is not a valid zip archive ({error}); delete it and run "
                         "again to download a fresh copy") from None
@@ -279,19 +301,31 @@ def extract(archive, folder_name, ratings_file, target_dir):
         raise DataError(f"could not extract {archive} into {target_dir}: {error}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return Path(target_dir) / folder_name / ratings_file
+    return destination / ratings_file
+
+
+def archive_cache_dir(archive):
+    """Where a zip in a read-only folder is extracted: a folder of the user cache keyed by that
+    archive (its resolved path, size and modification time), so that another archive of the
+    same name, elsewhere or replaced, never reads this one's extraction."""
+    info = Path(archive).stat()
+    key = hashlib.sha1(f"{Path(archive).resolve()}:{info.st_size}:{info.st_mtime_ns}".encode())
+    return user_cache_dir() / f"{Path(archive).stem}-{key.hexdigest()[:16]}"
 
 
 def locate(name, data_dir, allow_download=True, progress=True):
-    """The path of the dataset's ratings file: extracted folder, else local zip, else download."""
+    """The path of the dataset's ratings file: extracted folder, else local zip, else download.
+    A zip in a read-only folder is extracted once into archive_cache_dir(zip)."""
     spec = dataset_spec(name)
     data_dir = Path(data_dir)
-    for base in (data_dir, user_cache_dir()):
-        if (base / spec.folder / spec.ratings_file).is_file():
-            return base / spec.folder / spec.ratings_file
+    if (data_dir / spec.folder / spec.ratings_file).is_file():
+        return data_dir / spec.folder / spec.ratings_file
     archive = data_dir / f"{name}.zip"
     if data_dir.is_dir() or allow_download:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DataError(f"cannot create the data folder {data_dir}: {error.strerror}") from None
     writable = _is_writable(data_dir)
     if not archive.is_file():
         if not allow_download:
@@ -304,11 +338,16 @@ def locate(name, data_dir, allow_download=True, progress=True):
         except DataError as error:
             raise DataError(f"{error}\n{_where_to_put(name, spec, data_dir, 'no download')}") \
                 from None
-    elif spec.md5 is not None and _file_md5(archive) != spec.md5:
+    target = data_dir if writable else archive_cache_dir(archive)
+    if (target / spec.folder / spec.ratings_file).is_file():
+        return target / spec.folder / spec.ratings_file  # this very archive, extracted before
+    if spec.md5 is not None and _file_md5(archive) != spec.md5:
         raise DataError(f"{archive}: checksum mismatch (expected MD5 {spec.md5}); it is not the "
                         "official archive or is incomplete: delete it and run again")
-    target = data_dir if writable else user_cache_dir()
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"cannot create {target} to extract {archive}: {error.strerror}") from None
     return extract(archive, spec.folder, spec.ratings_file, target)
 
 
@@ -339,8 +378,8 @@ def load(name, data_dir, allow_download=True, progress=True):
                 if np.array_equal(cached["stamp"], stamp):
                     return Ratings(*(cached[k] for k in ("users", "items", "ratings", "user_ids",
                                                          "item_ids")))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass  # a damaged cache is rebuilt below
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # a damaged (or empty) cache is rebuilt below
     ratings = encode(*parse_ratings(path, spec.sep, spec.header, spec.encoding))
     _save_cache(cache, stamp, ratings)
     return ratings
@@ -374,7 +413,13 @@ def split(n_ratings, test_fraction=0.25, val_fraction=0.05, split_seed=42):
     in_train = draws < 1.0 - test_fraction
     train, test = np.flatnonzero(in_train), np.flatnonzero(~in_train)
     in_val = np.random.default_rng(split_seed).random(len(train)) < val_fraction
-    return train[~in_val], train[in_val], test
+    parts = train[~in_val], train[in_val], test
+    if min(map(len, parts)) == 0:
+        raise DataError(f"{n_ratings:,} ratings are too few to split: test_fraction={test_fraction} "
+                        f"and val_fraction={val_fraction} leave {len(parts[0])} training, "
+                        f"{len(parts[1])} validation and {len(parts[2])} test ratings, and each "
+                        "part needs at least one (use more data or larger fractions)")
+    return parts
 
 
 # ----------------------------------------------------------------------------- batches
@@ -412,4 +457,6 @@ class BatchIterator:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
+        # A checkpoint loaded with map_location=cuda would hand over a CUDA byte tensor, which
+        # Generator.set_state refuses: the shuffling generator always lives on the CPU.
+        self.generator.set_state(state["generator"].cpu())

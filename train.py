@@ -13,8 +13,12 @@ results/<run_name>/ (summary.json, metrics.csv, two SVG plots).
 import ast
 import csv
 import ctypes
+import gc
 import json
+import math
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +27,6 @@ import ignite
 import ignite.distributed as idist
 import numpy as np
 import torch
-import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import (
     Checkpoint,
@@ -89,6 +92,10 @@ class ConfigError(Exception):
     """A bad command line or run folder: the message says which key or path."""
 
 
+class TrainingError(Exception):
+    """Training itself failed (the loss diverged): the message says when and what was kept."""
+
+
 def parse_overrides(argv, defaults):
     """--key=value pairs -> {key: value}, typed like the default; unknown keys are errors."""
     overrides = {}
@@ -133,6 +140,12 @@ def check(cfg):
             raise ConfigError(f"--{key} must not be negative, got {cfg[key]}")
     if not 0 < cfg["test_fraction"] < 1 or not 0 < cfg["val_fraction"] < 1:
         raise ConfigError("--test_fraction and --val_fraction must lie strictly between 0 and 1")
+    if cfg["device"] != "auto":
+        try:
+            torch.device(cfg["device"])
+        except RuntimeError:
+            raise ConfigError(f"--device={cfg['device']} is not a device: use auto, cpu, cuda or "
+                              "cuda:<index>") from None
 
 
 def resolve_config(argv):
@@ -144,18 +157,38 @@ def resolve_config(argv):
         saved = run_dir / "config.json"
         if not saved.is_file():
             raise ConfigError(f"--resume={run_dir}: no run there ({saved} is missing)")
-        cfg.update({k: v for k, v in json.loads(saved.read_text()).items() if k in DEFAULTS})
+        try:
+            cfg.update({k: v for k, v in json.loads(saved.read_text()).items() if k in DEFAULTS})
+        except (ValueError, AttributeError):
+            raise ConfigError(f"--resume={run_dir}: {saved} is not a valid config file") from None
         fixed = sorted(k for k, v in overrides.items()
                        if k not in CHANGEABLE_ON_RESUME and v != cfg[k])
         if fixed:
             raise ConfigError(f"--resume={run_dir}: {', '.join(fixed)} cannot change when resuming "
                               "(the checkpoint fixes them); start a new run instead")
-        cfg["run_name"], cfg["runs_dir"] = run_dir.name, str(run_dir.parent)
+        cfg["run_name"], cfg["runs_dir"] = split_run_path(run_dir, cfg["run_name"])
     cfg.update(overrides)
-    if not cfg["run_name"]:
-        cfg["run_name"] = f"{cfg['dataset']}-K{cfg['n_tastes']}-{time.strftime('%Y%m%d-%H%M%S')}"
     check(cfg)
     return cfg
+
+
+def split_run_path(run_dir, saved_name):
+    """A run folder -> (run_name, runs_dir). The saved name may have several parts (exp/a): it is
+    kept when the folder's path ends with it, so results go to results/exp/a as before; a folder
+    moved or renamed since is named after its last part."""
+    name_parts = Path(saved_name).parts
+    if name_parts and run_dir.parts[-len(name_parts):] == name_parts:
+        return saved_name, str(Path(*run_dir.parts[:-len(name_parts)] or ["."]))
+    return run_dir.name, str(run_dir.parent)
+
+
+def decide_run_name(cfg):
+    """--run_name, else dataset, K and a timestamp, decided by rank 0 alone: each process
+    reading its own clock could cross a second boundary and name a different run."""
+    if cfg["run_name"]:
+        return cfg["run_name"]
+    name = f"{cfg['dataset']}-K{cfg['n_tastes']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return idist.broadcast(name, src=0) if idist.get_world_size() > 1 else name
 
 
 SPLITS = ("train", "val", "test")
@@ -234,12 +267,15 @@ def training(local_rank, cfg):
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg["device"])
+    cfg["run_name"] = decide_run_name(cfg)
     run_dir = Path(cfg["runs_dir"]) / cfg["run_name"]
     results = Path(cfg["results_dir"]) / cfg["run_name"]
-    if not cfg["resume"] and run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"{run_dir} already holds a run: continue it with --resume={run_dir} "
-                          "or pick another --run_name")
-    idist.barrier()  # every rank has looked before rank 0 creates the folder
+    if not cfg["resume"]:
+        check_new_run_folder(run_dir)
+    idist.barrier()  # every rank has looked before rank 0 touches the folder
+    if rank == 0 and not last_checkpoints(run_dir):
+        for path in unstarted_run_files(run_dir):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     # Data: rank 0 downloads and parses (and fills the cache) while the others wait for it.
     with idist.one_rank_first():
@@ -271,7 +307,8 @@ def training(local_rank, cfg):
         model.train()
         users, items, targets, global_batch = batch
         predictions, squared_norms = model(users, items, return_prior=True)
-        mse = F.mse_loss(predictions, targets)
+        # A rank's share of a short last batch can be empty: its loss is then 0, not NaN.
+        mse = (predictions - targets).pow(2).sum() / max(len(targets), 1)
         prior_by_term = squared_norms * prior_weights                   # (4,), as in PRIOR_TERMS
         # Each rank holds len(targets) of the global batch; DistributedDataParallel averages
         # gradients over ranks, so this weight makes the update that of the whole batch.
@@ -285,6 +322,9 @@ def training(local_rank, cfg):
 
     trainer = Engine(train_step)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(lambda out: out["loss"]))
+    # TerminateOnNan stops mid-epoch, but Ignite still fires EPOCH_COMPLETED: the handlers of
+    # that event below skip a diverged epoch, so no NaN model is evaluated or saved.
+    epoch_completed = Events.EPOCH_COMPLETED(event_filter=lambda engine, _: not diverged(engine))
     Average(output_transform=lambda out: out["loss"], device=device).attach(trainer, "loss")
     # Training-set metrics over the epoch's own batches, as the model learns (free); with
     # eval_train, a separate pass over the training set after the epoch replaces them.
@@ -296,7 +336,7 @@ def training(local_rank, cfg):
                     for split in SPLITS}
     history = History()
 
-    @trainer.on(Events.EPOCH_COMPLETED)
+    @trainer.on(epoch_completed)
     def evaluate(engine):
         # Ignite's own timing of the epoch's steps, read before the evaluation below adds to it.
         epoch_seconds = engine.state.times[Events.EPOCH_COMPLETED.name]
@@ -328,42 +368,72 @@ def training(local_rank, cfg):
                "history": history, "best_checkpoint": best_checkpoint}
     if stopper:
         to_save["early_stopping"] = stopper
+    # Named by epoch (last_checkpoint_<epoch>.pt): resume takes the highest epoch, whatever
+    # the files' times say.
     last_checkpoint = Checkpoint(to_save, DiskSaver(run_dir, require_empty=False),
-                                 filename_prefix="last", n_saved=1)
+                                 filename_prefix="last", n_saved=1,
+                                 global_step_transform=global_step_from_engine(trainer))
 
-    @trainer.on(Events.EPOCH_COMPLETED)
+    @trainer.on(epoch_completed)
     def save_last(engine):
         history.wall_seconds = wall_before + time.perf_counter() - started
         last_checkpoint(engine)
+        if rank == 0:  # the one checkpoint of an earlier invocation, now superseded
+            for path in last_checkpoints(run_dir)[:-1]:
+                path.unlink(missing_ok=True)
 
     if cfg["resume"]:
-        saved = sorted(run_dir.glob("last_checkpoint_*.pt"), key=os.path.getmtime)
-        if not saved:
-            raise ConfigError(f"--resume={run_dir}: no last_checkpoint_*.pt to continue from")
-        Checkpoint.load_objects(to_save, torch.load(saved[-1], map_location=device,
-                                                    weights_only=False))
+        saved = last_checkpoints(run_dir)
+        if saved:
+            state = read_checkpoint(saved[-1])
+            # A knob added on resume (patience 0 -> 2) has no saved state: it starts fresh.
+            Checkpoint.load_objects({k: v for k, v in to_save.items() if k in state}, state)
+        elif rank == 0:
+            print(f"{run_dir} has no checkpoint yet (it stopped in its first epoch): starting it "
+                  "from epoch 1")
     wall_before = history.wall_seconds  # of earlier invocations, when resuming
+
+    left = epochs_left(trainer, stopper, cfg)
+    # Rank 0 decides for all: only its disk surely holds the results folder.
+    finished = idist.broadcast(int(left is not None and (results / "summary.json").is_file()), src=0)
+    if finished:
+        if rank == 0:
+            print(f"nothing to do: {run_dir} {left}; its results are in {results}/")
+        return
 
     tb_logger = None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         tb_logger = attach_tensorboard(run_dir, trainer, evaluators, optimizer, cfg)
-        if cfg["progress"]:
+        if cfg["progress"] and left is None:
             ProgressBar(persist=False).attach(
                 trainer, output_transform=lambda out: {"loss": out["loss"]})
 
-    trainer.run(batches, max_epochs=cfg["epochs"])
+    if left is None:
+        trainer.run(batches, max_epochs=cfg["epochs"])
+    if diverged(trainer):
+        if tb_logger:
+            tb_logger.close()
+        kept = (f"the checkpoint of epoch {trainer.state.epoch - 1} is kept in {run_dir}"
+                if last_checkpoints(run_dir) else f"no epoch finished, {run_dir} holds no checkpoint")
+        raise TrainingError(f"training diverged: the loss became {float(trainer.state.output['loss'])} "
+                            f"in epoch {trainer.state.epoch} (iteration {trainer.state.iteration}); "
+                            f"nothing of that epoch was saved and {kept}. Lower --lr or raise the "
+                            "prior weights, and start a new run.")
 
-    # Final figures: the best-by-validation model on every split.
-    best_files = sorted(run_dir.glob("best_*.pt"), key=os.path.getmtime)
-    if best_files:
-        Checkpoint.load_objects({"model": model}, torch.load(best_files[-1], map_location=device))
+    # Final figures: the best-by-validation model on every split. Rank 0 reads it and sends it
+    # to the others, so every rank evaluates the same model even without a shared disk.
+    if rank == 0:
+        Checkpoint.load_objects({"model": model}, read_checkpoint(best_checkpoint.last_checkpoint))
+    if world_size > 1:
+        for tensor in model.state_dict().values():
+            idist.broadcast(tensor, src=0)
     final_evaluator, final = make_evaluator(model, rating_range, device), {}
     for split in ("test", "val", "train"):  # test first: the figures summary.json leads with
         final_evaluator.run(eval_batches[split])
         final.update({f"{split}_{m}": final_evaluator.state.metrics[m] for m in METRICS})
-    best_epoch = max(history.rows, key=lambda r: -r["val_mse"])["epoch"] if history.rows else 0
+    best_epoch = max(history.rows, key=lambda r: -r["val_mse"])["epoch"]
     if rank == 0:
         summary = {**final,
                    "best_epoch": best_epoch, "epochs_run": trainer.state.epoch,
@@ -382,9 +452,71 @@ def training(local_rank, cfg):
         print(f"test MSE {final['test_mse']:.4f} RMSE {final['test_rmse']:.4f} "
               f"MAE {final['test_mae']:.4f} (best epoch {best_epoch} of {trainer.state.epoch}, "
               f"val MSE {final['val_mse']:.4f}); results in {results}/")
-    # Let every rank leave together: a rank that tears down its gloo connections while rank 0
-    # still writes results can abort ("terminate called without an active exception").
+    # Let every rank leave together, before run_released (main) releases the model and engines
+    # and Parallel destroys the process group.
     idist.barrier()
+
+
+def diverged(trainer):
+    """Whether the last training step's loss is NaN or infinite (TerminateOnNan then stopped)."""
+    output = trainer.state.output
+    return output is not None and not math.isfinite(float(output["loss"]))
+
+
+def epochs_left(trainer, stopper, cfg):
+    """None when a (resumed) trainer has epochs to run, else why it has none, in words."""
+    done = trainer.state.epoch
+    if done >= cfg["epochs"]:
+        return (f"has trained {done} epochs and --epochs={cfg['epochs']}: pass a larger "
+                "--epochs to train further")
+    if stopper and done and stopper.counter >= stopper.patience:
+        return (f"stopped early after epoch {done} (no better validation MSE in "
+                f"{stopper.patience} epochs): pass a larger --patience to train further")
+    return None
+
+
+def last_checkpoints(run_dir):
+    """The run's last_checkpoint_<epoch>.pt files, oldest epoch first."""
+    found = [(int(m.group(1)), path) for path in Path(run_dir).glob("last_checkpoint_*.pt")
+             if (m := re.fullmatch(r"last_checkpoint_(\d+)\.pt", path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def read_checkpoint(path):
+    """A checkpoint's objects, on the CPU: Checkpoint.load_objects then copies each into its
+    place on the device (model parameters and optimiser state), while the shuffling generator's
+    state must stay a CPU tensor. A damaged file is named in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated zip, bad pickle, wrong file: torch raises many kinds
+        raise ConfigError(f"{path} is damaged or not a checkpoint ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:200] if str(error) else 'no detail'}); "
+                          "restore it from a copy, or delete the run folder and start again") from None
+
+
+def unstarted_run_files(run_dir):
+    """What a run that never finished an epoch (Ctrl-C, or NaN in epoch 1) left in its folder:
+    its config and first events. A new run, or a resume, clears them and starts in that folder."""
+    if not run_dir.is_dir() or last_checkpoints(run_dir):
+        return []
+    return [path for path in run_dir.iterdir()
+            if path.name in ("config.json", "hparams")
+            or path.name.startswith(("events.out.tfevents.", "best_"))]
+
+
+def check_new_run_folder(run_dir):
+    """A new run may use an absent or empty folder, or one that an unstarted run left; never one
+    that holds a run (it would be overwritten) or files that are not a run's."""
+    if last_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds a run: continue it with --resume={run_dir} "
+                          "or pick another --run_name")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file, not a run folder: pick another --run_name")
+    ours = set(unstarted_run_files(run_dir))
+    others = sorted(p.name for p in run_dir.iterdir() if p not in ours) if run_dir.is_dir() else []
+    if others:
+        raise ConfigError(f"{run_dir} holds files that are not a run's ({', '.join(others[:3])}): "
+                          "pick another --run_name")
 
 
 def attach_tensorboard(run_dir, trainer, evaluators, optimizer, cfg):
@@ -445,15 +577,42 @@ def write_results(folder, summary, rows):
 def main(argv):
     try:
         cfg = resolve_config(argv)
-        backend = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
-            backend = "nccl" if torch.cuda.is_available() and cfg["device"] != "cpu" else "gloo"
-        with idist.Parallel(backend=backend) as parallel:
-            parallel.run(training, cfg)
     except (ConfigError, loader.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
+    backend = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
+        backend = "nccl" if torch.cuda.is_available() and cfg["device"] != "cpu" else "gloo"
+    with idist.Parallel(backend=backend) as parallel:
+        error = run_released(parallel, cfg)
+    if error is None:
+        return 0
+    if isinstance(error, KeyboardInterrupt):
+        print("interrupted: the checkpoint of the last finished epoch is kept; continue with "
+              "--resume=<run folder>", file=sys.stderr)
+        return 130
+    print(f"error: {error}", file=sys.stderr)
+    return 1 if isinstance(error, TrainingError) else 2
+
+
+def run_released(parallel, cfg):
+    """Run training() and release everything it built before Parallel's exit destroys the
+    process group; returns the expected error (bad input, divergence, Ctrl-C) or None.
+
+    The engines, their handlers and the DistributedDataParallel model form reference cycles
+    that outlive training(), and an error's traceback holds its frames. Left to the collector
+    at interpreter exit, they drop the last references to gloo's process group and to tensors
+    its worker threads hold while Python finalizes; a worker that then needs the GIL is killed
+    and the rank aborts ("terminate called without an active exception", exit code -6).
+    Dropping the traceback and collecting here ends them while everything is still alive."""
+    try:
+        parallel.run(training, cfg)
+        return None
+    except (ConfigError, loader.DataError, TrainingError, KeyboardInterrupt) as error:
+        error.__traceback__ = error.__context__ = error.__cause__ = None
+        return error
+    finally:
+        gc.collect()
 
 
 if __name__ == "__main__":

@@ -69,3 +69,20 @@ def test_fit_biases_recovers_known_biases():
                                                     sweeps=50)
     predictions = mu + user_bias[users] + item_bias[items]
     assert np.abs(predictions - ratings).max() < 1e-2
+
+
+def test_relative_paths_work_from_another_folder(tmp_path, synthetic_ml100k):
+    """The rows run from the project folder: a data_dir relative to the caller must still be found."""
+    assert synthetic_ml100k == tmp_path / "data"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--dataset=ml-100k",
+                           "--data_dir=data", "--only=global_mean", "--output=bench.md"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = (tmp_path / "bench.md").read_text()
+    assert table_mse(report, "global mean") > 0 and "--data_dir=data" in report
+
+
+def test_a_failed_row_reports_its_own_error_not_the_memory_line():
+    *_, stderr, code = benchmark.measure([sys.executable, "-c", "import sys; sys.exit('error: boom')"])
+    assert code == 1 and "PEAK_KB" not in stderr
+    assert benchmark.failed_row("svd", stderr) == {"row": "svd", "error": "error: boom"}

@@ -116,18 +116,17 @@ def test_read_only_data_dir_caches_elsewhere(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bad_line,problem", [
     ("7::abc::4::978300000", "ids must be integers"),
-    ("7::11::4", None),  # three fields are enough: timestamps are not needed
-    ("7::11", "expected at least 3 fields"),
+    ("7::11::4", "expected 4 fields"),  # every MovieLens ratings line has its timestamp
+    ("7::11", "expected 4 fields"),
+    ("7::11::4::978300000::1", "expected 4 fields"),
     ("7::11::four::978300000", "the rating is not a finite number"),
+    ("7::11::4::soon", "the timestamp must be an integer"),
 ])
 def test_malformed_line_is_named_with_file_and_line_number(tmp_path, bad_line, problem):
     path = write_ratings(tmp_path / "ml-1m" / "ratings.dat", *small(n=10))
     lines = path.read_text().splitlines()
     lines.insert(4, bad_line)
     path.write_text("\n".join(lines) + "\n")
-    if problem is None:
-        assert len(loader.load("ml-1m", tmp_path)) == 11
-        return
     with pytest.raises(loader.DataError) as error:
         loader.load("ml-1m", tmp_path)
     assert f"{path}, line 5" in str(error.value) and problem in str(error.value)
@@ -300,3 +299,79 @@ def test_real_ml1m_parses_with_the_documented_counts(tmp_path, monkeypatch):
     data = loader.load("ml-1m", SHARED_DATA, allow_download=False)
     assert (len(data), data.n_users, data.n_items) == (1_000_209, 6040, 3706)
     assert abs(float(data.ratings.mean()) - 3.581564) < 1e-5
+
+
+# ----------------------------------------------------------------------------- edges
+
+def _read_only_zip(folder, ratings):
+    """A read-only folder holding ml-latest-small.zip with the given (users, items, ratings)."""
+    source = write_ratings(folder.parent / f"{folder.name}-src" / "ratings.csv", *ratings, sep=",",
+                           header="userId,movieId,rating,timestamp")
+    folder.mkdir(parents=True)
+    write_zip(folder / "ml-latest-small.zip", "ml-latest-small", {"ratings.csv": source})
+    folder.chmod(0o555)
+    return folder
+
+
+def test_the_user_cache_is_keyed_by_the_archive_it_came_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = _read_only_zip(tmp_path / "a", small(n=40, seed=1))
+    second = _read_only_zip(tmp_path / "b", small(n=25, seed=2))
+    try:
+        assert len(loader.load("ml-latest-small", first)) == 40
+        assert len(loader.load("ml-latest-small", second)) == 25  # not the first one's extraction
+        assert len(loader.load("ml-latest-small", first)) == 40
+        with pytest.raises(loader.DataError, match="not available locally"):
+            loader.load("ml-latest-small", tmp_path / "nowhere", allow_download=False)
+    finally:
+        first.chmod(0o755), second.chmod(0o755)
+
+
+def test_an_empty_parse_cache_is_rebuilt(tmp_path):
+    write_ratings(tmp_path / "ml-1m" / "ratings.dat", *small())
+    loader.load("ml-1m", tmp_path)
+    [cache] = (tmp_path / "ml-1m").glob(".*.npz")
+    cache.write_bytes(b"")
+    assert len(loader.load("ml-1m", tmp_path)) == 50
+    assert cache.stat().st_size > 0
+
+
+def test_zip_extracts_into_a_folder_that_holds_only_the_cache(tmp_path):
+    source = write_ratings(tmp_path / "src" / "u.data", *small(), sep="\t")
+    data_dir = tmp_path / "data"
+    (data_dir / "ml-100k").mkdir(parents=True)
+    (data_dir / "ml-100k" / ".u.data.mfmixtaste.npz").write_bytes(b"stale")
+    archive = write_zip(data_dir / "ml-100k.zip", "ml-100k", {"u.data": source})
+    spec = loader.DATASETS["ml-100k"]
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    loader.DATASETS["ml-100k"] = loader.MovieLens(**{**spec.__dict__, "md5": md5})
+    try:
+        assert len(loader.load("ml-100k", data_dir, allow_download=False)) == 50
+    finally:
+        loader.DATASETS["ml-100k"] = spec
+    assert (data_dir / "ml-100k" / "u.data").is_file()
+
+
+@pytest.mark.parametrize("n,val_fraction,empty", [(2, 0.05, "validation"), (200, 1e-6, "validation"),
+                                                  (1, 0.5, "test")])
+def test_data_too_small_to_split_is_a_clear_error(n, val_fraction, empty):
+    with pytest.raises(loader.DataError, match=f"{n} ratings are too few to split.* 0 {empty}"):
+        loader.split(n, val_fraction=val_fraction)
+
+
+def test_generator_state_loads_from_any_device_copy():
+    """A checkpoint read with map_location=cuda hands over a CUDA tensor; set_state takes only
+    a CPU byte tensor. A float copy stands in for the foreign tensor here: it must be refused by
+    set_state, and accepted through load_state_dict's conversion."""
+    a = loader.BatchIterator(_tensors(20), batch_size=4, seed=3)
+    state = a.state_dict()["generator"]
+
+    class Elsewhere(torch.Tensor):  # a tensor that is not on the CPU until .cpu() is called
+        def cpu(self):
+            return state.clone()
+    moved = state.double().as_subclass(Elsewhere)
+    with pytest.raises((TypeError, RuntimeError)):
+        torch.Generator().set_state(moved)
+    b = loader.BatchIterator(_tensors(20), batch_size=4, seed=99)
+    b.load_state_dict({"generator": moved})
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))

@@ -135,3 +135,23 @@ def test_learns_a_known_mixture_far_better_than_biases_alone():
     assert mixture_mse < 0.75 * bias_only_mse, (mixture_mse, bias_only_mse)
     # The data is a mixture, so K=3 tastes must also beat one taste of the same size.
     assert mixture_mse < 0.95 * single_taste_mse, (mixture_mse, single_taste_mse)
+
+
+def test_double_backward_through_the_hand_written_node_raises():
+    """The backward is first-order only: a gradient penalty must fail loudly, not be wrong."""
+    model = randomised(MFMixTaste(6, 5, dim=3, n_tastes=2))
+    users, items = batch(6, 5, size=20)
+    loss = (model(users, items) - 3.0).pow(2).sum()
+    (grad,) = torch.autograd.grad(loss, model.item_factors, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.pow(2).sum().backward()
+
+
+def test_an_empty_batch_gives_zero_norms_and_zero_gradients():
+    """A process's share of a short last batch can be empty."""
+    model = randomised(MFMixTaste(6, 5, dim=3, n_tastes=2))
+    empty = torch.zeros(0, dtype=torch.long)
+    predictions, norms = model(empty, empty, return_prior=True)
+    assert predictions.shape == (0,) and torch.equal(norms, torch.zeros(4))
+    (predictions.sum() + norms.sum()).backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())

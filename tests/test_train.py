@@ -96,6 +96,8 @@ def test_resume_refuses_settings_its_checkpoint_fixes(tmp_path, synthetic_ml100k
     ("--batch_size=0", "--batch_size must be positive"),
     ("epochs=3", "arguments are --key=value"),
     ("--resume=nowhere", "no run there"),
+    ("--device=gpu", "--device=gpu is not a device"),
+    ("--val_fraction=0.00001", "too few to split"),
 ])
 def test_bad_overrides_fail_with_one_clear_message(tmp_path, synthetic_ml100k, override, message):
     result = run_train(tmp_path, synthetic_ml100k, "--epochs=1", override, check=False)
@@ -116,3 +118,75 @@ def test_missing_data_without_download_is_a_clear_error(tmp_path):
     result = run_train(tmp_path, tmp_path / "empty", "--epochs=1", check=False)
     assert result.returncode == 2
     assert "by hand" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left(tmp_path, synthetic_ml100k):
+    run_train(tmp_path, synthetic_ml100k, "--epochs=2", "--patience=0", "--run_name=done")
+    run_dir = tmp_path / "runs" / "done"
+    for epochs in (2, 1):  # as many epochs as were run, and fewer
+        again = run_train(tmp_path, synthetic_ml100k, f"--resume={run_dir}", f"--epochs={epochs}")
+        assert "nothing to do" in again.stdout and "larger --epochs" in again.stdout
+        assert "Traceback" not in again.stderr
+    rows = read_csv(tmp_path / "results" / "done" / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    more = run_train(tmp_path, synthetic_ml100k, f"--resume={run_dir}", "--epochs=3")
+    assert "best epoch" in more.stdout
+    assert [int(r["epoch"]) for r in read_csv(tmp_path / "results" / "done" / "metrics.csv")] == [1, 2, 3]
+
+
+def test_resume_may_turn_early_stopping_on(tmp_path, synthetic_ml100k):
+    run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--patience=0", "--run_name=p")
+    run_train(tmp_path, synthetic_ml100k, f"--resume={tmp_path / 'runs' / 'p'}", "--epochs=2",
+              "--patience=2")
+    summary = json.loads((tmp_path / "results" / "p" / "summary.json").read_text())
+    assert summary["epochs_run"] == 2 and summary["hyperparameters"]["patience"] == 2
+
+
+def test_a_nested_run_name_survives_resume(tmp_path, synthetic_ml100k):
+    run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--run_name=exp/a")
+    run_train(tmp_path, synthetic_ml100k, "--resume=runs/exp/a", "--epochs=2")
+    assert json.loads((tmp_path / "runs" / "exp" / "a" / "config.json").read_text())["run_name"] == "exp/a"
+    rows = read_csv(tmp_path / "results" / "exp" / "a" / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert not (tmp_path / "results" / "a").exists()
+
+
+def test_a_diverged_run_fails_keeps_no_nan_results_and_its_folder_is_reusable(tmp_path, synthetic_ml100k):
+    # Adam at lr 1e30 overflows the scores in the first steps: TerminateOnNan stops epoch 1.
+    failed = run_train(tmp_path, synthetic_ml100k, "--epochs=2", "--lr=1e30", "--run_name=nan",
+                       check=False)
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    assert "training diverged" in failed.stderr and "Traceback" not in failed.stderr
+    assert not (tmp_path / "results" / "nan" / "summary.json").exists()
+    assert not list((tmp_path / "runs" / "nan").glob("*.pt"))
+    again = run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--run_name=nan")
+    assert "test MSE" in again.stdout
+    assert len(list((tmp_path / "runs" / "nan").glob("events.out.tfevents.*"))) == 1
+
+
+def test_resume_takes_the_highest_epoch_and_keeps_one_checkpoint(tmp_path, synthetic_ml100k):
+    run_train(tmp_path, synthetic_ml100k, "--epochs=2", "--patience=0", "--run_name=pick")
+    run_dir = tmp_path / "runs" / "pick"
+    # A copied folder: an older epoch's file that looks newest by time, and is not even valid.
+    (run_dir / "last_checkpoint_1.pt").write_bytes(b"an older, damaged copy")
+    run_train(tmp_path, synthetic_ml100k, f"--resume={run_dir}", "--epochs=3")
+    assert sorted(p.name for p in run_dir.glob("last_checkpoint_*.pt")) == ["last_checkpoint_3.pt"]
+    assert len(list(run_dir.glob("best_*.pt"))) == 1
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path, synthetic_ml100k):
+    run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--run_name=broken")
+    [checkpoint] = (tmp_path / "runs" / "broken").glob("last_checkpoint_*.pt")
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # truncated
+    result = run_train(tmp_path, synthetic_ml100k, f"--resume={tmp_path / 'runs' / 'broken'}",
+                       "--epochs=2", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{checkpoint} is damaged" in result.stderr
+
+
+def test_a_folder_of_other_files_is_not_taken_for_a_run(tmp_path, synthetic_ml100k):
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    (tmp_path / "runs" / "mine" / "notes.txt").write_text("keep me")
+    result = run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--run_name=mine", check=False)
+    assert result.returncode == 2 and "not a run's (notes.txt)" in result.stderr
+    assert (tmp_path / "runs" / "mine" / "notes.txt").read_text() == "keep me"
