@@ -134,17 +134,53 @@ class MFMixTaste(nn.Module):
         """(n_users, K, d) attention vectors A."""
         return self.user_factors[:, 1]
 
-    def forward(self, users, items, return_prior=False):
-        """users, items: (B,) int64. Returns predicted ratings (B,); with return_prior, also the
-        (4,) batch means of |U_i|^2, |A_i|^2, |e_j|^2 and b_i^2 + b_j^2, in the order of
-        PRIOR_TERMS. Counting a row once per rating that uses it (the classic SGD-MF
-        regulariser) makes a frequent user's or item's prior grow with its likelihood. The
-        prior comes out of forward so that one pass (and DistributedDataParallel's hooks,
-        which watch forward) serves both terms of the loss."""
+    def forward(self, users, items=None, return_prior=False, user_counts=None, item_counts=None):
+        """Scores of (user, item) pairs, or of all items.
+
+        users: (B,) int64. items: (B,) -> scores (B,); (B, m) -> scores (B, m) of m items per
+        user (a positive and its sampled negatives); None -> scores (B, n_items) of every item
+        (score_all). With return_prior, also the (4,) batch means of |U_i|^2, |A_i|^2, |e_j|^2
+        and b_i^2 + b_j^2 over the pairs, in the order of PRIOR_TERMS; for all items, over the
+        pairs given by user_counts (B,) and item_counts (n_items,) (weighted_squared_norms).
+        Counting a row once per pair that uses it (the classic SGD-MF regulariser) makes a
+        frequent user's or item's prior grow with its likelihood. Everything a training step
+        needs comes out of one forward call, which is what DistributedDataParallel's hooks
+        watch."""
+        if items is None:
+            scores = self.score_all(users)
+            if not return_prior:
+                return scores
+            return scores, self.weighted_squared_norms(users, user_counts, item_counts)
+        pair_users = users if items.dim() == 1 else users.unsqueeze(1).expand_as(items).reshape(-1)
         prediction, squared_norms = _MixtureOfTastes.apply(
-            users, items, self.user_factors, self.item_factors, self.user_bias, self.item_bias,
-            self.global_bias)
+            pair_users, items.reshape(-1), self.user_factors, self.item_factors, self.user_bias,
+            self.item_bias, self.global_bias)
+        prediction = prediction.view(items.shape)
         return (prediction, squared_norms) if return_prior else prediction
+
+    def score_all(self, users):
+        """Scores of every item for each user: (B, n_items), for ranking. The same formula as
+        forward, for all items at once with plain autograd ops:
+            weights (B, K, n) = softmax over K of A_u e_j,  scores = sum_k weights * U_u e_j + biases
+        One matrix product serves tastes and attention (their rows sit side by side in
+        user_factors). Temporaries are B x 2K x n_items floats: score users in blocks."""
+        batch, n_items = len(users), self.n_items
+        rows = self.user_factors[users].view(-1, self.dim)                         # (B*2K, d)
+        products = (rows @ self.item_factors.T).view(batch, 2, self.n_tastes, n_items)
+        taste_scores, logits = products[:, 0], products[:, 1]                      # (B, K, n)
+        mixed = (torch.softmax(logits, dim=1) * taste_scores).sum(1)               # (B, n)
+        return mixed + self.item_bias + (self.user_bias[users] + self.global_bias).unsqueeze(1)
+
+    def weighted_squared_norms(self, users, user_counts, item_counts):
+        """The (4,) squared norms of forward(..., return_prior=True) for a set of pairs given by
+        counts: users (B,) with user_counts (B,) pairs each, and item_counts (n_items,) pairs per
+        item. Equal to forward's on those pairs, at O(B + n_items) cost instead of O(pairs)."""
+        total = user_counts.sum().clamp(min=1)
+        user_rows = self.user_factors[users].pow(2).sum((2, 3))                    # (B, 2)
+        tastes, attention = (user_counts.unsqueeze(1) * user_rows).sum(0)
+        items = item_counts @ self.item_factors.pow(2).sum(1)
+        biases = user_counts @ self.user_bias[users].pow(2) + item_counts @ self.item_bias.pow(2)
+        return torch.stack([tastes, attention, items, biases]) / total
 
     def prior_terms(self, users, items):
         """The batch's squared norms as {name: scalar tensor}, names as in PRIOR_TERMS."""

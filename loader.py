@@ -460,3 +460,184 @@ class BatchIterator:
         # A checkpoint loaded with map_location=cuda would hand over a CUDA byte tensor, which
         # Generator.set_state refuses: the shuffling generator always lives on the CPU.
         self.generator.set_state(state["generator"].cpu())
+
+
+# ----------------------------------------------------------------------------- movies
+
+ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                 "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                 "Romance", "Sci-Fi", "Thriller", "War", "Western")
+
+
+def load_movies(name, data_dir, allow_download=False):
+    """The dataset's movies as a pandas DataFrame indexed by raw movie id, with columns title,
+    year (or None) and genres (a list of names): movies.dat of ml-1m and ml-10m ("::", latin-1 for
+    ml-1m), u.item of ml-100k ("|", latin-1, 19 genre flags), movies.csv of the CSV releases.
+    None when the dataset's folder has no movie file."""
+    import pandas as pd
+
+    ratings_path = locate(name, data_dir, allow_download, progress=False)
+    folder, spec = ratings_path.parent, dataset_spec(name)
+    if name == "ml-100k":
+        path = folder / "u.item"
+        if not path.is_file():
+            return None
+        frame = pd.read_csv(path, sep="|", header=None, encoding="latin-1")
+        flags = frame.iloc[:, 5:5 + len(ML100K_GENRES)].to_numpy(dtype=bool)
+        genres = [[g for g, on in zip(ML100K_GENRES, row) if on] for row in flags]
+        ids, titles = frame[0].to_numpy(np.int64), frame[1].astype(str)
+    else:
+        path = folder / ("movies.csv" if spec.header else "movies.dat")
+        if not path.is_file():
+            return None
+        if spec.header:
+            frame = pd.read_csv(path, encoding="utf-8")
+        else:
+            lines = path.read_bytes().decode(spec.encoding).splitlines()
+            frame = pd.DataFrame([line.split("::", 2) for line in lines if line.strip()])
+        if frame.shape[1] != 3:
+            raise DataError(f"{path}: expected 3 fields per movie (id, title, genres)")
+        try:
+            ids = frame.iloc[:, 0].astype(np.int64).to_numpy()
+        except ValueError:
+            raise DataError(f"{path}: movie ids must be integers") from None
+        titles = frame.iloc[:, 1].astype(str)
+        genres = [[g for g in str(text).split("|") if g and g != "(no genres listed)"]
+                  for text in frame.iloc[:, 2]]
+    years = titles.str.extract(r"\((\d{4})\)\s*$")[0]
+    return pd.DataFrame({"title": titles.to_numpy(),
+                         "year": [int(y) if isinstance(y, str) else None for y in years],
+                         "genres": genres}, index=pd.Index(ids, name="movie_id"))
+
+
+# ----------------------------------------------------------------------------- implicit feedback
+
+@dataclass
+class Interactions:
+    """Implicit feedback for top-N ranking: which items each user interacted with, split per user.
+    users/items are contiguous indices; user_ids/item_ids map them back to raw MovieLens ids."""
+    users: np.ndarray     # (N,) int64
+    items: np.ndarray     # (N,) int64
+    part: np.ndarray      # (N,) int8: 0 train, 1 validation, 2 test
+    user_ids: np.ndarray  # (n_users,) raw ids, sorted
+    item_ids: np.ndarray  # (n_items,) raw ids, sorted
+
+    @property
+    def n_users(self):
+        return len(self.user_ids)
+
+    @property
+    def n_items(self):
+        return len(self.item_ids)
+
+    def __len__(self):
+        return len(self.users)
+
+    def rows(self, part):
+        """Row indices of one part (0 train, 1 validation, 2 test)."""
+        return np.flatnonzero(self.part == part)
+
+
+def implicit_feedback(ratings, min_rating=3.0, core=10):
+    """Ratings -> (users, items) raw-id arrays of the positives: a rating >= min_rating is a
+    positive (its value is dropped), then users and items with fewer than `core` positives are
+    removed, repeatedly, until every one left has at least `core` (RecBole's ml-1m protocol)."""
+    keep = ratings.ratings >= min_rating
+    users, items = ratings.users[keep], ratings.items[keep]
+    while len(users):
+        ok = ((np.bincount(users, minlength=ratings.n_users)[users] >= core)
+              & (np.bincount(items, minlength=ratings.n_items)[items] >= core))
+        if ok.all():
+            break
+        users, items = users[ok], items[ok]
+    if len(users) == 0:
+        raise DataError(f"no interactions are left: ratings >= {min_rating} and a {core}-core filter "
+                        "(users and items with at least that many) remove all of them; lower "
+                        "--ranking_core or --ranking_min_rating")
+    return ratings.user_ids[users], ratings.item_ids[items]
+
+
+def split_per_user(raw_users, raw_items, fractions=(0.8, 0.1, 0.1), seed=2020):
+    """Interactions split within each user, at random: floor(fraction * n) of a user's n
+    interactions to validation and to test, the rest to training (seeded). Every user needs at
+    least one validation and one test interaction."""
+    user_ids, users = np.unique(raw_users, return_inverse=True)
+    item_ids, items = np.unique(raw_items, return_inverse=True)
+    users, items = users.astype(np.int64), items.astype(np.int64)
+    counts = np.bincount(users, minlength=len(user_ids))
+    n_val = np.floor(counts * fractions[1] + 1e-9).astype(np.int64)
+    n_test = np.floor(counts * fractions[2] + 1e-9).astype(np.int64)
+    short = np.flatnonzero((n_val == 0) | (n_test == 0))
+    if len(short):
+        need = int(np.ceil(1 / min(fractions[1], fractions[2]) - 1e-9))
+        raise DataError(f"user {user_ids[short[0]]} has {counts[short[0]]} interactions, too few to "
+                        f"split {fractions[0]:g}/{fractions[1]:g}/{fractions[2]:g} (a user needs "
+                        f"{need}); {len(short)} users are that short: raise --ranking_core to {need}")
+    # One random key per interaction; sorting by (user, key) gives each user a random order.
+    order = np.lexsort((np.random.default_rng(seed).random(len(users)), users))
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    position = np.empty(len(users), dtype=np.int64)
+    position[order] = np.arange(len(users)) - start[users[order]]  # 0..n-1 within each user
+    n_train = counts - n_val - n_test
+    part = np.where(position < n_train[users], 0, np.where(position < (n_train + n_val)[users], 1, 2))
+    return Interactions(users, items, part.astype(np.int8), user_ids.astype(np.int64),
+                        item_ids.astype(np.int64))
+
+
+class UserBatches:
+    """Batches of users for the full-softmax ranking loss: (users, pair_users, pair_items,
+    global_pairs). Each pass shuffles the users (seeded generator, saved with checkpoints);
+    pair_users/pair_items are the batch users' training interactions, pair_users giving the
+    position of the user in the batch. With world_size > 1 each rank takes every world_size-th
+    user of the global batch; global_pairs counts the whole global batch's interactions."""
+
+    def __init__(self, users, items, n_users, batch_size, seed=0, shuffle=True, rank=0,
+                 world_size=1):
+        order = torch.argsort(users * (int(items.max()) + 1 if len(items) else 1) + items)
+        self.items_sorted = items[order]                                   # grouped by user
+        self.counts = torch.bincount(users, minlength=n_users)              # (n_users,)
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts           # (n_users,)
+        self.n_users, self.batch_size, self.shuffle = n_users, batch_size, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return -(-self.n_users // self.batch_size)
+
+    def pairs(self, users):
+        """(positions in users, items) of the given users' interactions."""
+        counts = self.counts[users]
+        position = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)
+        first = torch.repeat_interleave(self.offsets[users] - (torch.cumsum(counts, 0) - counts), counts)
+        return position, self.items_sorted[first + torch.arange(len(position), device=users.device)]
+
+    def __iter__(self):
+        order = (torch.randperm(self.n_users, generator=self.generator) if self.shuffle
+                 else torch.arange(self.n_users)).to(self.counts.device)
+        for start in range(0, self.n_users, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            share = batch[self.rank::self.world_size]
+            position, items = self.pairs(share)
+            yield share, position, items, int(self.counts[batch].sum())
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"].cpu())
+
+
+class NegativeBatches(BatchIterator):
+    """BatchIterator over (users, items, _) interactions that also draws, for each one,
+    n_negatives items uniformly from all n_items (from the same saved generator, so a resumed
+    run draws the same): yields (users, items, negatives (B, n_negatives), global_batch)."""
+
+    def __init__(self, tensors, batch_size, n_items, n_negatives, **kwargs):
+        super().__init__(tensors, batch_size, **kwargs)
+        self.n_items, self.n_negatives = n_items, n_negatives
+
+    def __iter__(self):
+        for users, items, _, global_batch in super().__iter__():
+            negatives = torch.randint(self.n_items, (len(users), self.n_negatives),
+                                      generator=self.generator).to(users.device)
+            yield users, items, negatives, global_batch

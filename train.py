@@ -1,13 +1,15 @@
-"""Train a mixture-of-tastes model on MovieLens ratings.
+"""Train a mixture-of-tastes model on MovieLens: rating prediction or top-N ranking.
 
-    python train.py                                     # defaults below
+    python train.py                                     # rating: defaults below
+    python train.py --task=ranking                      # ranking: implicit feedback, NDCG@10
     python train.py --dataset=ml-100k --epochs=5 --run_name=try
     python train.py --resume=runs/try --epochs=10       # continue a run where it stopped
     torchrun --nproc_per_node=2 train.py                # several processes (see README)
 
 Every hyperparameter is a constant just below; any of them can be overridden as --key=value.
 TensorBoard curves and checkpoints go to runs/<run_name>/, the final figures to
-results/<run_name>/ (summary.json, metrics.csv, two SVG plots).
+results/<run_name>/ (summary.json, metrics.csv, SVG plots). Exit status: 0 done (or nothing
+left to do), 1 training diverged, 2 bad input (one line says what and where), 130 interrupted.
 """
 
 import ast
@@ -27,7 +29,9 @@ import ignite
 import ignite.distributed as idist
 import numpy as np
 import torch
+import torch.nn.functional as F
 from ignite.engine import Engine, Events
+from ignite.exceptions import NotComputableError
 from ignite.handlers import (
     Checkpoint,
     DiskSaver,
@@ -37,12 +41,14 @@ from ignite.handlers import (
     global_step_from_engine,
 )
 from ignite.handlers.tensorboard_logger import TensorboardLogger
-from ignite.metrics import Average, MeanAbsoluteError, MeanSquaredError, RootMeanSquaredError
+from ignite.metrics import Average, MeanAbsoluteError, MeanSquaredError, Metric, RootMeanSquaredError
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 import loader
 from MFMixTaste import PRIOR_TERMS, MFMixTaste
 
 # -----------------------------------------------------------------------------
+task = "rating"            # "rating": predict explicit ratings (MSE); "ranking": rank all items per user (implicit)
 # data
 dataset = "ml-1m"          # MovieLens variant: ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-32m, ml-latest-small
 data_dir = "data"          # folder holding <dataset>.zip or its extracted folder; downloads go here
@@ -50,6 +56,12 @@ download = True            # download from GroupLens when no local copy is found
 test_fraction = 0.25       # rows held out for test, drawn as the replaced script did (seed 42, in file order)
 val_fraction = 0.05        # share of the training rows held out for early stopping and model choice
 split_seed = 42            # seed of the train/test and train/val splits (42 = the replaced script's split)
+# ranking (task="ranking"): RecBole's ml-1m protocol, each user's interactions split train/val/test
+ranking_min_rating = 3.0   # a rating >= this is a positive interaction (the value is then dropped)
+ranking_core = 10          # users and items with fewer positives are removed, repeatedly until none is
+loss = "softmax"           # ranking loss: softmax (all items), sampled_softmax, bpr, adaptive_hinge (Kula's)
+n_negatives = 100          # uniform negatives per positive (sampled_softmax, bpr, adaptive_hinge takes the hardest)
+top_k = 10                 # cut-off k of NDCG, Recall, MRR, Hit and Precision; validation NDCG@k picks the epoch
 # model
 dim = 32                   # latent dimension d of tastes, attention and item vectors
 n_tastes = 2               # tastes per user, K (1 = biased matrix factorisation)
@@ -61,12 +73,12 @@ prior_items = 0.03         # on the item vectors e
 prior_biases = 0.0         # on user and item biases
 # optimisation
 lr = 5e-3                  # Adam learning rate
-batch_size = 8192          # ratings per step (the global batch, whatever the number of processes)
+batch_size = 8192          # per step (the global batch): ratings; for ranking, users (softmax) or interactions
 epochs = 30                # most epochs to run
-patience = 2               # early stopping: epochs without a better validation MSE before stopping
+patience = 2               # early stopping: epochs without a better validation MSE (NDCG@k) before stopping
 clip_predictions = True    # clamp evaluated predictions to the training set's rating range
 eval_train = False         # training-set metrics from a full pass after each epoch (else, free, from the epoch's own batches)
-eval_batch_size = 16384    # ratings per evaluation batch (16384 keeps its temporaries under 32 MB, see keep_freed_memory)
+eval_batch_size = 16384    # ratings per evaluation batch (temporaries under 32 MB, see keep_freed_memory); ranking: /16 users a block
 # system
 seed = 0                   # seeds initialisation and shuffling; the same seed gives the same run
 device = "auto"            # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
@@ -81,6 +93,12 @@ progress = True            # show Ignite's progress bar
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+# What --task=ranking changes in the defaults above (an explicit --key=value still wins): chosen
+# on ML-1M's validation NDCG@10 (README, "Ranking").
+RANKING_DEFAULTS = dict(test_fraction=0.1, val_fraction=0.1, split_seed=2020, dim=64, n_tastes=2,
+                        prior_tastes=0.03, prior_attention=0.03, prior_items=0.03, lr=0.01,
+                        batch_size=256, epochs=60, patience=3)
+LOSSES = ("softmax", "sampled_softmax", "bpr", "adaptive_hinge")
 
 # What a resumed run may change; the rest is fixed by its checkpoint and saved config.
 CHANGEABLE_ON_RESUME = {"resume", "epochs", "patience", "data_dir", "download", "device",
@@ -140,6 +158,13 @@ def check(cfg):
             raise ConfigError(f"--{key} must not be negative, got {cfg[key]}")
     if not 0 < cfg["test_fraction"] < 1 or not 0 < cfg["val_fraction"] < 1:
         raise ConfigError("--test_fraction and --val_fraction must lie strictly between 0 and 1")
+    for key, valid in (("task", ("rating", "ranking")), ("loss", LOSSES)):
+        if cfg[key] not in valid:
+            raise ConfigError(f"--{key}={cfg[key]} is not one of {', '.join(valid)}")
+    if cfg["top_k"] < 1 or cfg["n_negatives"] < 1 or cfg["ranking_core"] < 1:
+        raise ConfigError("--top_k, --n_negatives and --ranking_core must be positive")
+    if cfg["task"] == "ranking" and cfg["test_fraction"] + cfg["val_fraction"] >= 1:
+        raise ConfigError("--test_fraction and --val_fraction leave nothing to train on")
     if cfg["device"] != "auto":
         try:
             torch.device(cfg["device"])
@@ -167,6 +192,8 @@ def resolve_config(argv):
             raise ConfigError(f"--resume={run_dir}: {', '.join(fixed)} cannot change when resuming "
                               "(the checkpoint fixes them); start a new run instead")
         cfg["run_name"], cfg["runs_dir"] = split_run_path(run_dir, cfg["run_name"])
+    elif overrides.get("task", cfg["task"]) == "ranking":
+        cfg.update(RANKING_DEFAULTS)
     cfg.update(overrides)
     check(cfg)
     return cfg
@@ -192,7 +219,7 @@ def decide_run_name(cfg):
 
 
 SPLITS = ("train", "val", "test")
-METRICS = ("mse", "rmse", "mae")
+RANK_METRICS = ("ndcg", "recall", "mrr", "hit", "precision")
 
 
 class History:
@@ -235,38 +262,273 @@ def pick_device(name):
     return device
 
 
-def make_evaluator(model, rating_range, device):
-    low, high = rating_range
+# ----------------------------------------------------------------------------- the two tasks
+# What differs between rating and ranking lives here, behind one interface that training() uses:
+# data and batches, the loss of a batch, the evaluators and their metrics, and which validation
+# metric chooses the epoch.
 
-    def evaluate_step(engine, batch):
-        model.eval()
-        users, items, ratings, _ = batch
-        with torch.no_grad():
-            predictions = model(users, items)
-        if low is not None:
-            predictions = predictions.clamp(low, high)
-        return predictions, ratings
+class RatingTask:
+    """Explicit ratings: squared error on the replaced script's 75/25 split (loader.split)."""
 
-    evaluator = Engine(evaluate_step)
-    attach_metrics(evaluator, lambda output: output, device)
-    return evaluator
+    def __init__(self, cfg, ratings, device, rank, world_size):
+        rows = loader.split(len(ratings), cfg["test_fraction"], cfg["val_fraction"], cfg["split_seed"])
+        tensors = {name: ratings.tensors(r, device) for name, r in zip(SPLITS, rows)}
+        train_ratings = ratings.ratings[rows[0]]
+        self.n_users, self.n_items = ratings.n_users, ratings.n_items
+        self.global_mean = float(train_ratings.mean())
+        self.rating_range = ((float(train_ratings.min()), float(train_ratings.max()))
+                             if cfg["clip_predictions"] else None)
+        self.counts = {f"n_{name}": len(r) for name, r in zip(SPLITS, rows)}
+        self.metric_names, self.choose_by, self.higher_is_better = ("mse", "rmse", "mae"), "mse", False
+        self.free_train_metrics = not cfg["eval_train"]  # from the epoch's own batches
+        self.data_term_name = "mse"
+        self.plots = [("train_mse.svg", "Training MSE", [("train_mse", "train")], "MSE"),
+                      ("test_mse.svg", "Test MSE", [("test_mse", "test")], "MSE")]
+        self.batches = loader.BatchIterator(tensors["train"], cfg["batch_size"], seed=cfg["seed"],
+                                            rank=rank, world_size=world_size)
+        self.eval_batches = {split: loader.BatchIterator(tensors[split], cfg["eval_batch_size"],
+                                                         shuffle=False, rank=rank, world_size=world_size)
+                             for split in SPLITS}
+        self.device, self.world_size = device, world_size
+
+    def loss(self, model, batch):
+        """-> (data term, (4,) prior squared norms, this rank's share of the global batch, and
+        what the free training metrics read)."""
+        users, items, targets, global_batch = batch
+        predictions, squared_norms = model(users, items, return_prior=True)
+        # A rank's share of a short last batch can be empty: its loss is then 0, not NaN.
+        mse = (predictions - targets).pow(2).sum() / max(len(targets), 1)
+        share = len(targets) * self.world_size / global_batch
+        return mse, squared_norms, share, {"predictions": predictions.detach(), "targets": targets}
+
+    def attach_train_metrics(self, trainer):
+        attach_rating_metrics(trainer, lambda out: (out["predictions"], out["targets"]), self.device)
+
+    def evaluator(self, model, split):
+        low, high = self.rating_range or (None, None)
+
+        def evaluate_step(engine, batch):
+            model.eval()
+            users, items, ratings, _ = batch
+            with torch.no_grad():
+                predictions = model(users, items)
+            if low is not None:
+                predictions = predictions.clamp(low, high)
+            return predictions, ratings
+
+        evaluator = Engine(evaluate_step)
+        attach_rating_metrics(evaluator, lambda output: output, self.device)
+        return evaluator
+
+    def headline(self, final):
+        return (f"test MSE {final['test_mse']:.4f} RMSE {final['test_rmse']:.4f} "
+                f"MAE {final['test_mae']:.4f}")
 
 
-def attach_metrics(engine, output_transform, device):
-    """MSE, RMSE and MAE of (predictions, targets) as engine.state.metrics[name], names as in
-    METRICS. Ignite's metrics reduce their sums across processes, so each rank feeds its share."""
+def attach_rating_metrics(engine, output_transform, device):
+    """MSE, RMSE and MAE of (predictions, targets) as engine.state.metrics[name]. Ignite's
+    metrics reduce their sums across processes, so each rank feeds its share."""
     MeanSquaredError(output_transform, device=device).attach(engine, "mse")
     RootMeanSquaredError(output_transform, device=device).attach(engine, "rmse")
     MeanAbsoluteError(output_transform, device=device).attach(engine, "mae")
 
 
+class RankingTask:
+    """Implicit feedback, every item ranked for every user (RecBole's ml-1m protocol): ratings
+    >= ranking_min_rating are positives, a ranking_core-core filter, each user's interactions
+    split at random train/val/test, and the rank metrics at top_k over all items the user has
+    not met in training (nor in validation, when ranking for the test set)."""
+
+    def __init__(self, cfg, ratings, device, rank, world_size):
+        data = loader.split_per_user(
+            *loader.implicit_feedback(ratings, cfg["ranking_min_rating"], cfg["ranking_core"]),
+            fractions=(1 - cfg["val_fraction"] - cfg["test_fraction"], cfg["val_fraction"],
+                       cfg["test_fraction"]), seed=cfg["split_seed"])
+        if cfg["top_k"] > data.n_items:
+            raise ConfigError(f"--top_k={cfg['top_k']} is larger than the number of items "
+                              f"({data.n_items}) left by the filter")
+        self.n_users, self.n_items, self.global_mean = data.n_users, data.n_items, 0.0
+        self.counts = {f"n_{name}": int((data.part == p).sum()) for p, name in enumerate(SPLITS)}
+        self.k, self.loss_name, self.n_negatives = cfg["top_k"], cfg["loss"], cfg["n_negatives"]
+        self.metric_names = tuple(f"{m}@{self.k}" for m in RANK_METRICS)
+        self.choose_by, self.higher_is_better = f"ndcg@{self.k}", True
+        self.free_train_metrics = False  # rank metrics of the training items mean nothing
+        self.data_term_name = cfg["loss"]
+        ndcg = f"ndcg@{self.k}"
+        self.plots = [(f"ndcg_at_{self.k}.svg", f"NDCG@{self.k}",
+                       [(f"val_{ndcg}", "validation"), (f"test_{ndcg}", "test")], f"NDCG@{self.k}")]
+        parts = {name: (torch.from_numpy(data.users[data.rows(p)]).to(device),
+                        torch.from_numpy(data.items[data.rows(p)]).to(device))
+                 for p, name in enumerate(SPLITS)}
+        # Per-user item lists (CSR-like) of each part, to gather a block of users' items at once.
+        self.by_user = {name: loader.UserBatches(*parts[name], data.n_users, 1, shuffle=False)
+                        for name in SPLITS}
+        if cfg["loss"] == "softmax":
+            self.batches = loader.UserBatches(*parts["train"], data.n_users, cfg["batch_size"],
+                                              seed=cfg["seed"], rank=rank, world_size=world_size)
+        else:
+            users, items = parts["train"]
+            self.batches = loader.NegativeBatches((users, items, torch.zeros(len(users))),
+                                                  cfg["batch_size"], data.n_items, cfg["n_negatives"],
+                                                  seed=cfg["seed"], rank=rank, world_size=world_size)
+        # Evaluation goes over blocks of users; each rank takes every world_size-th user.
+        eval_users = max(1, cfg["eval_batch_size"] // 16)  # a block's scores: 1024 x n_items
+        self.eval_batches = {split: UserBlocks(data.n_users, eval_users, rank, world_size, device)
+                             for split in ("val", "test")}
+        self.device, self.world_size = device, world_size
+        self.data = data
+
+    def loss(self, model, batch):
+        if self.loss_name == "softmax":
+            # Each user's training items against all items in one softmax (as Mult-VAE does),
+            # and the prior of the batch's (user, item) pairs, as the rating task's, from counts.
+            users, position, items, global_pairs = batch
+            scores, squared_norms = model(
+                users, return_prior=True,
+                user_counts=torch.bincount(position, minlength=len(users)).float(),
+                item_counts=torch.bincount(items, minlength=self.n_items).float())   # (B, n_items)
+            log_probabilities = torch.log_softmax(scores, dim=1)
+            data_term = -log_probabilities[position, items].sum() / max(len(items), 1)
+            return data_term, squared_norms, len(items) * self.world_size / global_pairs, {}
+        # A positive and its sampled negatives in one forward: (B, 1 + n) scores; the prior
+        # covers every row the batch uses, the negatives' too.
+        users, items, negatives, global_batch = batch                             # negatives (B, n)
+        scores, squared_norms = model(users, torch.cat([items.unsqueeze(1), negatives], dim=1),
+                                      return_prior=True)
+        positive, negative = scores[:, 0], scores[:, 1:]
+        if self.loss_name == "sampled_softmax":
+            terms = -torch.log_softmax(scores, dim=1)[:, 0]
+        elif self.loss_name == "bpr":
+            terms = -F.logsigmoid(positive.unsqueeze(1) - negative).mean(1)
+        else:  # adaptive_hinge: the hardest of the n sampled negatives (Kula 2017)
+            terms = torch.relu(1 - positive + negative.max(1).values)
+        data_term = terms.sum() / max(len(terms), 1)
+        return data_term, squared_norms, len(terms) * self.world_size / global_batch, {}
+
+    def attach_train_metrics(self, trainer):
+        pass
+
+    def evaluator(self, model, split):
+        """An engine over blocks of users, each step giving scores_and_relevant."""
+        def evaluate_step(engine, users):
+            model.eval()
+            with torch.no_grad():
+                return self.scores_and_relevant(model, users, split)
+
+        evaluator = Engine(evaluate_step)
+        RankingMetrics(self.k, device=self.device).attach(evaluator, "ranking")
+        return evaluator
+
+    def scores_and_relevant(self, model, users, split):
+        """(scores, relevant), (B, n_items) each: the scores of all items for a block of users
+        with their training items (and validation items, for test) at -inf, and the split's
+        held-out items. `model` is anything with score_all (the baselines of benchmark.py too)."""
+        scores = getattr(model, "module", model).score_all(users)                  # (B, n_items)
+        for part in ("train",) if split == "val" else ("train", "val"):
+            position, items = self.by_user[part].pairs(users)
+            scores[position, items] = -torch.inf
+        relevant = torch.zeros_like(scores, dtype=torch.bool)
+        position, items = self.by_user[split].pairs(users)
+        relevant[position, items] = True
+        return scores, relevant
+
+    def headline(self, final):
+        labels = {"ndcg": "NDCG", "recall": "Recall", "mrr": "MRR", "hit": "Hit", "precision": "Precision"}
+        return "test " + ", ".join(f"{labels[name]}@{self.k} {final[f'test_{name}@{self.k}']:.4f}"
+                                   for name in RANK_METRICS)
+
+
+class UserBlocks:
+    """Every user once, in order, in blocks; rank r of world_size takes every world_size-th."""
+
+    def __init__(self, n_users, block, rank=0, world_size=1, device="cpu"):
+        self.users = torch.arange(rank, n_users, world_size, device=device)
+        self.block = block
+
+    def __len__(self):
+        return max(1, -(-len(self.users) // self.block))
+
+    def __iter__(self):
+        for start in range(0, max(len(self.users), 1), self.block):
+            yield self.users[start:start + self.block]
+
+
+def top_k_items(scores, k):
+    """(values, items) of the k highest scores per row, (B, k) each, best first. Ties are
+    broken by item index, lower first (as a stable sort would), so results never depend on
+    how torch.topk orders equal values; rows without a tie pay only for topk."""
+    values, items = torch.topk(scores, k, dim=1)
+    kth = values[:, -1:]
+    tied = ((scores == kth).sum(1) > (values == kth).sum(1)) | (values[:, 1:] == values[:, :-1]).any(1)
+    if tied.any():
+        sorted_values, order = torch.sort(scores[tied], dim=1, descending=True, stable=True)
+        values[tied], items[tied] = sorted_values[:, :k], order[:, :k]
+    return values, items
+
+
+def rank_metrics(scores, relevant, k):
+    """Per-user NDCG, Recall, MRR, Hit and Precision at k (columns in RANK_METRICS order) for the
+    rows with at least one relevant item. scores: (B, n_items), -inf for masked items, which
+    never count as hits; relevant: (B, n_items) bool, the held-out items. Binary relevance;
+    the ideal DCG is over min(#relevant, k) items."""
+    keep = relevant.any(1)
+    scores, relevant = scores[keep], relevant[keep]
+    values, items = top_k_items(scores, k)
+    hits = relevant.gather(1, items) & torch.isfinite(values)                    # (U, k)
+    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, device=scores.device, dtype=torch.float64))
+    n_relevant = relevant.sum(1)                                                  # (U,)
+    ideal = torch.cumsum(discounts, 0)[n_relevant.clamp(max=k) - 1]
+    n_hits = hits.sum(1).double()
+    first_hit = torch.where(hits.any(1), 1.0 / (hits.double().argmax(1) + 1), 0.0)
+    return torch.stack([(hits.double() * discounts).sum(1) / ideal, n_hits / n_relevant,
+                        first_hit, (n_hits > 0).double(), n_hits / k], dim=1)
+
+
+class RankingMetrics(Metric):
+    """The rank metrics at k of (scores, relevant) batches, averaged over users with held-out
+    items; compute() returns {"ndcg@k": ..., "recall@k": ..., ...}, which Ignite also spreads
+    into engine.state.metrics. The sums are all-reduced across processes."""
+
+    def __init__(self, k, output_transform=lambda x: x, device="cpu"):
+        self.k = k
+        super().__init__(output_transform, device=device)
+
+    @reinit__is_reduced
+    def reset(self):
+        self._sums = torch.zeros(len(RANK_METRICS), dtype=torch.float64, device=self._device)
+        self._users = torch.zeros((), dtype=torch.float64, device=self._device)
+
+    @reinit__is_reduced
+    def update(self, output):
+        scores, relevant = output
+        values = rank_metrics(scores, relevant, self.k)
+        self._sums += values.sum(0).to(self._device)
+        self._users += len(values)
+
+    @sync_all_reduce("_sums", "_users")
+    def compute(self):
+        if self._users == 0:
+            raise NotComputableError("RankingMetrics needs at least one user with held-out items")
+        return {f"{name}@{self.k}": float(total / self._users)
+                for name, total in zip(RANK_METRICS, self._sums)}
+
+
+TASKS = {"rating": RatingTask, "ranking": RankingTask}
+
+
+# ----------------------------------------------------------------------------- the run
+
 def training(local_rank, cfg):
+    """One process's run, in stages: folders, data, model, trainer, evaluation and model choice,
+    checkpoints and resume, training, then the final figures of the best model."""
     started = time.perf_counter()
     keep_freed_memory()
     rank, world_size = idist.get_rank(), idist.get_world_size()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg["device"])
+
+    # --- folders
     cfg["run_name"] = decide_run_name(cfg)
     run_dir = Path(cfg["runs_dir"]) / cfg["run_name"]
     results = Path(cfg["results_dir"]) / cfg["run_name"]
@@ -277,22 +539,16 @@ def training(local_rank, cfg):
         for path in unstarted_run_files(run_dir):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
-    # Data: rank 0 downloads and parses (and fills the cache) while the others wait for it.
+    # --- data: rank 0 downloads and parses (and fills the cache) while the others wait for it.
     with idist.one_rank_first():
         ratings = loader.load(cfg["dataset"], cfg["data_dir"], cfg["download"],
                               progress=cfg["progress"] and rank == 0)
-    train_rows, val_rows, test_rows = loader.split(len(ratings), cfg["test_fraction"],
-                                                   cfg["val_fraction"], cfg["split_seed"])
-    tensors = {name: ratings.tensors(rows, device)
-               for name, rows in zip(SPLITS, (train_rows, val_rows, test_rows))}
-    train_ratings = ratings.ratings[train_rows]
-    rating_range = ((float(train_ratings.min()), float(train_ratings.max()))
-                    if cfg["clip_predictions"] else (None, None))
+    task = TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)
 
+    # --- model
     torch.manual_seed(cfg["seed"])  # same initial model on every rank
-    model = MFMixTaste(ratings.n_users, ratings.n_items, dim=cfg["dim"],
-                       n_tastes=cfg["n_tastes"], global_mean=float(train_ratings.mean()),
-                       init_std=cfg["init_std"])
+    model = MFMixTaste(task.n_users, task.n_items, dim=cfg["dim"], n_tastes=cfg["n_tastes"],
+                       global_mean=task.global_mean, init_std=cfg["init_std"])
     model = idist.auto_model(model)  # moves to the device; DistributedDataParallel if world > 1
     # Adam for the whole model: the fused kernel updates the dense tables in one pass per step
     # (on CPU as on GPU); with batches of 8192 ratings, a dense update costs less than the
@@ -300,25 +556,19 @@ def training(local_rank, cfg):
     optimizer = idist.auto_optim(torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=True))
     prior_weights = torch.tensor([cfg[f"prior_{name}"] for name in PRIOR_TERMS], device=device)
 
-    batches = loader.BatchIterator(tensors["train"], cfg["batch_size"], seed=cfg["seed"],
-                                   rank=rank, world_size=world_size)
-
+    # --- trainer
     def train_step(engine, batch):
         model.train()
-        users, items, targets, global_batch = batch
-        predictions, squared_norms = model(users, items, return_prior=True)
-        # A rank's share of a short last batch can be empty: its loss is then 0, not NaN.
-        mse = (predictions - targets).pow(2).sum() / max(len(targets), 1)
+        data_term, squared_norms, share, extra = task.loss(model, batch)
         prior_by_term = squared_norms * prior_weights                   # (4,), as in PRIOR_TERMS
-        # Each rank holds len(targets) of the global batch; DistributedDataParallel averages
-        # gradients over ranks, so this weight makes the update that of the whole batch.
-        share = len(targets) * world_size / global_batch
-        loss = mse + prior_by_term.sum()
+        loss = data_term + prior_by_term.sum()
         optimizer.zero_grad(set_to_none=True)
+        # DistributedDataParallel averages gradients over ranks; weighting each rank's loss by
+        # its share of the global batch makes the update that of the whole batch.
         (loss * share).backward()
         optimizer.step()
-        return {"loss": loss.detach(), "mse": mse.detach(), "prior": prior_by_term.detach(),
-                "predictions": predictions.detach(), "targets": targets}
+        return {"loss": loss.detach(), "data": data_term.detach(), "prior": prior_by_term.detach(),
+                **extra}
 
     trainer = Engine(train_step)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(lambda out: out["loss"]))
@@ -326,45 +576,42 @@ def training(local_rank, cfg):
     # that event below skip a diverged epoch, so no NaN model is evaluated or saved.
     epoch_completed = Events.EPOCH_COMPLETED(event_filter=lambda engine, _: not diverged(engine))
     Average(output_transform=lambda out: out["loss"], device=device).attach(trainer, "loss")
-    # Training-set metrics over the epoch's own batches, as the model learns (free); with
-    # eval_train, a separate pass over the training set after the epoch replaces them.
-    attach_metrics(trainer, lambda out: (out["predictions"], out["targets"]), device)
+    task.attach_train_metrics(trainer)
 
-    evaluators = {split: make_evaluator(model, rating_range, device) for split in SPLITS}
-    eval_batches = {split: loader.BatchIterator(tensors[split], cfg["eval_batch_size"],
-                                                shuffle=False, rank=rank, world_size=world_size)
-                    for split in SPLITS}
+    # --- evaluation after each epoch, and the choice of the model by validation alone
+    evaluated = [s for s in SPLITS if s in task.eval_batches and not (s == "train" and task.free_train_metrics)]
+    evaluators = {split: task.evaluator(model, split) for split in evaluated}
     history = History()
 
     @trainer.on(epoch_completed)
     def evaluate(engine):
         # Ignite's own timing of the epoch's steps, read before the evaluation below adds to it.
-        epoch_seconds = engine.state.times[Events.EPOCH_COMPLETED.name]
         row = {"epoch": engine.state.epoch, "train_loss": engine.state.metrics["loss"],
-               "epoch_seconds": round(epoch_seconds, 3)}
-        for split in SPLITS:
-            if split == "train" and not cfg["eval_train"]:
-                metrics = engine.state.metrics
-            else:
-                evaluators[split].run(eval_batches[split])
-                metrics = evaluators[split].state.metrics
-            row.update({f"{split}_{m}": metrics[m] for m in METRICS})
+               "epoch_seconds": round(engine.state.times[Events.EPOCH_COMPLETED.name], 3)}
+        if task.free_train_metrics:
+            row.update({f"train_{m}": engine.state.metrics[m] for m in task.metric_names})
+        for split, evaluator in evaluators.items():
+            evaluator.run(task.eval_batches[split])
+            row.update({f"{split}_{m}": evaluator.state.metrics[m] for m in task.metric_names})
         history.rows.append(row)
 
-    # Model choice and early stopping look at the validation MSE only, never at the test set.
-    def neg_val_mse(_):
-        return -evaluators["val"].state.metrics["mse"]
+    # Model choice and early stopping look at the validation metric only, never at the test set.
+    def validation_score(_):
+        value = evaluators["val"].state.metrics[task.choose_by]
+        return value if task.higher_is_better else -value
 
+    score_name = ("" if task.higher_is_better else "neg_") + "val_" + task.choose_by.replace("@", "_at_")
     best_checkpoint = Checkpoint(
         {"model": model}, DiskSaver(run_dir, require_empty=False), filename_prefix="best",
-        score_function=neg_val_mse, score_name="neg_val_mse", n_saved=1,
+        score_function=validation_score, score_name=score_name, n_saved=1,
         global_step_transform=global_step_from_engine(trainer))
     evaluators["val"].add_event_handler(Events.COMPLETED, best_checkpoint)
-    stopper = EarlyStopping(cfg["patience"], neg_val_mse, trainer) if cfg["patience"] else None
+    stopper = EarlyStopping(cfg["patience"], validation_score, trainer) if cfg["patience"] else None
     if stopper:
         evaluators["val"].add_event_handler(Events.COMPLETED, stopper)
 
-    to_save = {"model": model, "optimizer": optimizer, "trainer": trainer, "batches": batches,
+    # --- checkpoints and resume
+    to_save = {"model": model, "optimizer": optimizer, "trainer": trainer, "batches": task.batches,
                "history": history, "best_checkpoint": best_checkpoint}
     if stopper:
         to_save["early_stopping"] = stopper
@@ -401,17 +648,18 @@ def training(local_rank, cfg):
             print(f"nothing to do: {run_dir} {left}; its results are in {results}/")
         return
 
+    # --- training
     tb_logger = None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        tb_logger = attach_tensorboard(run_dir, trainer, evaluators, optimizer, cfg)
+        tb_logger = attach_tensorboard(run_dir, trainer, evaluators, optimizer, task, cfg)
         if cfg["progress"] and left is None:
             ProgressBar(persist=False).attach(
                 trainer, output_transform=lambda out: {"loss": out["loss"]})
 
     if left is None:
-        trainer.run(batches, max_epochs=cfg["epochs"])
+        trainer.run(task.batches, max_epochs=cfg["epochs"])
     if diverged(trainer):
         if tb_logger:
             tb_logger.close()
@@ -422,36 +670,37 @@ def training(local_rank, cfg):
                             f"nothing of that epoch was saved and {kept}. Lower --lr or raise the "
                             "prior weights, and start a new run.")
 
-    # Final figures: the best-by-validation model on every split. Rank 0 reads it and sends it
-    # to the others, so every rank evaluates the same model even without a shared disk.
+    # --- final figures: the best-by-validation model on every split. Rank 0 reads it and sends
+    # it to the others, so every rank evaluates the same model even without a shared disk.
     if rank == 0:
         Checkpoint.load_objects({"model": model}, read_checkpoint(best_checkpoint.last_checkpoint))
     if world_size > 1:
         for tensor in model.state_dict().values():
             idist.broadcast(tensor, src=0)
-    final_evaluator, final = make_evaluator(model, rating_range, device), {}
+    final = {}
     for split in ("test", "val", "train"):  # test first: the figures summary.json leads with
-        final_evaluator.run(eval_batches[split])
-        final.update({f"{split}_{m}": final_evaluator.state.metrics[m] for m in METRICS})
-    best_epoch = max(history.rows, key=lambda r: -r["val_mse"])["epoch"]
+        if split in task.eval_batches:
+            evaluator = task.evaluator(model, split)
+            evaluator.run(task.eval_batches[split])
+            final.update({f"{split}_{m}": evaluator.state.metrics[m] for m in task.metric_names})
+    choose = f"val_{task.choose_by}"
+    best_epoch = max(history.rows, key=lambda r: r[choose] if task.higher_is_better else -r[choose])["epoch"]
     if rank == 0:
         summary = {**final,
                    "best_epoch": best_epoch, "epochs_run": trainer.state.epoch,
                    "wall_seconds": round(wall_before + time.perf_counter() - started, 2),
-                   "dataset": cfg["dataset"], "n_users": ratings.n_users,
-                   "n_items": ratings.n_items, "n_train": len(train_rows),
-                   "n_val": len(val_rows), "n_test": len(test_rows),
+                   "task": cfg["task"], "dataset": cfg["dataset"], "n_users": task.n_users,
+                   "n_items": task.n_items, **task.counts,
                    "world_size": world_size, "backend": idist.backend() or "none",
                    "device": str(device), "torch": torch.__version__,
                    "ignite": ignite.__version__, "hyperparameters": cfg}
-        write_results(results, summary, history.rows)
+        write_results(results, summary, history.rows, task)
         tb_logger.writer.add_hparams(
             {k: v for k, v in cfg.items() if k not in ("resume",)},
             {f"hparam/{k}": v for k, v in final.items()}, name="hparams")
         tb_logger.close()
-        print(f"test MSE {final['test_mse']:.4f} RMSE {final['test_rmse']:.4f} "
-              f"MAE {final['test_mae']:.4f} (best epoch {best_epoch} of {trainer.state.epoch}, "
-              f"val MSE {final['val_mse']:.4f}); results in {results}/")
+        print(f"{task.headline(final)} (best epoch {best_epoch} of {trainer.state.epoch}, "
+              f"val {task.choose_by} {final[choose]:.4f}); results in {results}/")
     # Let every rank leave together, before run_released (main) releases the model and engines
     # and Parallel destroys the process group.
     idist.barrier()
@@ -519,33 +768,32 @@ def check_new_run_folder(run_dir):
                           "pick another --run_name")
 
 
-def attach_tensorboard(run_dir, trainer, evaluators, optimizer, cfg):
-    """tensorboardX through Ignite's TensorboardLogger: loss, MSE and each prior term every
+def attach_tensorboard(run_dir, trainer, evaluators, optimizer, task, cfg):
+    """tensorboardX through Ignite's TensorboardLogger: loss, data term and each prior term every
     log_interval iterations, the metrics of every split each epoch, the hyperparameters."""
     tb_logger = TensorboardLogger(log_dir=str(run_dir))
 
     def scalars(out):
-        values = {"loss": float(out["loss"]), "mse": float(out["mse"])}
+        values = {"loss": float(out["loss"]), task.data_term_name: float(out["data"])}
         values.update({f"prior_{n}": float(v) for n, v in zip(PRIOR_TERMS, out["prior"])})
         return values
 
     tb_logger.attach_output_handler(trainer, Events.ITERATION_COMPLETED(every=cfg["log_interval"]),
                                     tag="train_step", output_transform=scalars)
     tb_logger.attach_opt_params_handler(trainer, Events.EPOCH_STARTED, optimizer)
+    if task.free_train_metrics:
+        tb_logger.attach_output_handler(trainer, Events.EPOCH_COMPLETED, tag="train",
+                                        metric_names=list(task.metric_names))
     for split, evaluator in evaluators.items():
-        if split == "train" and not cfg["eval_train"]:
-            tb_logger.attach_output_handler(trainer, Events.EPOCH_COMPLETED, tag=split,
-                                            metric_names=list(METRICS))
-            continue
         tb_logger.attach_output_handler(evaluator, Events.COMPLETED, tag=split,
-                                        metric_names=list(METRICS),
+                                        metric_names=list(task.metric_names),
                                         global_step_transform=global_step_from_engine(trainer))
     tb_logger.writer.add_text("config", "    " + json.dumps(cfg, indent=2).replace("\n", "\n    "))
     return tb_logger
 
 
-def write_results(folder, summary, rows):
-    """summary.json, metrics.csv (one row per epoch) and the two SVG plots."""
+def write_results(folder, summary, rows, task):
+    """summary.json, metrics.csv (one row per epoch) and the task's SVG plots."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -558,19 +806,21 @@ def write_results(folder, summary, rows):
     import matplotlib.pyplot as plt
 
     epochs_axis = [r["epoch"] for r in rows]
-    for split, title in (("train", "Training MSE"), ("test", "Test MSE")):
-        key = f"{split}_mse"
-        if not any(key in r for r in rows):
+    for filename, title, curves, ylabel in task.plots:
+        curves = [(column, label) for column, label in curves if any(column in r for r in rows)]
+        if not curves:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(epochs_axis, [r.get(key, np.nan) for r in rows], marker="o", markersize=3)
+        for column, label in curves:
+            ax.plot(epochs_axis, [r.get(column, np.nan) for r in rows], marker="o", markersize=3,
+                    label=label)
         ax.axvline(summary["best_epoch"], color="grey", linestyle=":", label="best epoch (val)")
-        ax.set(xlabel="epoch", ylabel="MSE", title=f"{title}: {summary['dataset']}, "
+        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title}: {summary['dataset']}, "
                f"K={summary['hyperparameters']['n_tastes']}")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(folder / f"{split}_mse.svg")
+        fig.savefig(folder / filename)
         plt.close(fig)
 
 

@@ -127,3 +127,16 @@ def test_a_rank_with_an_empty_share_of_the_last_batch(tmp_path, synthetic_ml100k
     out, _ = train(tmp_path, synthetic_ml100k, "short", 2, f"--batch_size={n_train - 1}", "--epochs=2")
     summary = json.loads((tmp_path / "results" / "short" / "summary.json").read_text())
     assert summary["epochs_run"] == 2 and summary["test_mse"] < 2.0
+
+
+def test_ranking_on_two_processes_matches_one(tmp_path, synthetic_ml100k, gloo):
+    """The rank metrics are sums all-reduced across ranks, and each rank takes its share of
+    every user batch: two processes give one process's figures."""
+    ranking = ["--task=ranking", "--batch_size=32", "--epochs=2"]
+    train(tmp_path, synthetic_ml100k, "single", 1, *ranking)
+    train(tmp_path, synthetic_ml100k, "dual", 2, *ranking)
+    single = json.loads((tmp_path / "results" / "single" / "summary.json").read_text())
+    dual = json.loads((tmp_path / "results" / "dual" / "summary.json").read_text())
+    assert dual["world_size"] == 2 and dual["n_users"] == single["n_users"]
+    for key in ("test_ndcg@10", "test_recall@10", "val_ndcg@10", "val_mrr@10"):
+        assert abs(dual[key] - single[key]) < 1e-4, (key, dual[key], single[key])

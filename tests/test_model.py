@@ -155,3 +155,25 @@ def test_an_empty_batch_gives_zero_norms_and_zero_gradients():
     assert predictions.shape == (0,) and torch.equal(norms, torch.zeros(4))
     (predictions.sum() + norms.sum()).backward()
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
+def test_all_item_scores_and_item_sets_agree_with_pair_scores():
+    model = randomised(MFMixTaste(6, 5, dim=3, n_tastes=2))
+    users = torch.tensor([0, 3, 5])
+    every = model(users)                                                  # (3, 5)
+    pairs = model(users.repeat_interleave(5), torch.arange(5).repeat(3)).view(3, 5)
+    torch.testing.assert_close(every, pairs)
+    torch.testing.assert_close(every, reference_scores(model, users.repeat_interleave(5),
+                                                       torch.arange(5).repeat(3)).view(3, 5))
+    sets = torch.tensor([[4, 0], [1, 1], [2, 3]])
+    torch.testing.assert_close(model(users, sets), every.gather(1, sets))
+
+
+def test_prior_from_counts_equals_the_prior_of_the_pairs():
+    model = randomised(MFMixTaste(6, 5, dim=3, n_tastes=2))
+    users = torch.tensor([1, 4])
+    position, items = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([2, 3, 2, 0, 4])
+    _, from_pairs = model(users[position], items, return_prior=True)
+    _, from_counts = model(users, return_prior=True, user_counts=torch.tensor([3.0, 2.0]),
+                           item_counts=torch.bincount(items, minlength=5).float())
+    torch.testing.assert_close(from_counts, from_pairs)

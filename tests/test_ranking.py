@@ -1,0 +1,196 @@
+"""The ranking task: implicit feedback, the per-user split, the rank metrics and the evaluator."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import loader
+import train
+from MFMixTaste import MFMixTaste
+
+K = 3
+# Five users, six items; columns are items. -inf marks an item masked out (seen in training).
+NEG = -math.inf
+SCORES = torch.tensor([
+    [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],   # A: relevant {5}: no hit in the top 3
+    [0.9, 0.7, 0.1, 0.05, 0.8, 0.0],  # B: relevant {0,1,2,3}, more than k: top 3 = 0, 4, 1
+    [0.5, 0.5, 0.5, 0.5, 0.1, 0.1],   # C: relevant {2}: a four-way tie, broken by item index
+    [0.3, 0.2, 0.1, 0.0, 0.0, 0.0],   # D: no held-out items: left out of every average
+    [NEG, 0.9, NEG, NEG, 0.2, NEG],   # E: relevant {4}; only two items unmasked, k = 3
+])
+RELEVANT = torch.zeros_like(SCORES, dtype=torch.bool)
+for user, items in enumerate([[5], [0, 1, 2, 3], [2], [], [4]]):
+    RELEVANT[user, items] = True
+
+
+def dcg(ranks):
+    return sum(1 / math.log2(r + 1) for r in ranks)
+
+
+# Per user (A, B, C, E): ndcg, recall, mrr, hit, precision, worked out by hand.
+EXPECTED = torch.tensor([
+    [0, 0, 0, 0, 0],
+    [dcg([1, 3]) / dcg([1, 2, 3]), 2 / 4, 1, 1, 2 / 3],
+    [dcg([3]) / dcg([1]), 1, 1 / 3, 1, 1 / 3],
+    [dcg([2]) / dcg([1]), 1, 1 / 2, 1, 1 / 3],
+], dtype=torch.float64)
+
+
+def test_rank_metrics_match_hand_computed_figures():
+    values = train.rank_metrics(SCORES, RELEVANT, K)
+    torch.testing.assert_close(values, EXPECTED)
+    assert train.RANK_METRICS == ("ndcg", "recall", "mrr", "hit", "precision")
+
+
+def test_ties_are_broken_by_item_index_and_masked_items_never_count():
+    values, items = train.top_k_items(SCORES, K)
+    assert items[2].tolist() == [0, 1, 2]
+    assert items[1].tolist() == [0, 4, 1]
+    finite = torch.isfinite(values)
+    assert items[4][finite[4]].tolist() == [1, 4]  # the masked items never rank as items
+    # Even a masked item marked relevant is no hit.
+    relevant = RELEVANT.clone()
+    relevant[4, 0] = True
+    assert train.rank_metrics(SCORES, relevant, K)[3, 1] == 0.5  # recall: 1 of 2 relevant
+
+
+def test_the_ignite_metric_averages_over_users_with_held_out_items_across_batches():
+    metric = train.RankingMetrics(K)
+    metric.reset()
+    metric.update((SCORES[:2], RELEVANT[:2]))
+    metric.update((SCORES[2:], RELEVANT[2:]))
+    result = metric.compute()
+    assert list(result) == [f"{m}@{K}" for m in train.RANK_METRICS]
+    for column, name in enumerate(train.RANK_METRICS):
+        assert abs(result[f"{name}@{K}"] - float(EXPECTED[:, column].mean())) < 1e-7
+
+
+def test_the_core_filter_repeats_until_every_user_and_item_has_enough():
+    # Item 9 has 2 positives (users 1, 2). Removing it leaves user 2 with one positive, and
+    # removing user 2 leaves item 8 with one: only the block of users 0-1 x items 0-1 survives.
+    pairs = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 9), (2, 9), (2, 8), (3, 8), (3, 7)]
+    ratings = loader.encode(np.array([u for u, _ in pairs]), np.array([i for _, i in pairs]),
+                            np.array([4.0] * len(pairs)))
+    ratings.ratings[-1] = 2.0  # (3, 7) is not a positive
+    users, items = loader.implicit_feedback(ratings, min_rating=3, core=2)
+    assert sorted(zip(users.tolist(), items.tolist())) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    with pytest.raises(loader.DataError, match="no interactions are left"):
+        loader.implicit_feedback(ratings, min_rating=3, core=5)
+
+
+def test_split_per_user_takes_the_floor_of_ten_percent_each_seeded():
+    rng = np.random.default_rng(0)
+    counts = {7: 10, 8: 19, 9: 25}
+    users = np.repeat(list(counts), list(counts.values()))
+    items = np.concatenate([rng.choice(100, n, replace=False) for n in counts.values()])
+    data = loader.split_per_user(users, items, seed=5)
+    for index, raw in enumerate(data.user_ids):
+        parts = np.bincount(data.part[data.users == index], minlength=3)
+        n = counts[raw]
+        assert parts.tolist() == [n - 2 * (n // 10), n // 10, n // 10]
+    again = loader.split_per_user(users, items, seed=5)
+    other = loader.split_per_user(users, items, seed=6)
+    assert np.array_equal(data.part, again.part) and not np.array_equal(data.part, other.part)
+    with pytest.raises(loader.DataError, match="user 3 has 9 interactions, too few"):
+        loader.split_per_user(np.array([3] * 9), np.arange(9))
+
+
+def _ranking_task(tmp_path, **overrides):
+    from conftest import mixture_ratings, write_ratings
+    write_ratings(tmp_path / "ml-100k" / "u.data", *mixture_ratings(n_ratings=6000), sep="\t")
+    cfg = {**train.DEFAULTS, **train.RANKING_DEFAULTS, "task": "ranking", "ranking_core": 10,
+           "dim": 4, **overrides}
+    ratings = loader.load("ml-100k", tmp_path)
+    return train.RankingTask(cfg, ratings, "cpu", 0, 1)
+
+
+def test_the_evaluator_masks_training_items_and_for_test_validation_items(tmp_path):
+    task = _ranking_task(tmp_path)
+    model = MFMixTaste(task.n_users, task.n_items, dim=4, n_tastes=2)
+    with torch.no_grad():  # training items score highest: unmasked, they would fill the top
+        position, items = task.by_user["train"].pairs(torch.arange(task.n_users))
+        model.item_bias.index_add_(0, items, torch.ones(len(items)))
+    for split, masked in (("val", ("train",)), ("test", ("train", "val"))):
+        evaluator = task.evaluator(model, split)
+        users = next(iter(task.eval_batches[split]))
+        scores, relevant = evaluator._process_function(evaluator, users)
+        for part in masked:
+            position, items = task.by_user[part].pairs(users)
+            assert torch.isneginf(scores[position, items]).all()
+        _, top = train.top_k_items(scores, task.k)
+        position, items = task.by_user["train"].pairs(users)
+        seen = torch.zeros_like(relevant)
+        seen[position, items] = True
+        assert not seen.gather(1, top).any()
+        position, items = task.by_user[split].pairs(users)
+        assert relevant.sum() == len(items) and relevant[position, items].all()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"top_k": 10_000}, "--top_k=10000 is larger than the number of items"),
+    ({"ranking_core": 500}, "no interactions are left"),
+    ({"val_fraction": 0.02, "test_fraction": 0.02}, "too few to split"),
+])
+def test_bad_ranking_settings_are_one_clear_error(tmp_path, overrides, message):
+    with pytest.raises((train.ConfigError, loader.DataError), match=message):
+        _ranking_task(tmp_path, **overrides)
+
+
+def run_ranking(tmp_path, data_dir, *overrides, check=True):
+    from test_train import run_train
+    return run_train(tmp_path, data_dir, "--task=ranking", "--dim=8", "--n_tastes=2",
+                     "--batch_size=32", "--ranking_core=10", *overrides, check=check)
+
+
+def test_a_ranking_run_logs_and_writes_the_rank_metrics(tmp_path, synthetic_ml100k):
+    from test_train import read_csv
+    done = run_ranking(tmp_path, synthetic_ml100k, "--epochs=3", "--patience=0", "--run_name=rk")
+    assert "test NDCG@10" in done.stdout and "Recall@10" in done.stdout
+    summary = json.loads((tmp_path / "results" / "rk" / "summary.json").read_text())
+    assert summary["task"] == "ranking" and summary["hyperparameters"]["lr"] == train.RANKING_DEFAULTS["lr"]
+    for split in ("val", "test"):
+        for name in train.RANK_METRICS:
+            assert 0 <= summary[f"{split}_{name}@10"] <= 1
+    rows = read_csv(tmp_path / "results" / "rk" / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    best = max(rows, key=lambda r: float(r["val_ndcg@10"]))
+    assert summary["best_epoch"] == int(best["epoch"])
+    assert abs(summary["test_ndcg@10"] - float(best["test_ndcg@10"])) < 1e-6
+    assert "<svg" in (tmp_path / "results" / "rk" / "ndcg_at_10.svg").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "runs" / "rk")).Reload()
+    assert [e.step for e in events.Scalars("val/ndcg_10")] == [1, 2, 3]  # tensorboardX writes @ as _
+    assert "train_step/softmax" in events.Tags()["scalars"]
+
+
+@pytest.mark.parametrize("loss", ["sampled_softmax", "bpr", "adaptive_hinge"])
+def test_the_sampled_losses_train(tmp_path, synthetic_ml100k, loss):
+    from test_train import read_csv
+    run_ranking(tmp_path, synthetic_ml100k, "--epochs=4", "--patience=0", f"--loss={loss}",
+                "--n_negatives=5", "--batch_size=256", "--lr=0.02", "--run_name=s")
+    rows = read_csv(tmp_path / "results" / "s" / "metrics.csv")
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_a_ranking_run_resumes_to_the_same_model(tmp_path, synthetic_ml100k):
+    from test_train import read_csv
+    run_ranking(tmp_path, synthetic_ml100k, "--epochs=3", "--patience=0", "--run_name=straight")
+    run_ranking(tmp_path, synthetic_ml100k, "--epochs=1", "--patience=0", "--run_name=split")
+    run_ranking(tmp_path, synthetic_ml100k, f"--resume={tmp_path / 'runs' / 'split'}", "--epochs=3")
+    straight = read_csv(tmp_path / "results" / "straight" / "metrics.csv")
+    split = read_csv(tmp_path / "results" / "split" / "metrics.csv")
+    assert [r["val_ndcg@10"] for r in straight] == [r["val_ndcg@10"] for r in split]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--top_k=100000", "--top_k=100000 is larger than the number of items"),
+    ("--loss=hinge", "--loss=hinge is not one of softmax, sampled_softmax, bpr, adaptive_hinge"),
+    ("--task=rank", "--task=rank is not one of rating, ranking"),
+    ("--ranking_core=1000", "no interactions are left"),
+])
+def test_bad_ranking_input_from_the_command_line(tmp_path, synthetic_ml100k, override, message):
+    result = run_ranking(tmp_path, synthetic_ml100k, "--epochs=1", override, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
