@@ -78,7 +78,7 @@ epochs = 30                # most epochs to run
 patience = 2               # early stopping: epochs without a better validation MSE (NDCG@k) before stopping
 clip_predictions = True    # clamp evaluated predictions to the training set's rating range
 eval_train = False         # training-set metrics from a full pass after each epoch (else, free, from the epoch's own batches)
-eval_batch_size = 16384    # ratings per evaluation batch (temporaries under 32 MB, see keep_freed_memory); ranking: /16 users a block
+eval_batch_size = 16384    # ratings per evaluation batch (temporaries under 32 MB, see keep_freed_memory); ranking: /16 users
 # system
 seed = 0                   # seeds initialisation and shuffling; the same seed gives the same run
 device = "auto"            # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
