@@ -535,9 +535,17 @@ def training(local_rank, cfg):
     if not cfg["resume"]:
         check_new_run_folder(run_dir)
     idist.barrier()  # every rank has looked before rank 0 touches the folder
-    if rank == 0 and not last_checkpoints(run_dir):
-        for path in unstarted_run_files(run_dir):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if rank == 0:
+        if not last_checkpoints(run_dir):
+            for path in unstarted_run_files(run_dir):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for folder in (run_dir, results):  # found unwritable now, not after the training
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ConfigError(f"cannot create {folder}: {error.strerror}") from None
+            if not os.access(folder, os.W_OK):
+                raise ConfigError(f"{folder} is not writable")
 
     # --- data: rank 0 downloads and parses (and fills the cache) while the others wait for it.
     with idist.one_rank_first():
@@ -858,7 +866,9 @@ def run_released(parallel, cfg):
     try:
         parallel.run(training, cfg)
         return None
-    except (ConfigError, loader.DataError, TrainingError, KeyboardInterrupt) as error:
+    except (ConfigError, loader.DataError, TrainingError, KeyboardInterrupt, OSError) as error:
+        # OSError: a full disk or a folder gone read-only while writing checkpoints or results
+        # (checkpoints are written to a temporary file and renamed: the previous one stays).
         error.__traceback__ = error.__context__ = error.__cause__ = None
         return error
     finally:

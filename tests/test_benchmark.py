@@ -86,3 +86,23 @@ def test_a_failed_row_reports_its_own_error_not_the_memory_line():
     *_, stderr, code = benchmark.measure([sys.executable, "-c", "import sys; sys.exit('error: boom')"])
     assert code == 1 and "PEAK_KB" not in stderr
     assert benchmark.failed_row("svd", stderr) == {"row": "svd", "error": "error: boom"}
+
+
+def test_ranking_rows_are_measured_beside_the_published_table(tmp_path, synthetic_ml100k):
+    output = tmp_path / "bench.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--task=ranking",
+                           "--dataset=ml-100k", f"--data_dir={synthetic_ml100k}", "--only=pop,ease,als",
+                           f"--output={output}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = output.read_text()
+    assert "<!-- ranking:begin -->" in report and "Machine:" in report
+    for label in ("popularity", "EASE (closed form)"):
+        row = next(line for line in report.splitlines() if line.startswith(f"| {label} "))
+        ndcg, recall = (float(x) for x in row.split("|")[2:4])
+        assert 0 < ndcg <= 1 and 0 < recall <= 1
+    assert "chosen on val l2=" in report
+    assert "| EASE, published by RecBole | 0.2865 | 0.2139 |" in report
+    if importlib.util.find_spec("implicit") is None:
+        assert "pip install implicit" in report
+    else:
+        assert re.search(r"\| implicit ALS \| 0\.\d{4} \|", report)

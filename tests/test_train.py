@@ -190,3 +190,13 @@ def test_a_folder_of_other_files_is_not_taken_for_a_run(tmp_path, synthetic_ml10
     result = run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--run_name=mine", check=False)
     assert result.returncode == 2 and "not a run's (notes.txt)" in result.stderr
     assert (tmp_path / "runs" / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("key", ["runs_dir", "results_dir"])
+def test_an_output_folder_that_cannot_be_made_is_one_clear_line(tmp_path, synthetic_ml100k, key):
+    blocker = tmp_path / "a-file"  # a folder below a file cannot be made, even by root
+    blocker.write_text("not a folder")
+    result = run_train(tmp_path, synthetic_ml100k, "--epochs=1", f"--{key}={blocker / 'out'}",
+                       check=False)
+    assert result.returncode == 2 and f"cannot create {blocker / 'out'}" in result.stderr
+    assert "Not a directory" in result.stderr and "Traceback" not in result.stderr
