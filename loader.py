@@ -78,8 +78,20 @@ def dataset_spec(name):
 
 # ----------------------------------------------------------------------------- ratings
 
+class _IdMaps:
+    """n_users and n_items of a dataclass that holds the raw id arrays user_ids and item_ids."""
+
+    @property
+    def n_users(self):
+        return len(self.user_ids)
+
+    @property
+    def n_items(self):
+        return len(self.item_ids)
+
+
 @dataclass
-class Ratings:
+class Ratings(_IdMaps):
     """All ratings of one dataset in file order, with users and items mapped to contiguous
     indices 0..n-1 (user_ids[k] is the raw MovieLens id of index k; both id arrays are sorted,
     so raw ids map back with np.searchsorted). Sparse raw id spaces (ml-25m's movie ids pass
@@ -92,14 +104,6 @@ class Ratings:
 
     def __len__(self):
         return len(self.ratings)
-
-    @property
-    def n_users(self):
-        return len(self.user_ids)
-
-    @property
-    def n_items(self):
-        return len(self.item_ids)
 
     def index_of(self, raw_users, raw_items):
         """Raw MovieLens ids -> (user indices, item indices); an unknown id is a KeyError."""
@@ -506,14 +510,14 @@ def load_movies(name, data_dir, allow_download=False):
                   for text in frame.iloc[:, 2]]
     years = titles.str.extract(r"\((\d{4})\)\s*$")[0]
     return pd.DataFrame({"title": titles.to_numpy(),
-                         "year": [int(y) if isinstance(y, str) else None for y in years],
+                         "year": np.array([int(y) if isinstance(y, str) else None for y in years], dtype=object),
                          "genres": genres}, index=pd.Index(ids, name="movie_id"))
 
 
 # ----------------------------------------------------------------------------- implicit feedback
 
 @dataclass
-class Interactions:
+class Interactions(_IdMaps):
     """Implicit feedback for top-N ranking: which items each user interacted with, split per user.
     users/items are contiguous indices; user_ids/item_ids map them back to raw MovieLens ids."""
     users: np.ndarray     # (N,) int64
@@ -521,14 +525,6 @@ class Interactions:
     part: np.ndarray      # (N,) int8: 0 train, 1 validation, 2 test
     user_ids: np.ndarray  # (n_users,) raw ids, sorted
     item_ids: np.ndarray  # (n_items,) raw ids, sorted
-
-    @property
-    def n_users(self):
-        return len(self.user_ids)
-
-    @property
-    def n_items(self):
-        return len(self.item_ids)
 
     def __len__(self):
         return len(self.users)

@@ -275,6 +275,9 @@ class RatingTask:
         tensors = {name: ratings.tensors(r, device) for name, r in zip(SPLITS, rows)}
         train_ratings = ratings.ratings[rows[0]]
         self.n_users, self.n_items = ratings.n_users, ratings.n_items
+        # Raw ids of the rows and every (user, item) the data has: recommend.py's "already rated".
+        self.user_ids, self.item_ids = ratings.user_ids, ratings.item_ids
+        self.seen = (ratings.users, ratings.items)
         self.global_mean = float(train_ratings.mean())
         self.rating_range = ((float(train_ratings.min()), float(train_ratings.max()))
                              if cfg["clip_predictions"] else None)
@@ -348,6 +351,7 @@ class RankingTask:
             raise ConfigError(f"--top_k={cfg['top_k']} is larger than the number of items "
                               f"({data.n_items}) left by the filter")
         self.n_users, self.n_items, self.global_mean = data.n_users, data.n_items, 0.0
+        self.user_ids, self.item_ids, self.seen = data.user_ids, data.item_ids, (data.users, data.items)
         self.counts = {f"n_{name}": int((data.part == p).sum()) for p, name in enumerate(SPLITS)}
         self.k, self.loss_name, self.n_negatives = cfg["top_k"], cfg["loss"], cfg["n_negatives"]
         self.metric_names = tuple(f"{m}@{self.k}" for m in RANK_METRICS)
@@ -703,6 +707,8 @@ def training(local_rank, cfg):
                    "device": str(device), "torch": torch.__version__,
                    "ignite": ignite.__version__, "hyperparameters": cfg}
         write_results(results, summary, history.rows, task)
+        save_run_data(run_dir, task, cfg)
+        show_tastes(run_dir, results, tb_logger)
         tb_logger.writer.add_hparams(
             {k: v for k, v in cfg.items() if k not in ("resume",)},
             {f"hparam/{k}": v for k, v in final.items()}, name="hparams")
@@ -798,6 +804,37 @@ def attach_tensorboard(run_dir, trainer, evaluators, optimizer, task, cfg):
                                         global_step_transform=global_step_from_engine(trainer))
     tb_logger.writer.add_text("config", "    " + json.dumps(cfg, indent=2).replace("\n", "\n    "))
     return tb_logger
+
+
+def save_run_data(run_dir, task, cfg):
+    """What inference needs beside the model and config.json, so that a finished run folder
+    answers on its own (recommend.py): the raw user and movie ids of the model's rows, each
+    user's rated (or, for ranking, interacted) movies, and the movies' titles and genres when the
+    dataset has a movie file. Kept in runs/ only: MovieLens may not be redistributed."""
+    order = np.lexsort((task.seen[1], task.seen[0]))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(task.seen[0], minlength=task.n_users))])
+    np.savez(run_dir / "dataset.npz", user_ids=task.user_ids, item_ids=task.item_ids,
+             seen_indptr=indptr, seen_items=task.seen[1][order])
+    movies = loader.load_movies(cfg["dataset"], cfg["data_dir"])
+    if movies is not None:
+        rows = movies.reindex(task.item_ids)
+        items = [{"movie_id": int(i), "title": t if isinstance(t, str) else str(i),
+                  "year": None if y is None or y != y else int(y),
+                  "genres": g if isinstance(g, list) else []}
+                 for i, t, y, g in zip(task.item_ids, rows["title"], rows["year"], rows["genres"])]
+        (run_dir / "movies.json").write_text(json.dumps(items))
+
+
+def show_tastes(run_dir, results, tb_logger):
+    """Pictures of what the finished run learned, through recommend.py's reader of run folders:
+    results/<run>/taste_weights.svg and item_map.svg, and the item embeddings with titles and
+    genres in TensorBoard's projector."""
+    from recommend import Recommender
+    run = Recommender.load(run_dir)
+    run.write_pictures(results)
+    metadata = [[title, "|".join(genres) or "-"] for title, genres in zip(run.movies["title"], run.movies["genres"])]
+    tb_logger.writer.add_embedding(run.model.item_factors.detach(), metadata=metadata,
+                                   metadata_header=["title", "genres"], tag="item_embeddings")
 
 
 def write_results(folder, summary, rows, task):

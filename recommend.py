@@ -1,0 +1,321 @@
+"""Ask a trained run for recommendations, and look at what its tastes learned.
+
+    python recommend.py runs/<run> --user=42                 # top 10 movies user 42 has not rated
+    python recommend.py runs/<run> --user=42 --n=20 --json   # the same as JSON, for other programs
+    python recommend.py runs/<run> --user=42 --tastes        # each taste of user 42, with its movies
+    python recommend.py runs/<run> --similar=1               # nearest movies to movie 1 (cosine)
+    python recommend.py runs/<run> --user=42 --plot=u42.svg  # the movie map with user 42 on it
+
+From Python, every answer is plain data (a pandas DataFrame, or lists of dicts):
+
+    from recommend import Recommender
+    run = Recommender.load("runs/<run>")
+    run.recommend(42, n=10)      # DataFrame: rank, movie_id, title, year, genres, score, taste, taste_weight
+    run.tastes(42)               # [{"taste": 1, "share": 0.61, "top_movies": [...], "genres": [...]}, ...]
+    run.similar(1)               # DataFrame: rank, movie_id, title, year, genres, cosine
+    run.recommend_all(n=10)      # DataFrame: user_id, rank, movie_id, score, for every user
+
+A run folder answers on its own: train.py leaves in it the best model, config.json, dataset.npz
+(the raw ids of the model's rows and each user's rated movies) and movies.json (titles and
+genres, when the dataset has a movie file; otherwise movies are named by id).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from MFMixTaste import MFMixTaste
+
+
+class RunError(Exception):
+    """A run folder or an id that cannot answer: the message says which and why."""
+
+
+class Recommender:
+    def __init__(self, model, config, user_ids, item_ids, seen_indptr, seen_items, movies):
+        self.model, self.config = model.eval(), config
+        self.user_ids, self.item_ids = user_ids, item_ids          # raw ids of the rows, sorted
+        self.seen_indptr, self.seen_items = seen_indptr, seen_items  # CSR: user row -> item rows
+        self.movies = movies  # DataFrame indexed by item row: movie_id, title, year, genres
+        # What a score means: a predicted rating for rating runs, a ranking score otherwise.
+        self.score_name = "rating" if config.get("task", "rating") == "rating" else "score"
+
+    @classmethod
+    def load(cls, run_dir):
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.json").is_file():
+            raise RunError(f"{run_dir} is not a run folder (no config.json there)")
+        best, data = sorted(run_dir.glob("best_*.pt")), run_dir / "dataset.npz"
+        if not best or not data.is_file():
+            raise RunError(f"{run_dir} is unfinished: a run leaves its best model and dataset.npz "
+                           f"when it ends; let it finish, or continue it with "
+                           f"`python train.py --resume={run_dir}`")
+        config = json.loads((run_dir / "config.json").read_text())
+        with np.load(data) as arrays:
+            user_ids, item_ids = arrays["user_ids"], arrays["item_ids"]
+            seen_indptr, seen_items = arrays["seen_indptr"], arrays["seen_items"]
+        model = MFMixTaste(len(user_ids), len(item_ids), dim=config["dim"], n_tastes=config["n_tastes"])
+        try:
+            model.load_state_dict(torch.load(best[-1], map_location="cpu", weights_only=True))
+        except Exception as error:  # truncated or foreign file: torch raises many kinds
+            raise RunError(f"{best[-1]} is damaged or not this run's model ({type(error).__name__})") from None
+        movies_file = run_dir / "movies.json"
+        if movies_file.is_file():
+            movies = pd.DataFrame(json.loads(movies_file.read_text()))
+        else:
+            print(f"note: {run_dir} has no movies.json (the dataset had no movie file): movies are "
+                  "named by id", file=sys.stderr)
+            movies = pd.DataFrame({"movie_id": item_ids, "title": [str(i) for i in item_ids],
+                                   "year": None, "genres": [[] for _ in item_ids]})
+        return cls(model, config, user_ids, item_ids, seen_indptr, seen_items, movies)
+
+    # ------------------------------------------------------------------------- ids
+
+    def user_row(self, user_id):
+        return self._row(self.user_ids, user_id, "user")
+
+    def movie_row(self, movie_id):
+        return self._row(self.item_ids, movie_id, "movie")
+
+    def _row(self, ids, raw, kind):
+        row = int(np.searchsorted(ids, raw))
+        if row >= len(ids) or ids[row] != raw:
+            raise RunError(f"unknown {kind} id {raw}: this run's {len(ids):,} {kind}s have ids "
+                           f"{ids[0]} to {ids[-1]} (not every id in between)")
+        return row
+
+    def rated(self, user_row):
+        """Item rows the user has rated (or met, for ranking runs)."""
+        return self.seen_items[self.seen_indptr[user_row]:self.seen_indptr[user_row + 1]]
+
+    # ------------------------------------------------------------------------- answers
+
+    def recommend(self, user_id, n=10):
+        """The n movies with the highest scores that the user has not rated, each with the
+        taste that contributes most to its score and that taste's mixture weight."""
+        row = self.user_row(user_id)
+        with torch.no_grad():
+            scores = self.model.score_all(torch.tensor([row]))[0]                   # (n_items,)
+            scores[torch.from_numpy(self.rated(row))] = -torch.inf
+            top = torch.topk(scores, min(n, int(torch.isfinite(scores).sum()))).indices
+            weights, contributions = self._mixture(row, top)                        # (K, n) each
+        best_taste = contributions.argmax(0)
+        frame = self._movie_frame(top.numpy())
+        frame[self.score_name] = scores[top].double().numpy().round(4)
+        frame["taste"] = best_taste.numpy() + 1
+        frame["taste_weight"] = weights.gather(0, best_taste.unsqueeze(0))[0].double().numpy().round(3)
+        return frame
+
+    def tastes(self, user_id, n=5):
+        """Each of the user's tastes: its share of the user's rated movies (the mean mixture
+        weight over them), the n movies it scores highest among all, and its dominant genres
+        (most frequent among its top 20 movies)."""
+        row = self.user_row(user_id)
+        rated = torch.from_numpy(self.rated(row))
+        with torch.no_grad():
+            shares = self._mixture(row, rated)[0].mean(1) if len(rated) else None     # (K,)
+            taste_scores = self.model.tastes[row] @ self.model.item_factors.T           # (K, n_items)
+        answer = []
+        for k in range(self.model.n_tastes):
+            top = torch.topk(taste_scores[k], min(20, self.model.n_items)).indices.numpy()
+            genres = pd.Series([g for names in self.movies["genres"].iloc[top] for g in names])
+            answer.append({"taste": k + 1, "share": None if shares is None else round(float(shares[k]), 3),
+                           "top_movies": self._movie_frame(top[:n]).to_dict("records"),
+                           "genres": genres.value_counts().head(3).index.tolist()})
+        return answer
+
+    def similar(self, movie_id, n=10):
+        """The n movies whose embeddings are nearest by cosine to the movie's."""
+        row = self.movie_row(movie_id)
+        with torch.no_grad():
+            vectors = torch.nn.functional.normalize(self.model.item_factors, dim=1)
+            cosine = vectors @ vectors[row]
+            cosine[row] = -torch.inf
+            top = torch.topk(cosine, min(n, self.model.n_items - 1)).indices
+        frame = self._movie_frame(top.numpy())
+        frame["cosine"] = cosine[top].double().numpy().round(4)
+        return frame
+
+    def recommend_all(self, n=10, block=1024):
+        """Every user's top n unrated movies: DataFrame user_id, rank, movie_id, score; blocks
+        of users scored against all items at once."""
+        users, ranks, movies, scores = [], [], [], []
+        with torch.no_grad():
+            for start in range(0, len(self.user_ids), block):
+                rows = torch.arange(start, min(start + block, len(self.user_ids)))
+                block_scores = self.model.score_all(rows)                           # (B, n_items)
+                counts = self.seen_indptr[start + 1:rows[-1] + 2] - self.seen_indptr[start:rows[-1] + 1]
+                position = np.repeat(np.arange(len(rows)), counts)
+                seen = self.seen_items[self.seen_indptr[start]:self.seen_indptr[rows[-1] + 1]]
+                block_scores[position, seen] = -torch.inf
+                values, items = torch.topk(block_scores, n, dim=1)
+                users.append(np.repeat(self.user_ids[rows.numpy()], n))
+                ranks.append(np.tile(np.arange(1, n + 1), len(rows)))
+                movies.append(self.item_ids[items.numpy().ravel()])
+                scores.append(values.numpy().ravel())
+        return pd.DataFrame({"user_id": np.concatenate(users), "rank": np.concatenate(ranks),
+                             "movie_id": np.concatenate(movies), self.score_name: np.concatenate(scores)})
+
+    # ------------------------------------------------------------------------- helpers
+
+    def _mixture(self, row, items):
+        """(weights, contributions), (K, len(items)) each: softmax over the tastes of A_k . e_j,
+        and weight_k * (U_k . e_j), what taste k adds to the score of item j."""
+        vectors = self.model.item_factors[items]                                     # (m, d)
+        weights = torch.softmax(self.model.attention[row] @ vectors.T, dim=0)        # (K, m)
+        return weights, weights * (self.model.tastes[row] @ vectors.T)
+
+    def _movie_frame(self, item_rows):
+        frame = self.movies.iloc[item_rows][["movie_id", "title", "year", "genres"]].reset_index(drop=True)
+        frame.insert(0, "rank", np.arange(1, len(frame) + 1))
+        return frame
+
+    # ------------------------------------------------------------------------- pictures
+
+    def mean_weights(self):
+        """(n_users, K): each user's mixture weights averaged over the movies the user rated."""
+        out = np.zeros((len(self.user_ids), self.model.n_tastes))
+        with torch.no_grad():
+            items = torch.from_numpy(self.seen_items)
+            users = torch.from_numpy(np.repeat(np.arange(len(self.user_ids)), np.diff(self.seen_indptr)))
+            for start in range(0, len(items), 1 << 18):
+                u, i = users[start:start + (1 << 18)], items[start:start + (1 << 18)]
+                weights = self.model.mixture_weights(u, i).double()                 # (m, K)
+                np.add.at(out, u.numpy(), weights.numpy())
+        counts = np.maximum(np.diff(self.seen_indptr), 1)[:, None]
+        return out / counts
+
+    def item_map(self):
+        """2-D PCA (scikit-learn) of the item embeddings: (coordinates (n_items, 2), the function
+        that projects any (m, d) vectors the same way). With d=1 the second axis is 0."""
+        from sklearn.decomposition import PCA
+        vectors = self.model.item_factors.detach().numpy()
+        if vectors.shape[1] < 2:
+            def project(v):
+                return np.column_stack([v[:, 0], np.zeros(len(v))])
+        else:
+            project = PCA(n_components=2, random_state=0).fit(vectors).transform
+        return project(vectors), project
+
+    def write_pictures(self, folder):
+        """taste_weights.svg (how users spread their weight over tastes) and item_map.svg (the
+        item embedding in 2-D, coloured by genre) into folder."""
+        plt = _pyplot()
+        folder = Path(folder)
+        mean = self.mean_weights()
+        entropy = -(mean * np.log(np.clip(mean, 1e-12, None))).sum(1)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        k = self.model.n_tastes
+        axes[0].hist(entropy, bins=40, range=(0, max(np.log(k), 1e-6)), color="tab:blue")
+        axes[0].set(xlabel=f"entropy of the user's mean mixture weights (max log K = {np.log(k):.2f})",
+                    ylabel="users", title="How evenly users use their tastes")
+        axes[1].hist(mean.max(1), bins=40, range=(1 / k, 1), color="tab:orange")
+        axes[1].set(xlabel="share of the user's top taste", ylabel="users",
+                    title="1/K: all tastes used; 1: collapsed onto one")
+        fig.suptitle(f"{self.config['dataset']}, K={k}: users' mean mixture weights over their movies")
+        fig.tight_layout()
+        fig.savefig(folder / "taste_weights.svg")
+        plt.close(fig)
+        self.plot_map(folder / "item_map.svg")
+
+    def plot_map(self, path, user_id=None):
+        """The item map coloured by each movie's first genre; with user_id, the user's rated
+        movies and taste vectors (projected by the same PCA) marked on it."""
+        plt = _pyplot()
+        coordinates, project = self.item_map()
+        first = [g[0] if len(g) else "(none)" for g in self.movies["genres"]]
+        common = pd.Series(first).value_counts().index[:8].tolist()
+        fig, ax = plt.subplots(figsize=(8, 7))
+        for genre in common + ["other"]:
+            members = np.array([(g if g in common else "other") == genre for g in first])
+            ax.scatter(*coordinates[members].T, s=4, alpha=0.5, label=genre,
+                       color="lightgrey" if genre == "other" else None)
+        title = f"Item embeddings (PCA): {self.config['dataset']}, K={self.model.n_tastes}"
+        if user_id is not None:
+            row = self.user_row(user_id)
+            ax.scatter(*coordinates[self.rated(row)].T, s=18, facecolors="none", edgecolors="black",
+                       label=f"rated by user {user_id}")
+            # Directions of the tastes: a taste scores movies by U_k . e_j, so its vector points
+            # where its movies lie; drawn as arrows from the centre, scaled to the map.
+            tastes = project(self.model.tastes[row].detach().numpy()) - project(np.zeros((1, self.model.dim)))
+            # Scaled so that the longest arrow reaches 80% of the map along each axis.
+            scale = 0.8 * min(np.abs(coordinates[:, axis]).max() / max(np.abs(tastes[:, axis]).max(), 1e-9)
+                              for axis in (0, 1) if np.abs(coordinates[:, axis]).max() > 0)
+            for k, (x, y) in enumerate(tastes * scale):
+                ax.annotate("", (x, y), (0, 0), arrowprops={"arrowstyle": "->", "color": "red", "lw": 2})
+                ax.text(x, y, f" taste {k + 1}", color="red", fontsize=11)
+            title += f", user {user_id}"
+        ax.set(title=title, xlabel="first principal component", ylabel="second principal component")
+        ax.legend(markerscale=3, fontsize=8, loc="best")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("svg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _text(frame, score_name):
+    lines = []
+    for record in frame.to_dict("records"):
+        year = f" ({record['year']})" if record.get("year") and f"({record['year']})" not in record["title"] else ""
+        extra = (f"  {score_name} {record[score_name]:.3f}  taste {record['taste']} "
+                 f"(weight {record['taste_weight']:.2f})" if score_name in record else
+                 f"  cosine {record['cosine']:.3f}")
+        lines.append(f"{record['rank']:>3}. {record['title']}{year}  [{'|'.join(record['genres'])}]{extra}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="a finished run folder, runs/<run_name>")
+    parser.add_argument("--user", type=int, help="MovieLens user id")
+    parser.add_argument("--n", type=int, default=10, help="how many movies (default 10)")
+    parser.add_argument("--tastes", action="store_true", help="the user's tastes instead")
+    parser.add_argument("--similar", type=int, metavar="MOVIE_ID", help="nearest movies to this one")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--plot", metavar="FILE.svg", help="draw the movie map with the user on it")
+    args = parser.parse_args(argv)
+    if args.user is None and args.similar is None:
+        parser.error("give --user=<id> or --similar=<movie id>")
+    if args.n < 1:
+        parser.error("--n must be positive")
+    try:
+        run = Recommender.load(args.run)
+        if args.similar is not None:
+            answer = run.similar(args.similar, args.n)
+        elif args.tastes:
+            answer = run.tastes(args.user, args.n)
+        else:
+            answer = run.recommend(args.user, args.n)
+        if args.plot:
+            run.plot_map(args.plot, args.user)
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(answer.to_dict("records") if isinstance(answer, pd.DataFrame) else answer))
+    elif isinstance(answer, pd.DataFrame):
+        print(_text(answer, run.score_name))
+    else:
+        for taste in answer:
+            share = "" if taste["share"] is None else f", {taste['share']:.0%} of the user's movies"
+            print(f"taste {taste['taste']}{share}; genres: {', '.join(taste['genres'])}")
+            print("\n".join(f"     {m['title']}  [{'|'.join(m['genres'])}]" for m in taste["top_movies"]))
+    if args.plot:
+        print(f"map written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
