@@ -46,7 +46,8 @@ class Recommender:
         self.score_name = "rating" if config.get("task", "rating") == "rating" else "score"
 
     @classmethod
-    def load(cls, run_dir):
+    def load(cls, run_dir, quiet=False):
+        """A finished run folder; quiet: no note when it has no movie titles."""
         run_dir = Path(run_dir)
         if not (run_dir / "config.json").is_file():
             raise RunError(f"{run_dir} is not a run folder (no config.json there)")
@@ -68,8 +69,9 @@ class Recommender:
         if movies_file.is_file():
             movies = pd.DataFrame(json.loads(movies_file.read_text()))
         else:
-            print(f"note: {run_dir} has no movies.json (the dataset had no movie file): movies are "
-                  "named by id", file=sys.stderr)
+            if not quiet:
+                print(f"note: {run_dir} has no movies.json (the dataset had no movie file): movies are "
+                      "named by id", file=sys.stderr)
             movies = pd.DataFrame({"movie_id": item_ids, "title": [str(i) for i in item_ids],
                                    "year": None, "genres": [[] for _ in item_ids]})
         return cls(model, config, user_ids, item_ids, seen_indptr, seen_items, movies)

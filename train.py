@@ -522,9 +522,11 @@ TASKS = {"rating": RatingTask, "ranking": RankingTask}
 
 # ----------------------------------------------------------------------------- the run
 
-def training(local_rank, cfg):
+def training(local_rank, cfg, attach=None):
     """One process's run, in stages: folders, data, model, trainer, evaluation and model choice,
-    checkpoints and resume, training, then the final figures of the best model."""
+    checkpoints and resume, training, then the final figures of the best model. attach, if
+    given, is called as attach(trainer, validation_evaluator, task) once both exist (tune.py
+    hangs Optuna's pruning handler there)."""
     started = time.perf_counter()
     keep_freed_memory()
     rank, world_size = idist.get_rank(), idist.get_world_size()
@@ -621,6 +623,8 @@ def training(local_rank, cfg):
     stopper = EarlyStopping(cfg["patience"], validation_score, trainer) if cfg["patience"] else None
     if stopper:
         evaluators["val"].add_event_handler(Events.COMPLETED, stopper)
+    if attach:
+        attach(trainer, evaluators["val"], task)
 
     # --- checkpoints and resume
     to_save = {"model": model, "optimizer": optimizer, "trainer": trainer, "batches": task.batches,
@@ -830,7 +834,7 @@ def show_tastes(run_dir, results, tb_logger):
     results/<run>/taste_weights.svg and item_map.svg, and the item embeddings with titles and
     genres in TensorBoard's projector."""
     from recommend import Recommender
-    run = Recommender.load(run_dir)
+    run = Recommender.load(run_dir, quiet=True)
     run.write_pictures(results)
     metadata = [[title, "|".join(genres) or "-"] for title, genres in zip(run.movies["title"], run.movies["genres"])]
     tb_logger.writer.add_embedding(run.model.item_factors.detach(), metadata=metadata,

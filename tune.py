@@ -1,0 +1,193 @@
+"""Search train.py's hyperparameters with Optuna, on validation data only.
+
+    python tune.py --dataset=ml-1m --trials=50                      # rating: minimise validation MSE
+    python tune.py --task=ranking --trials=30 --timeout=3600        # ranking: maximise validation NDCG@10
+    python tune.py --study=mine --trials=80                         # an interrupted study continues
+    optuna-dashboard sqlite:///runs/<study>/study.db                # watch it
+
+Each trial is a real train.py training (train.training, the same code path as `python train.py`)
+with its curves in runs/<study>/trial-<n>/; Optuna's pruning handler for Ignite stops unpromising
+trials after any epoch. The study lives in runs/<study>/study.db, so a second call with the same
+--study resumes it: --trials counts all its trials. At the end the best trial is printed as a
+ready `python train.py ...` line, written to results/<study>/best.json, and trained once more to
+report its test figures (results/<study>/best-trial-<n>/). The test set never chooses anything.
+
+Any train.py --key=value is passed to every trial and fixes that knob (--task=ranking,
+--epochs=20, --dataset=ml-100k, ...); a fixed knob is left out of the search.
+"""
+
+import gc
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import train
+
+# -----------------------------------------------------------------------------
+study = ""                 # study name: runs/<study>/study.db ("" = tune-<dataset>-<task>-<timestamp>)
+trials = 20                # trials in the study in all, those of earlier calls included
+timeout = 0                # stop starting new trials after this many seconds (0 = no limit)
+seed = 0                   # seed of Optuna's sampler (TPE); each trial trains with train.py's seed
+prune_warmup = 2           # epochs every trial runs before the pruner may stop it
+# The search space: knob -> ("log", low, high) | ("int", low, high) | ("choice", [values]).
+# Ranges that served ML-1M and ML-100K; batch sizes mean ratings (rating) or users (ranking).
+SPACE = {
+    "lr": ("log", 1e-3, 3e-2),
+    "prior_tastes": ("log", 1e-3, 0.3),
+    "prior_attention": ("log", 1e-3, 0.3),
+    "prior_items": ("log", 1e-3, 0.3),
+    "dim": ("choice", [16, 32, 64, 128]),
+    "n_tastes": ("choice", [1, 2, 4]),
+}
+BATCH_SIZES = {"rating": [2048, 4096, 8192, 16384], "ranking": [64, 128, 256, 512]}
+# -----------------------------------------------------------------------------
+TUNE_KEYS = ("study", "trials", "timeout", "seed", "prune_warmup")
+
+
+def parse(argv):
+    """--key=value: this script's knobs above, and any of train.py's (fixed for every trial)."""
+    own = {k: globals()[k] for k in TUNE_KEYS}
+    mine, theirs = [], []
+    for arg in argv:
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        (mine if key in own else theirs).append(arg)
+    settings = {**own, **train.parse_overrides(mine, own)}
+    fixed = train.parse_overrides(theirs, train.DEFAULTS)
+    for key in ("resume", "run_name", "runs_dir", "results_dir"):
+        if key in fixed:
+            raise train.ConfigError(f"--{key} is decided by tune.py (runs/<study>/trial-<n>)")
+    if settings["trials"] < 1:
+        raise train.ConfigError("--trials must be positive")
+    base = train.resolve_config([f"--{k}={v}" for k, v in fixed.items()])  # checks the fixed knobs
+    if not settings["study"]:
+        settings["study"] = f"tune-{base['dataset']}-{base['task']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return settings, fixed, base
+
+
+def suggest(trial, fixed, task):
+    """The trial's knobs: the space above, minus what the command line fixed."""
+    space = {**SPACE, "batch_size": ("choice", BATCH_SIZES[task])}
+    chosen = {}
+    for key, (kind, *args) in space.items():
+        if key in fixed:
+            continue
+        if kind == "log":
+            chosen[key] = trial.suggest_float(key, *args, log=True)
+        elif kind == "int":
+            chosen[key] = trial.suggest_int(key, *args)
+        else:
+            chosen[key] = trial.suggest_categorical(key, args[0])
+    return chosen
+
+
+def command_line(params):
+    return "python train.py " + " ".join(f"--{k}={v}" for k, v in params.items())
+
+
+def run_trial(trial, fixed, base, runs, results):
+    """One trial: train.py's training with the suggested knobs, pruned through Ignite; returns
+    the best epoch's validation score (MSE, or NDCG@k for ranking)."""
+    from optuna_integration import PyTorchIgnitePruningHandler
+
+    params = {**fixed, **suggest(trial, fixed, base["task"])}
+    trial.set_user_attr("command", command_line(params))
+    cfg = train.resolve_config([f"--{k}={v}" for k, v in params.items()]
+                               + [f"--runs_dir={runs}", f"--results_dir={results}",
+                                  f"--run_name=trial-{trial.number}", "--progress=False"])
+
+    def attach(trainer, validation, task):
+        handler = PyTorchIgnitePruningHandler(trial, task.choose_by, trainer)
+        validation.add_event_handler(train.Events.COMPLETED, handler)
+
+    try:
+        train.training(0, cfg, attach)
+    finally:
+        gc.collect()  # a pruned trial's engines and model, before the next trial builds its own
+    summary = json.loads((results / f"trial-{trial.number}" / "summary.json").read_text())
+    return summary[f"val_ndcg@{cfg['top_k']}" if cfg["task"] == "ranking" else "val_mse"]
+
+
+def open_study(settings, base, runs):
+    """The study in runs/<study>/study.db, created or continued; trials an interruption left
+    running are marked failed (their folders stay for a look)."""
+    import optuna
+
+    runs.mkdir(parents=True, exist_ok=True)
+    direction = "maximize" if base["task"] == "ranking" else "minimize"
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=settings["prune_warmup"])
+    found = optuna.create_study(study_name=settings["study"], storage=f"sqlite:///{runs / 'study.db'}",
+                                direction=direction, load_if_exists=True, pruner=pruner,
+                                sampler=optuna.samplers.TPESampler(seed=settings["seed"]))
+    if found.direction != optuna.study.StudyDirection[direction.upper()]:
+        raise train.ConfigError(f"study {settings['study']} was made for the other task: pick another --study")
+    for stale in found.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        found._storage.set_trial_state_values(stale._trial_id, optuna.trial.TrialState.FAIL)
+    return found
+
+
+def main(argv):
+    try:
+        import optuna
+    except ImportError:
+        print("error: tune.py needs Optuna: pip install optuna optuna-integration", file=sys.stderr)
+        return 2
+    try:
+        settings, fixed, base = parse(argv)
+    except (train.ConfigError, train.loader.DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    runs = Path(base["runs_dir"]) / settings["study"]
+    results = Path(base["results_dir"]) / settings["study"]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        found = open_study(settings, base, runs)
+        left = settings["trials"] - len(found.trials)
+        print(f"study {settings['study']}: {len(found.trials)} trials so far, {max(left, 0)} to run "
+              f"(runs/{settings['study']}/study.db)", flush=True)
+        if left > 0:
+            found.optimize(lambda trial: run_trial(trial, fixed, base, runs, runs / "results"),
+                           n_trials=left, timeout=settings["timeout"] or None,
+                           catch=(train.TrainingError,), callbacks=[report])
+        done = [t for t in found.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not done:
+            raise train.ConfigError("no trial completed: nothing to choose from")
+        best = found.best_trial
+        params = {**fixed, **best.params}
+        line = command_line(params)
+        print(f"best trial {best.number}: validation {found.direction.name.lower()}d to "
+              f"{best.value:.4f}\n  {line}", flush=True)
+        # The chosen setting, trained once more from scratch: its test figures, reported only.
+        name = f"best-trial-{best.number}"
+        if not (results / name / "summary.json").is_file():  # else a resumed study's, already made
+            shutil.rmtree(runs / name, ignore_errors=True)     # an interrupted retraining
+            train.training(0, train.resolve_config(
+                [f"--{k}={v}" for k, v in params.items()]
+                + [f"--runs_dir={runs}", f"--results_dir={results}", f"--run_name={name}", "--progress=False"]))
+        summary = json.loads((results / name / "summary.json").read_text())
+        test = {k: v for k, v in summary.items() if k.startswith("test_")}
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "best.json").write_text(json.dumps(
+            {"study": settings["study"], "trial": best.number, "validation": best.value,
+             "direction": found.direction.name.lower(), "params": params, "command": line,
+             "trials": len(found.trials), "test_of_retrained": test}, indent=2) + "\n")
+        print(f"written {results / 'best.json'}; test of the retrained setting: "
+              + ", ".join(f"{k[5:]} {v:.4f}" for k, v in test.items()))
+    except (train.ConfigError, train.loader.DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: run the same command with --study={settings['study']} to continue",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def report(study, trial):
+    value = "-" if trial.value is None else f"{trial.value:.4f}"
+    print(f"trial {trial.number}: {trial.state.name.lower()}, validation {value}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
