@@ -819,7 +819,10 @@ def save_run_data(run_dir, task, cfg):
     indptr = np.concatenate([[0], np.cumsum(np.bincount(task.seen[0], minlength=task.n_users))])
     np.savez(run_dir / "dataset.npz", user_ids=task.user_ids, item_ids=task.item_ids,
              seen_indptr=indptr, seen_items=task.seen[1][order])
-    movies = loader.load_movies(cfg["dataset"], cfg["data_dir"])
+    try:
+        movies = loader.load_movies(cfg["dataset"], cfg["data_dir"])
+    except loader.DataError:  # the data folder moved since the run started: ids stand for titles
+        movies = None
     if movies is not None:
         rows = movies.reindex(task.item_ids)
         items = [{"movie_id": int(i), "title": t if isinstance(t, str) else str(i),
