@@ -323,8 +323,9 @@ def ranking_figures(task, scorer, split):
 
 def train_matrix(task):
     """The training interactions as a users x items scipy CSR matrix of ones."""
+    import torch
     from scipy.sparse import csr_matrix
-    position, items = task.by_user["train"].pairs(__import__("torch").arange(task.n_users))
+    position, items = task.by_user["train"].pairs(torch.arange(task.n_users))
     return csr_matrix((np.ones(len(items), dtype=np.float32), (position.numpy(), items.numpy())),
                       shape=(task.n_users, task.n_items))
 
@@ -371,7 +372,7 @@ def fit_ranking_baseline(name, X, setting):
         weights = weights.astype(np.float32)
         return Scorer(lambda users: X[users].toarray() @ weights)
     import implicit
-    threadpool_limits = __import__("threadpoolctl").threadpool_limits
+    from threadpoolctl import threadpool_limits
     with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, BLAS single-threaded
         if name == "als":
             model = implicit.cpu.als.AlternatingLeastSquares(

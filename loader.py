@@ -428,7 +428,23 @@ def split(n_ratings, test_fraction=0.25, val_fraction=0.05, split_seed=42):
 
 # ----------------------------------------------------------------------------- batches
 
-class BatchIterator:
+class _SeededShuffle:
+    """A shuffling generator whose state travels with checkpoints (state_dict/load_state_dict),
+    so a resumed run draws the same orders (and negatives) as an uninterrupted one."""
+
+    def __init__(self, seed):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        # A checkpoint loaded with map_location=cuda would hand over a CUDA byte tensor, which
+        # Generator.set_state refuses: the shuffling generator always lives on the CPU.
+        self.generator.set_state(state["generator"].cpu())
+
+
+class BatchIterator(_SeededShuffle):
     """Batches of (users, items, ratings, global_batch_size) over tensors already on the device.
 
     Each pass reshuffles with a seeded generator that advances from epoch to epoch (its state is
@@ -443,7 +459,7 @@ class BatchIterator:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.batch_size, self.shuffle = batch_size, shuffle
         self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
+        super().__init__(seed)
 
     def __len__(self):
         return -(-len(self.ratings) // self.batch_size)
@@ -456,14 +472,6 @@ class BatchIterator:
             batch = order[start:start + self.batch_size]
             share = batch[self.rank::self.world_size]
             yield self.users[share], self.items[share], self.ratings[share], len(batch)
-
-    def state_dict(self):
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        # A checkpoint loaded with map_location=cuda would hand over a CUDA byte tensor, which
-        # Generator.set_state refuses: the shuffling generator always lives on the CPU.
-        self.generator.set_state(state["generator"].cpu())
 
 
 # ----------------------------------------------------------------------------- movies
@@ -580,7 +588,7 @@ def split_per_user(raw_users, raw_items, fractions=(0.8, 0.1, 0.1), seed=2020):
                         item_ids.astype(np.int64))
 
 
-class UserBatches:
+class UserBatches(_SeededShuffle):
     """Batches of users for the full-softmax ranking loss: (users, pair_users, pair_items,
     global_pairs). Each pass shuffles the users (seeded generator, saved with checkpoints);
     pair_users/pair_items are the batch users' training interactions, pair_users giving the
@@ -595,7 +603,7 @@ class UserBatches:
         self.offsets = torch.cumsum(self.counts, 0) - self.counts           # (n_users,)
         self.n_users, self.batch_size, self.shuffle = n_users, batch_size, shuffle
         self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
+        super().__init__(seed)
 
     def __len__(self):
         return -(-self.n_users // self.batch_size)
@@ -615,12 +623,6 @@ class UserBatches:
             share = batch[self.rank::self.world_size]
             position, items = self.pairs(share)
             yield share, position, items, int(self.counts[batch].sum())
-
-    def state_dict(self):
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state["generator"].cpu())
 
 
 class NegativeBatches(BatchIterator):
