@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import loader
 from MFMixTaste import MFMixTaste
 
 
@@ -85,11 +86,11 @@ class Recommender:
         return self._row(self.item_ids, movie_id, "movie")
 
     def _row(self, ids, raw, kind):
-        row = int(np.searchsorted(ids, raw))
-        if row >= len(ids) or ids[row] != raw:
+        try:
+            return int(loader._lookup(ids, raw, kind)[0])
+        except KeyError:
             raise RunError(f"unknown {kind} id {raw}: this run's {len(ids):,} {kind}s have ids "
-                           f"{ids[0]} to {ids[-1]} (not every id in between)")
-        return row
+                           f"{ids[0]} to {ids[-1]} (not every id in between)") from None
 
     def rated(self, user_row):
         """Item rows the user has rated (or met, for ranking runs)."""

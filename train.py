@@ -353,7 +353,7 @@ class RankingTask:
         self.n_users, self.n_items, self.global_mean = data.n_users, data.n_items, 0.0
         self.user_ids, self.item_ids, self.seen = data.user_ids, data.item_ids, (data.users, data.items)
         self.counts = {f"n_{name}": int((data.part == p).sum()) for p, name in enumerate(SPLITS)}
-        self.k, self.loss_name, self.n_negatives = cfg["top_k"], cfg["loss"], cfg["n_negatives"]
+        self.k, self.loss_name = cfg["top_k"], cfg["loss"]
         self.metric_names = tuple(f"{m}@{self.k}" for m in RANK_METRICS)
         self.choose_by, self.higher_is_better = f"ndcg@{self.k}", True
         self.free_train_metrics = False  # rank metrics of the training items mean nothing
@@ -610,9 +610,10 @@ def training(local_rank, cfg, attach=None):
         history.rows.append(row)
 
     # Model choice and early stopping look at the validation metric only, never at the test set.
+    sign = 1 if task.higher_is_better else -1  # Ignite's handlers keep the highest score
+
     def validation_score(_):
-        value = evaluators["val"].state.metrics[task.choose_by]
-        return value if task.higher_is_better else -value
+        return sign * evaluators["val"].state.metrics[task.choose_by]
 
     score_name = ("" if task.higher_is_better else "neg_") + "val_" + task.choose_by.replace("@", "_at_")
     best_checkpoint = Checkpoint(
@@ -667,7 +668,6 @@ def training(local_rank, cfg, attach=None):
     # --- training
     tb_logger = None
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         tb_logger = attach_tensorboard(run_dir, trainer, evaluators, optimizer, task, cfg)
         if cfg["progress"] and left is None:
@@ -700,7 +700,7 @@ def training(local_rank, cfg, attach=None):
             evaluator.run(task.eval_batches[split])
             final.update({f"{split}_{m}": evaluator.state.metrics[m] for m in task.metric_names})
     choose = f"val_{task.choose_by}"
-    best_epoch = max(history.rows, key=lambda r: r[choose] if task.higher_is_better else -r[choose])["epoch"]
+    best_epoch = max(history.rows, key=lambda r: sign * r[choose])["epoch"]
     if rank == 0:
         summary = {**final,
                    "best_epoch": best_epoch, "epochs_run": trainer.state.epoch,

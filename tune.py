@@ -123,7 +123,7 @@ def open_study(settings, base, runs):
     if found.direction != optuna.study.StudyDirection[direction.upper()]:
         raise train.ConfigError(f"study {settings['study']} was made for the other task: pick another --study")
     for stale in found.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        found._storage.set_trial_state_values(stale._trial_id, optuna.trial.TrialState.FAIL)
+        found.tell(stale.number, state=optuna.trial.TrialState.FAIL)
     return found
 
 
