@@ -36,9 +36,11 @@ class _MixtureOfTastes(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, users, items, user_factors, item_factors, user_bias, item_bias, global_bias):
+    def forward(ctx, users, items, user_factors, item_factors, user_bias, item_bias, global_bias,
+                user_scale, item_scale):
         # users, items: (B,) int64; user_factors: (n_users, 2, K, d) [tastes, attention];
-        # item_factors: (n_items, d); user_bias: (n_users,); item_bias: (n_items,)
+        # item_factors: (n_items, d); user_bias: (n_users,); item_bias: (n_items,);
+        # user_scale: (n_users,), item_scale: (n_items,): each pair's weight in the prior means.
         batch, n_tastes, dim = users.shape[0], user_factors.shape[2], user_factors.shape[3]
         rows = user_factors.index_select(0, users).view(batch, 2 * n_tastes, dim)  # (B, 2K, d)
         item_rows = item_factors.index_select(0, items)                           # (B, d)
@@ -53,15 +55,16 @@ class _MixtureOfTastes(torch.autograd.Function):
         user_b, item_b = user_bias.index_select(0, users), item_bias.index_select(0, items)
         prediction = mixed + user_b + item_b + global_bias                        # (B,)
 
-        # Batch means of squared norms, in the order of PRIOR_TERMS.
+        # Batch means of scaled squared norms, in the order of PRIOR_TERMS.
+        user_w, item_w = user_scale.index_select(0, users), item_scale.index_select(0, items)
         halves = rows.view(batch, 2, n_tastes * dim)                              # (B, 2, K*d)
-        row_norms = (halves * halves).sum(-1).sum(0)                              # (2,)
+        row_norms = user_w @ (halves * halves).sum(-1)                            # (2,)
         squared_norms = torch.stack([
-            row_norms[0], row_norms[1],
-            item_rows.pow(2).sum(), user_b.pow(2).sum() + item_b.pow(2).sum()]) / max(batch, 1)
+            row_norms[0], row_norms[1], item_w @ item_rows.pow(2).sum(1),
+            user_w @ user_b.pow(2) + item_w @ item_b.pow(2)]) / max(batch, 1)
 
         ctx.save_for_backward(users, items, rows, item_rows, weights, taste_scores, mixed,
-                              user_b, item_b)
+                              user_b, item_b, user_w, item_w)
         ctx.table_shapes = (user_factors.shape, item_factors.shape, user_bias.shape,
                             item_bias.shape)
         return prediction, squared_norms
@@ -69,8 +72,8 @@ class _MixtureOfTastes(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the backward is not itself differentiable: double backward raises
     def backward(ctx, grad_prediction, grad_norms):
-        users, items, rows, item_rows, weights, taste_scores, mixed, user_b, item_b = \
-            ctx.saved_tensors
+        users, items, rows, item_rows, weights, taste_scores, mixed, user_b, item_b, user_w, \
+            item_w = ctx.saved_tensors
         batch, two_k, _ = rows.shape
         n_tastes = two_k // 2
         # An empty batch (a process's share of a short last batch) has zero norms and gradients.
@@ -82,11 +85,11 @@ class _MixtureOfTastes(torch.autograd.Function):
         grad_products = torch.cat([grad_scores, grad_logits], dim=1)              # (B, 2K)
         grad_rows = grad_products.unsqueeze(-1) * item_rows.unsqueeze(1)          # (B, 2K, d)
         row_coef = torch.cat([norm_coef[0].expand(n_tastes), norm_coef[1].expand(n_tastes)])
-        grad_rows.addcmul_(rows, row_coef.view(1, two_k, 1))
+        grad_rows.addcmul_(rows, row_coef.view(1, two_k, 1) * user_w.view(batch, 1, 1))
         grad_item_rows = torch.einsum("bk,bkd->bd", grad_products, rows)          # (B, d)
-        grad_item_rows.addcmul_(item_rows, norm_coef[2])
-        grad_user_b = grad_prediction + norm_coef[3] * user_b                     # (B,)
-        grad_item_b = grad_prediction + norm_coef[3] * item_b
+        grad_item_rows.addcmul_(item_rows, (norm_coef[2] * item_w).unsqueeze(1))
+        grad_user_b = grad_prediction + norm_coef[3] * user_w * user_b            # (B,)
+        grad_item_b = grad_prediction + norm_coef[3] * item_w * item_b
 
         # Scatter into dense table gradients: index_add_ is several times faster on CPU than
         # the sort-based embedding backward, and repeated indices accumulate.
@@ -97,7 +100,7 @@ class _MixtureOfTastes(torch.autograd.Function):
         grad_user_bias = rows.new_zeros(user_b_shape).index_add_(0, users, grad_user_b)
         grad_item_bias = rows.new_zeros(item_b_shape).index_add_(0, items, grad_item_b)
         return (None, None, grad_user_factors, grad_item_factors, grad_user_bias,
-                grad_item_bias, grad_prediction.sum())
+                grad_item_bias, grad_prediction.sum(), None, None)
 
 
 class MFMixTaste(nn.Module):
@@ -134,27 +137,34 @@ class MFMixTaste(nn.Module):
         """(n_users, K, d) attention vectors A."""
         return self.user_factors[:, 1]
 
-    def forward(self, users, items=None, return_prior=False, user_counts=None, item_counts=None):
+    def forward(self, users, items=None, return_prior=False, user_counts=None, item_counts=None,
+                prior_scale=None):
         """Scores of (user, item) pairs, or of all items.
 
         users: (B,) int64. items: (B,) -> scores (B,); (B, m) -> scores (B, m) of m items per
         user (a positive and its sampled negatives); None -> scores (B, n_items) of every item
-        (score_all). With return_prior, also the (4,) batch means of |U_i|^2, |A_i|^2, |e_j|^2
-        and b_i^2 + b_j^2 over the pairs, in the order of PRIOR_TERMS; for all items, over the
-        pairs given by user_counts (B,) and item_counts (n_items,) (weighted_squared_norms).
-        Counting a row once per pair that uses it (the classic SGD-MF regulariser) makes a
-        frequent user's or item's prior grow with its likelihood. Everything a training step
-        needs comes out of one forward call, which is what DistributedDataParallel's hooks
-        watch."""
+        (score_all). With return_prior, also the (4,) batch means over the pairs of |U_i|^2,
+        |A_i|^2, |e_j|^2 and b_i^2 + b_j^2, in the order of PRIOR_TERMS; for all items, over
+        the pairs given by user_counts (B,) and item_counts (n_items,) (weighted_squared_norms).
+        prior_scale: None, or (user_scale (n_users,), item_scale (n_items,)) weighting each
+        pair's user-side and item-side terms. Unscaled, a row is counted once per pair that uses
+        it (the classic SGD-MF regulariser: a row's prior grows with its data); scaled by one
+        over the pairs a row has in an epoch, each row is counted once per epoch, a fixed
+        Gaussian prior (train.py's prior_per). Everything a training step needs comes out of one
+        forward call, which is what DistributedDataParallel's hooks watch."""
+        user_scale, item_scale = prior_scale or (self.user_bias.new_ones(self.n_users),
+                                                 self.item_bias.new_ones(self.n_items))
         if items is None:
             scores = self.score_all(users)
             if not return_prior:
                 return scores
-            return scores, self.weighted_squared_norms(users, user_counts, item_counts)
+            return scores, self.weighted_squared_norms(
+                users, user_counts * user_scale[users], item_counts * item_scale,
+                total=user_counts.sum())
         pair_users = users if items.dim() == 1 else users.unsqueeze(1).expand_as(items).reshape(-1)
         prediction, squared_norms = _MixtureOfTastes.apply(
             pair_users, items.reshape(-1), self.user_factors, self.item_factors, self.user_bias,
-            self.item_bias, self.global_bias)
+            self.item_bias, self.global_bias, user_scale, item_scale)
         prediction = prediction.view(items.shape)
         return (prediction, squared_norms) if return_prior else prediction
 
@@ -173,11 +183,12 @@ class MFMixTaste(nn.Module):
         mixed = (torch.softmax(logits.contiguous(), dim=1) * taste_scores).sum(1)  # (B, n)
         return mixed + self.item_bias + (self.user_bias[users] + self.global_bias).unsqueeze(1)
 
-    def weighted_squared_norms(self, users, user_counts, item_counts):
+    def weighted_squared_norms(self, users, user_counts, item_counts, total=None):
         """The (4,) squared norms of forward(..., return_prior=True) for a set of pairs given by
         counts: users (B,) with user_counts (B,) pairs each, and item_counts (n_items,) pairs per
-        item. Equal to forward's on those pairs, at O(B + n_items) cost instead of O(pairs)."""
-        total = user_counts.sum().clamp(min=1)
+        item, divided by total (default: the number of pairs, user_counts.sum()). Equal to
+        forward's on those pairs, at O(B + n_items) cost instead of O(pairs)."""
+        total = (user_counts.sum() if total is None else total).clamp(min=1)
         user_rows = self.user_factors[users].pow(2).sum((2, 3))                    # (B, 2)
         tastes, attention = (user_counts.unsqueeze(1) * user_rows).sum(0)
         items = item_counts @ self.item_factors.pow(2).sum(1)

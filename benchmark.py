@@ -3,6 +3,7 @@
     python benchmark.py --data_dir=../shared/data                      # every row, ML-1M
     python benchmark.py --data_dir=../shared/data --only=mfmixtaste,svd # a quick look
     python benchmark.py --scaling                                       # time/memory vs size
+    python benchmark.py --sizes --data_dir=../shared/data               # defaults on small sets
 
 Each row runs in its own process, timed from start to finish by this script, with that process's
 peak resident memory. Rows: this project with train.py's defaults (`python train.py`, start to
@@ -12,6 +13,7 @@ loader.split, so the test rows are those of train.py. The report goes to results
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -142,10 +144,13 @@ def failed_row(name, stderr):
     return {"row": name, "error": stderr.strip().splitlines()[-1] if stderr.strip() else "failed"}
 
 
+RUN_NUMBERS = itertools.count()  # one scratch folder may see a row's name several times
+
+
 def train_row(name, args, scratch, extra_overrides=()):
     """A whole `python train.py` run as one row: its test figures (keys without "test_"),
     wall time and peak memory, and its run folder (for later analysis)."""
-    run_name = f"bench-{name}-{os.getpid()}"
+    run_name = f"bench-{name}-{os.getpid()}-{next(RUN_NUMBERS)}"
     command = [sys.executable, str(ROOT / "train.py"), f"--dataset={args.dataset}",
                f"--data_dir={args.data_dir}", "--download=False", "--progress=False",
                f"--run_name={run_name}", f"--runs_dir={scratch / 'runs'}",
@@ -505,6 +510,111 @@ def ranking_table(results, args, task):
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- data sizes
+
+# Smaller sets cut from ML-1M, each its own MovieLens-format folder: (label, kind, fraction).
+SUBSETS = [("10% of the users", "users", 0.1), ("10% of each user's ratings", "ratings", 0.1)]
+SIZE_ROWS = ("mfmixtaste", "mfmixtaste_k1", "mfmixtaste_pair", "bias_only", "svd", "svdpp")
+# The defaults before prior_per="row" (kept as a row: what they did on small sets).
+PAIR_DEFAULTS = ["--prior_per=pair", "--prior_tastes=0.03", "--prior_attention=0.03",
+                 "--prior_items=0.03", "--prior_biases=0.0", "--epochs=30"]
+
+
+def subsample(ratings, kind, fraction, seed=0):
+    """Row indices (file order) of a seeded subset: all ratings of a random `fraction` of the
+    users ("users"), or a random `fraction` of each user's ratings, at least one ("ratings")."""
+    rng = np.random.default_rng(seed)
+    if kind == "users":
+        chosen = rng.choice(ratings.n_users, size=max(1, round(ratings.n_users * fraction)),
+                            replace=False)
+        return np.flatnonzero(np.isin(ratings.users, chosen))
+    order = np.lexsort((rng.random(len(ratings)), ratings.users))  # by user, random within
+    per_user = np.bincount(ratings.users, minlength=ratings.n_users)
+    starts = np.concatenate([[0], np.cumsum(per_user)[:-1]])
+    keep = np.maximum(1, np.round(per_user * fraction).astype(np.int64))
+    position = np.arange(len(ratings)) - np.repeat(starts, per_user)  # rank within the user
+    return np.sort(order[position < np.repeat(keep, per_user)])
+
+
+def write_ratings_dat(folder, ratings, rows):
+    """rows of ratings as an ML-1M ratings.dat (raw ids; the timestamp, unused, is 0)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"{u}::{i}::{r:g}::0" for u, i, r in zip(ratings.user_ids[ratings.users[rows]].tolist(),
+                                                       ratings.item_ids[ratings.items[rows]].tolist(),
+                                                       ratings.ratings[rows].tolist())]
+    (folder / "ratings.dat").write_text("\n".join(lines) + "\n")
+
+
+def sizes(args):
+    """The defaults on ML-1M and on smaller sets cut from it, against the same peers."""
+    if args.dataset != "ml-1m":
+        sys.exit("error: --sizes cuts its small sets from ml-1m: leave --dataset at ml-1m")
+    full = loader.load("ml-1m", args.data_dir, allow_download=False)
+    chosen = args.only.split(",") if args.only else list(SIZE_ROWS)
+    unknown = set(chosen) - set(SIZE_ROWS)
+    if unknown:
+        sys.exit(f"error: unknown row(s) {', '.join(sorted(unknown))}; valid: {', '.join(SIZE_ROWS)}")
+    lines = ["## Defaults across data sizes: ML-1M and sets cut from it", "",
+             "| data | ratings | users | items | ratings per user | ratings per item |",
+             "|---|---|---|---|---|---|"]
+    table = ["| data | model | test MSE | RMSE | MAE | wall time (s) | notes |",
+             "|---|---|---|---|---|---|---|"]
+    verdicts = []
+    with tempfile.TemporaryDirectory(prefix="mfmixtaste-sizes-") as scratch:
+        sets = []
+        for k, (label, kind, fraction) in enumerate(SUBSETS):
+            rows = subsample(full, kind, fraction)
+            write_ratings_dat(Path(scratch) / f"set{k}" / "ml-1m", full, rows)
+            sets.append((label, str(Path(scratch) / f"set{k}")))
+        sets.append(("ML-1M, all", args.data_dir))
+        for label, data_dir in sets:
+            ratings = loader.load("ml-1m", data_dir, allow_download=False)
+            n_users, n_items = len(np.unique(ratings.users)), len(np.unique(ratings.items))
+            lines.append(f"| {label} | {len(ratings):,} | {n_users:,} | {n_items:,} | "
+                         f"{len(ratings) / n_users:.1f} | {len(ratings) / n_items:.1f} |")
+            here = argparse.Namespace(**{**vars(args), "data_dir": data_dir})
+            by_row = {}
+            for name in chosen:
+                print(f"{label}: running {name} ...", flush=True)
+                if name == "mfmixtaste":
+                    row = train_row(name, here, Path(scratch))
+                elif name == "mfmixtaste_k1":
+                    row = train_row(name, here, Path(scratch), ["--n_tastes=1"])
+                elif name == "mfmixtaste_pair":
+                    row = train_row(name, here, Path(scratch), PAIR_DEFAULTS)
+                else:
+                    row = baseline_row(name, here)
+                print("  ", row, flush=True)
+                by_row[name] = row
+                if "error" in row:
+                    table.append(f"| {label} | {SIZE_LABELS[name]} | - | - | - | - | {row['error']} |")
+                else:
+                    table.append(f"| {label} | {SIZE_LABELS[name]} | {row['mse']:.4f} | "
+                                 f"{row['rmse']:.4f} | {row['mae']:.4f} | {row['wall']:.1f} | "
+                                 f"{row.get('note', '')} |")
+            ours, peer = by_row.get("mfmixtaste", {}), by_row.get("svdpp", {})
+            if "mse" in ours and "mse" in peer:
+                verdicts.append(f"{label}: defaults {ours['mse']:.4f} against SVD++ {peer['mse']:.4f} "
+                                f"({'at or below' if ours['mse'] <= peer['mse'] else 'ABOVE'})")
+    lines += ["", *table, ""]
+    if verdicts:
+        lines += ["Test MSE of `python train.py` (defaults) against Surprise SVD++: "
+                  + "; ".join(verdicts) + ".", ""]
+    lines += ["Each set is split as `train.py` splits any data (75/25 test, 5% of the training "
+              "rows for validation, seed 42); every row of a set sees the same split, and the "
+              "baselines fit training + validation rows. The small sets are cut at random with "
+              "seed 0 and written to a temporary folder (never kept: MovieLens may not be "
+              "redistributed). \"old defaults\" are those before `prior_per=\"row\"`.", "",
+              machine_lines(f"python benchmark.py --sizes --data_dir={args.data_dir_given}"
+                            + (f" --only={args.only}" if args.only else ""))]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    write_section(Path(args.output), "sizes", report)
+
+
+SIZE_LABELS = {**LABELS, "mfmixtaste_pair": "this project, old defaults (prior per pair 0.03)"}
+
+
 # ----------------------------------------------------------------------------- scaling
 
 def write_synthetic(path, n_users, n_items, n_ratings, seed=0):
@@ -592,6 +702,8 @@ def main():
     parser.add_argument("--only", default="", help=f"comma-separated rows of: {', '.join(ROWS)}")
     parser.add_argument("--output", default=str(ROOT / "results" / "benchmark.md"))
     parser.add_argument("--scaling", action="store_true", help="time/memory versus size instead")
+    parser.add_argument("--sizes", action="store_true",
+                        help="the defaults on ML-1M and on small sets cut from it, against the peers")
     parser.add_argument("--scaling_dir", default=os.path.join(tempfile.gettempdir(),
                                                               "mfmixtaste-synthetic"))
     parser.add_argument("--scaling_epochs", type=int, default=2)
@@ -609,6 +721,8 @@ def main():
             run_row(args._row, args.task, args.dataset, args.data_dir)
         elif args.scaling:
             scaling(args)
+        elif args.sizes:
+            sizes(args)
         elif args.task == "ranking":
             ranking_peers(args)
         else:

@@ -66,15 +66,22 @@ top_k = 10                 # cut-off k of NDCG, Recall, MRR, Hit and Precision; 
 dim = 32                   # latent dimension d of tastes, attention and item vectors
 n_tastes = 2               # tastes per user, K (1 = biased matrix factorisation)
 init_std = 0.01            # std of the factors at start (see MFMixTaste.__init__)
-# L2 prior, per rating: loss = MSE + sum of weight * mean squared norm of the rows the batch uses
-prior_tastes = 0.03        # on the users' taste vectors U
-prior_attention = 0.03     # on the users' attention vectors A
-prior_items = 0.03         # on the item vectors e
-prior_biases = 0.0         # on user and item biases
+# L2 prior: loss = MSE + (1/n_train) * sum over rows of weight * |row|^2 (prior_per="row"), a
+# Gaussian prior on each user's and item's vectors. A row's prior does not grow with its ratings,
+# so a weight counts like that many ratings: a user's bias with n ratings shrinks by n / (n +
+# weight), a lot at 10 ratings, hardly at 1000, and sparse sets are held back where dense ones
+# are not. One setting serves ML-1M and sets a tenth its size (results/benchmark.md, "Defaults
+# across data sizes"); the per-rating weighting ("pair") needed a weight per dataset.
+prior_per = "row"          # "row": each row counted once per epoch; "pair": once per rating that uses it (SGD-MF's weighting)
+prior_tastes = 5.0         # on the users' taste vectors U
+prior_attention = 0.5      # on the users' attention vectors A: they only choose among the tastes (at 5 they stay at 0: one taste in effect)
+prior_items = 10.0         # on the item vectors e
+prior_biases = 3.0         # on user and item biases
 # optimisation
 lr = 5e-3                  # Adam learning rate
-batch_size = 8192          # per step (the global batch): ratings; for ranking, users (softmax) or interactions
-epochs = 30                # most epochs to run
+batch_size = 0             # per step (the global batch): ratings; for ranking, users (softmax) or interactions;
+                           # 0 = n_train / 64 up to 8192 (ML-1M: 8192, ML-100K: ~1100), see batch_size_for
+epochs = 50                # most epochs to run
 patience = 2               # early stopping: epochs without a better validation MSE (NDCG@k) before stopping
 clip_predictions = True    # clamp evaluated predictions to the training set's rating range
 eval_train = False         # training-set metrics from a full pass after each epoch (else, free, from the epoch's own batches)
@@ -96,9 +103,11 @@ DEFAULTS = {k: v for k, v in globals().items()
 # What --task=ranking changes in the defaults above (an explicit --key=value still wins): chosen
 # on ML-1M's validation NDCG@10 (README, "Ranking").
 RANKING_DEFAULTS = dict(test_fraction=0.1, val_fraction=0.1, split_seed=2020, dim=64, n_tastes=2,
-                        prior_tastes=0.03, prior_attention=0.03, prior_items=0.03, lr=0.01,
-                        batch_size=256, epochs=60, patience=3)
+                        prior_per="pair", prior_tastes=0.03, prior_attention=0.03,
+                        prior_items=0.03, prior_biases=0.0, lr=0.01, batch_size=256, epochs=60,
+                        patience=3)
 LOSSES = ("softmax", "sampled_softmax", "bpr", "adaptive_hinge")
+PRIOR_PER = ("row", "pair")
 
 # What a resumed run may change; the rest is fixed by its checkpoint and saved config.
 CHANGEABLE_ON_RESUME = {"resume", "epochs", "patience", "data_dir", "download", "device",
@@ -149,16 +158,16 @@ def _typed(key, text, default):
 
 def check(cfg):
     """Values that would fail later, refused before anything runs."""
-    positive = ("dim", "n_tastes", "batch_size", "epochs", "eval_batch_size", "log_interval", "lr")
+    positive = ("dim", "n_tastes", "epochs", "eval_batch_size", "log_interval", "lr")
     for key in positive:
         if cfg[key] <= 0:
             raise ConfigError(f"--{key} must be positive, got {cfg[key]}")
-    for key in ("patience", "threads", "init_std") + tuple(k for k in cfg if k.startswith("prior_")):
+    for key in ("patience", "threads", "init_std", "batch_size") + tuple(f"prior_{name}" for name in PRIOR_TERMS):
         if cfg[key] < 0:
             raise ConfigError(f"--{key} must not be negative, got {cfg[key]}")
     if not 0 < cfg["test_fraction"] < 1 or not 0 < cfg["val_fraction"] < 1:
         raise ConfigError("--test_fraction and --val_fraction must lie strictly between 0 and 1")
-    for key, valid in (("task", ("rating", "ranking")), ("loss", LOSSES)):
+    for key, valid in (("task", ("rating", "ranking")), ("loss", LOSSES), ("prior_per", PRIOR_PER)):
         if cfg[key] not in valid:
             raise ConfigError(f"--{key}={cfg[key]} is not one of {', '.join(valid)}")
     if cfg["top_k"] < 1 or cfg["n_negatives"] < 1 or cfg["ranking_core"] < 1:
@@ -287,8 +296,11 @@ class RatingTask:
         self.data_term_name = "mse"
         self.plots = [("train_mse.svg", "Training MSE", [("train_mse", "train")], "MSE"),
                       ("test_mse.svg", "Test MSE", [("test_mse", "test")], "MSE")]
-        self.batches = loader.BatchIterator(tensors["train"], cfg["batch_size"], seed=cfg["seed"],
+        self.batch_size = batch_size_for(cfg, len(rows[0]))
+        self.batches = loader.BatchIterator(tensors["train"], self.batch_size, seed=cfg["seed"],
                                             rank=rank, world_size=world_size)
+        self.prior_scale = prior_scale(cfg, np.bincount(ratings.users[rows[0]], minlength=self.n_users),
+                                       np.bincount(ratings.items[rows[0]], minlength=self.n_items), device)
         self.eval_batches = {split: loader.BatchIterator(tensors[split], cfg["eval_batch_size"],
                                                          shuffle=False, rank=rank, world_size=world_size)
                              for split in SPLITS}
@@ -298,7 +310,8 @@ class RatingTask:
         """-> (data term, (4,) prior squared norms, this rank's share of the global batch, and
         what the free training metrics read)."""
         users, items, targets, global_batch = batch
-        predictions, squared_norms = model(users, items, return_prior=True)
+        predictions, squared_norms = model(users, items, return_prior=True,
+                                           prior_scale=self.prior_scale)
         # A rank's share of a short last batch can be empty: its loss is then 0, not NaN.
         mse = (predictions - targets).pow(2).sum() / max(len(targets), 1)
         share = len(targets) * self.world_size / global_batch
@@ -368,13 +381,23 @@ class RankingTask:
         self.by_user = {name: loader.UserBatches(*parts[name], data.n_users, 1, shuffle=False)
                         for name in SPLITS}
         if cfg["loss"] == "softmax":
-            self.batches = loader.UserBatches(*parts["train"], data.n_users, cfg["batch_size"],
+            self.batch_size = batch_size_for(cfg, data.n_users)
+            self.batches = loader.UserBatches(*parts["train"], data.n_users, self.batch_size,
                                               seed=cfg["seed"], rank=rank, world_size=world_size)
         else:
             users, items = parts["train"]
+            self.batch_size = batch_size_for(cfg, len(users))
             self.batches = loader.NegativeBatches((users, items, torch.zeros(len(users))),
-                                                  cfg["batch_size"], data.n_items, cfg["n_negatives"],
+                                                  self.batch_size, data.n_items, cfg["n_negatives"],
                                                   seed=cfg["seed"], rank=rank, world_size=world_size)
+        # The pairs each row has in an epoch's prior: a positive's user and item, and with sampled
+        # losses the user once more per negative and each item as a negative (in expectation).
+        train_users, train_items = data.users[data.rows(0)], data.items[data.rows(0)]
+        per_positive = 1 if cfg["loss"] == "softmax" else 1 + cfg["n_negatives"]
+        as_negative = 0 if cfg["loss"] == "softmax" else cfg["n_negatives"] * len(train_users) / data.n_items
+        self.prior_scale = prior_scale(
+            cfg, per_positive * np.bincount(train_users, minlength=data.n_users),
+            np.bincount(train_items, minlength=data.n_items) + as_negative, device)
         # Evaluation goes over blocks of users; each rank takes every world_size-th user.
         eval_users = max(1, cfg["eval_batch_size"] // 16)  # a block's scores: 1024 x n_items
         self.eval_batches = {split: UserBlocks(data.n_users, eval_users, rank, world_size, device)
@@ -390,7 +413,8 @@ class RankingTask:
             scores, squared_norms = model(
                 users, return_prior=True,
                 user_counts=torch.bincount(position, minlength=len(users)).float(),
-                item_counts=torch.bincount(items, minlength=self.n_items).float())   # (B, n_items)
+                item_counts=torch.bincount(items, minlength=self.n_items).float(),
+                prior_scale=self.prior_scale)                                   # (B, n_items)
             log_probabilities = torch.log_softmax(scores, dim=1)
             data_term = -log_probabilities[position, items].sum() / max(len(items), 1)
             return data_term, squared_norms, len(items) * self.world_size / global_pairs, {}
@@ -398,7 +422,7 @@ class RankingTask:
         # covers every row the batch uses, the negatives' too.
         users, items, negatives, global_batch = batch                             # negatives (B, n)
         scores, squared_norms = model(users, torch.cat([items.unsqueeze(1), negatives], dim=1),
-                                      return_prior=True)
+                                      return_prior=True, prior_scale=self.prior_scale)
         positive, negative = scores[:, 0], scores[:, 1:]
         if self.loss_name == "sampled_softmax":
             terms = -torch.log_softmax(scores, dim=1)[:, 0]
@@ -440,6 +464,31 @@ class RankingTask:
         labels = {"ndcg": "NDCG", "recall": "Recall", "mrr": "MRR", "hit": "Hit", "precision": "Precision"}
         return "test " + ", ".join(f"{labels[name]}@{self.k} {final[f'test_{name}@{self.k}']:.4f}"
                                    for name in RANK_METRICS)
+
+
+AUTO_BATCH_STEPS, AUTO_BATCH_MOST = 64, 8192
+
+
+def batch_size_for(cfg, n_train):
+    """The global batch: batch_size, or for batch_size=0 n_train / 64 up to 8192 (n_train:
+    ratings, users or interactions, as batch_size counts). Early stopping and the epoch cap count
+    epochs; with one fixed batch a set ten times smaller has ten times fewer steps per epoch (ML-
+    100K: 9 of 8192 ratings), so its runs stop on a handful of steps' progress and need ten times
+    the epochs. At least 64 steps make an epoch mean about the same progress on any set; 8192
+    keeps the large sets' steps few and fast (measured in README, "Defaults across data sizes")."""
+    if cfg["batch_size"]:
+        return cfg["batch_size"]
+    return max(1, min(AUTO_BATCH_MOST, math.ceil(n_train / AUTO_BATCH_STEPS)))
+
+
+def prior_scale(cfg, user_pairs, item_pairs, device):
+    """MFMixTaste's prior_scale from the pairs each user and item has in an epoch (numpy
+    arrays): one over them for prior_per="row", so each row's prior counts once per epoch, or
+    None for prior_per="pair"."""
+    if cfg["prior_per"] == "pair":
+        return None
+    return tuple(torch.from_numpy(1 / np.maximum(pairs, 1)).float().to(device)
+                 for pairs in (user_pairs, item_pairs))
 
 
 class UserBlocks:
@@ -706,7 +755,7 @@ def training(local_rank, cfg, attach=None):
                    "best_epoch": best_epoch, "epochs_run": trainer.state.epoch,
                    "wall_seconds": round(wall_before + time.perf_counter() - started, 2),
                    "task": cfg["task"], "dataset": cfg["dataset"], "n_users": task.n_users,
-                   "n_items": task.n_items, **task.counts,
+                   "n_items": task.n_items, **task.counts, "batch_size_used": task.batch_size,
                    "world_size": world_size, "backend": idist.backend() or "none",
                    "device": str(device), "torch": torch.__version__,
                    "ignite": ignite.__version__, "hyperparameters": cfg}

@@ -32,15 +32,16 @@ timeout = 0                # stop starting new trials after this many seconds (0
 seed = 0                   # seed of Optuna's sampler (TPE); each trial trains with train.py's seed
 prune_warmup = 2           # epochs every trial runs before the pruner may stop it
 # The search space: knob -> ("log", low, high) | ("int", low, high) | ("choice", [values]).
-# Ranges that served ML-1M and ML-100K; batch sizes mean ratings (rating) or users (ranking).
+# Ranges that served ML-1M and its small subsets; batch sizes mean ratings (rating) or users
+# (ranking); the prior weights' range depends on train.py's prior_per (a row's weight is worth
+# that many ratings; a pair's is per rating).
 SPACE = {
     "lr": ("log", 1e-3, 3e-2),
-    "prior_tastes": ("log", 1e-3, 0.3),
-    "prior_attention": ("log", 1e-3, 0.3),
-    "prior_items": ("log", 1e-3, 0.3),
     "dim": ("choice", [16, 32, 64, 128]),
     "n_tastes": ("choice", [1, 2, 4]),
 }
+PRIORS = ("prior_tastes", "prior_attention", "prior_items")
+PRIOR_RANGES = {"row": ("log", 0.3, 100.0), "pair": ("log", 1e-3, 0.3)}
 BATCH_SIZES = {"rating": [2048, 4096, 8192, 16384], "ranking": [64, 128, 256, 512]}
 # -----------------------------------------------------------------------------
 TUNE_KEYS = ("study", "trials", "timeout", "seed", "prune_warmup")
@@ -66,9 +67,10 @@ def parse(argv):
     return settings, fixed, base
 
 
-def suggest(trial, fixed, task):
+def suggest(trial, fixed, base):
     """The trial's knobs: the space above, minus what the command line fixed."""
-    space = {**SPACE, "batch_size": ("choice", BATCH_SIZES[task])}
+    space = {**SPACE, **dict.fromkeys(PRIORS, PRIOR_RANGES[base["prior_per"]]),
+             "batch_size": ("choice", BATCH_SIZES[base["task"]])}
     chosen = {}
     for key, (kind, *args) in space.items():
         if key in fixed:
@@ -91,7 +93,7 @@ def run_trial(trial, fixed, base, runs, results):
     the best epoch's validation score (MSE, or NDCG@k for ranking)."""
     from optuna_integration import PyTorchIgnitePruningHandler
 
-    params = {**fixed, **suggest(trial, fixed, base["task"])}
+    params = {**fixed, **suggest(trial, fixed, base)}
     trial.set_user_attr("command", command_line(params))
     cfg = train.resolve_config([f"--{k}={v}" for k, v in params.items()]
                                + [f"--runs_dir={runs}", f"--results_dir={results}",

@@ -106,3 +106,40 @@ def test_ranking_rows_are_measured_beside_the_published_table(tmp_path, syntheti
         assert "pip install implicit" in report
     else:
         assert re.search(r"\| implicit ALS \| 0\.\d{4} \|", report)
+
+
+def test_subsets_keep_whole_users_or_a_share_of_each_users_ratings():
+    import loader
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(50), rng.integers(1, 40, 50))
+    ratings = loader.encode(users, rng.integers(0, 30, len(users)), np.ones(len(users)))
+    per_user = np.bincount(ratings.users)
+    rows = benchmark.subsample(ratings, "users", 0.1)
+    kept = np.unique(ratings.users[rows])
+    assert len(kept) == 5 and len(rows) == per_user[kept].sum()  # every rating of 5 users
+    rows = benchmark.subsample(ratings, "ratings", 0.1)
+    assert np.all(np.diff(rows) > 0)  # file order, no repeats
+    expected = np.maximum(1, np.round(per_user * 0.1))
+    assert np.array_equal(np.bincount(ratings.users[rows], minlength=50), expected)
+    assert np.array_equal(rows, benchmark.subsample(ratings, "ratings", 0.1))  # seeded
+    assert not np.array_equal(rows, benchmark.subsample(ratings, "ratings", 0.1, seed=1))
+
+
+def test_the_sizes_report_runs_every_row_on_every_set(tmp_path):
+    from conftest import mixture_ratings, write_ratings
+    write_ratings(tmp_path / "data" / "ml-1m" / "ratings.dat",
+                  *mixture_ratings(n_users=300, n_items=80, n_ratings=20000))
+    output = tmp_path / "bench.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--sizes", "--data_dir=data",
+                           "--only=bias_only,mfmixtaste_pair", "--output=bench.md"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = output.read_text()
+    assert "<!-- sizes:begin -->" in report and "--sizes --data_dir=data" in report
+    sizes = [line for line in report.splitlines() if line.startswith("| 10% of the users |")]
+    assert sizes[0].split("|")[3].strip() == "30"  # 10% of 300 users, in the sizes table
+    for data in ("10% of the users", "10% of each user's ratings", "ML-1M, all"):
+        for model in ("biases only (user + item)", "this project, old defaults"):
+            row = next(line for line in report.splitlines()
+                       if line.startswith(f"| {data} | {model}"))
+            assert 0 < float(row.split("|")[3]) < 5, row

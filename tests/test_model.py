@@ -66,7 +66,10 @@ def test_hand_written_backward_matches_autograd():
     users, items = batch(6, 5, size=20)  # repeated indices: gradients must accumulate
     params = (model.user_factors, model.item_factors, model.user_bias, model.item_bias,
               model.global_bias)
-    assert torch.autograd.gradcheck(lambda *p: _MixtureOfTastes.apply(users, items, *p), params)
+    # Uneven prior scales, so the prior's gradient of every row is checked with its own weight.
+    scales = torch.rand(6, dtype=torch.double) + 0.1, torch.rand(5, dtype=torch.double) + 0.1
+    assert torch.autograd.gradcheck(
+        lambda *p: _MixtureOfTastes.apply(users, items, *p, *scales), params)
 
 
 def test_prior_terms_are_batch_mean_squared_norms_and_weighted_sum():
@@ -169,6 +172,19 @@ def test_all_item_scores_and_item_sets_agree_with_pair_scores():
     torch.testing.assert_close(model(users, sets), every.gather(1, sets))
 
 
+def test_prior_scale_weights_each_pair_by_its_rows():
+    model = randomised(MFMixTaste(10, 7, dim=5, n_tastes=3))
+    users, items = batch(10, 7)
+    user_scale, item_scale = torch.rand(10), torch.rand(7)
+    _, norms = model(users, items, return_prior=True, prior_scale=(user_scale, item_scale))
+    user_w, item_w = user_scale[users], item_scale[items]
+    torch.testing.assert_close(norms, torch.stack([
+        (user_w * model.tastes[users].pow(2).sum((1, 2))).mean(),
+        (user_w * model.attention[users].pow(2).sum((1, 2))).mean(),
+        (item_w * model.item_factors[items].pow(2).sum(1)).mean(),
+        (user_w * model.user_bias[users].pow(2) + item_w * model.item_bias[items].pow(2)).mean()]))
+
+
 def test_prior_from_counts_equals_the_prior_of_the_pairs():
     model = randomised(MFMixTaste(6, 5, dim=3, n_tastes=2))
     users = torch.tensor([1, 4])
@@ -176,4 +192,10 @@ def test_prior_from_counts_equals_the_prior_of_the_pairs():
     _, from_pairs = model(users[position], items, return_prior=True)
     _, from_counts = model(users, return_prior=True, user_counts=torch.tensor([3.0, 2.0]),
                            item_counts=torch.bincount(items, minlength=5).float())
+    torch.testing.assert_close(from_counts, from_pairs)
+    scale = torch.rand(6), torch.rand(5)
+    _, from_pairs = model(users[position], items, return_prior=True, prior_scale=scale)
+    _, from_counts = model(users, return_prior=True, user_counts=torch.tensor([3.0, 2.0]),
+                           item_counts=torch.bincount(items, minlength=5).float(),
+                           prior_scale=scale)
     torch.testing.assert_close(from_counts, from_pairs)

@@ -93,10 +93,12 @@ def test_resume_refuses_settings_its_checkpoint_fixes(tmp_path, synthetic_ml100k
     ("--lr=fast", "--lr takes a float"),
     ("--download=maybe", "--download takes True or False"),
     ("--dataset=ml-2m", "unknown dataset 'ml-2m'; valid names: ml-100k"),
-    ("--batch_size=0", "--batch_size must be positive"),
+    ("--batch_size=-5", "--batch_size must not be negative"),
     ("epochs=3", "arguments are --key=value"),
     ("--resume=nowhere", "no run there"),
     ("--device=gpu", "--device=gpu is not a device"),
+    ("--prior_per=rows", "--prior_per=rows is not one of row, pair"),
+    ("--prior_biases=-1.0", "--prior_biases must not be negative"),
     ("--val_fraction=0.00001", "too few to split"),
 ])
 def test_bad_overrides_fail_with_one_clear_message(tmp_path, synthetic_ml100k, override, message):
@@ -200,3 +202,32 @@ def test_an_output_folder_that_cannot_be_made_is_one_clear_line(tmp_path, synthe
                        check=False)
     assert result.returncode == 2 and f"cannot create {blocker / 'out'}" in result.stderr
     assert "Not a directory" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("prior_per", ["row", "pair"])
+def test_a_row_prior_counts_each_user_and_item_once_per_epoch(prior_per):
+    """prior_per="row": over an epoch the prior is sum over rows of |row|^2 / n_train, the same
+    for a user with 2 ratings as for one with 40; "pair": each rating adds its rows' norms."""
+    import loader
+    import torch
+    from MFMixTaste import MFMixTaste
+    from conftest import mixture_ratings
+    import train
+
+    users, items, ratings = mixture_ratings(n_users=40, n_items=30, n_ratings=600)
+    data = loader.encode(users, items, ratings)
+    cfg = {**train.DEFAULTS, "prior_per": prior_per, "batch_size": 10_000}
+    task = train.RatingTask(cfg, data, "cpu", 0, 1)
+    model = MFMixTaste(task.n_users, task.n_items, dim=4, n_tastes=2, init_std=1.0)
+    [batch] = list(task.batches)  # the whole training set
+    train_users, train_items = batch[0], batch[1]
+    _, norms, _, _ = task.loss(model, batch)
+    user_norms = model.tastes.detach().pow(2).sum((1, 2))
+    item_norms = model.item_factors.detach().pow(2).sum(1)
+    if prior_per == "row":
+        expected = (user_norms[train_users.unique()].sum(), item_norms[train_items.unique()].sum())
+        expected = [value / len(train_users) for value in expected]
+    else:
+        expected = user_norms[train_users].mean(), item_norms[train_items].mean()
+    torch.testing.assert_close(norms[0], expected[0])
+    torch.testing.assert_close(norms[2], expected[1])
