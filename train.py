@@ -74,7 +74,7 @@ init_std = 0.01            # std of the factors at start (see MFMixTaste.__init_
 # across data sizes"); the per-rating weighting ("pair") needed a weight per dataset.
 prior_per = "row"          # "row": each row counted once per epoch; "pair": once per rating that uses it (SGD-MF's weighting)
 prior_tastes = 5.0         # on the users' taste vectors U
-prior_attention = 0.5      # on the users' attention vectors A: they only choose among the tastes (at 5 they stay at 0: one taste in effect)
+prior_attention = 0.5      # on the attention vectors A: they only pick among the tastes (at 5 they stay at 0: one taste)
 prior_items = 10.0         # on the item vectors e
 prior_biases = 3.0         # on user and item biases
 # optimisation

@@ -208,11 +208,12 @@ def test_an_output_folder_that_cannot_be_made_is_one_clear_line(tmp_path, synthe
 def test_a_row_prior_counts_each_user_and_item_once_per_epoch(prior_per):
     """prior_per="row": over an epoch the prior is sum over rows of |row|^2 / n_train, the same
     for a user with 2 ratings as for one with 40; "pair": each rating adds its rows' norms."""
-    import loader
     import torch
-    from MFMixTaste import MFMixTaste
-    from conftest import mixture_ratings
+
+    import loader
     import train
+    from conftest import mixture_ratings
+    from MFMixTaste import MFMixTaste
 
     users, items, ratings = mixture_ratings(n_users=40, n_items=30, n_ratings=600)
     data = loader.encode(users, items, ratings)
