@@ -516,7 +516,7 @@ def ranking_table(results, args, task):
 SUBSETS = [("10% of the users", "users", 0.1), ("10% of each user's ratings", "ratings", 0.1)]
 SIZE_ROWS = ("mfmixtaste", "mfmixtaste_k1", "mfmixtaste_pair", "bias_only", "svd", "svdpp")
 # The defaults before prior_per="row" (kept as a row: what they did on small sets).
-PAIR_DEFAULTS = ["--prior_per=pair", "--prior_tastes=0.03", "--prior_attention=0.03",
+PAIR_DEFAULTS = ["--prior_per=pair", "--batch_size=8192", "--prior_tastes=0.03", "--prior_attention=0.03",
                  "--prior_items=0.03", "--prior_biases=0.0", "--epochs=30"]
 
 
@@ -604,7 +604,8 @@ def sizes(args):
               "rows for validation, seed 42); every row of a set sees the same split, and the "
               "baselines fit training + validation rows. The small sets are cut at random with "
               "seed 0 and written to a temporary folder (never kept: MovieLens may not be "
-              "redistributed). \"old defaults\" are those before `prior_per=\"row\"`.", "",
+              "redistributed). The old defaults are those before the per-row prior: `"
+              + " ".join(PAIR_DEFAULTS) + "`.", "",
               machine_lines(f"python benchmark.py --sizes --data_dir={args.data_dir_given}"
                             + (f" --only={args.only}" if args.only else ""))]
     report = "\n".join(lines) + "\n"
