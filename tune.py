@@ -32,7 +32,7 @@ timeout = 0                # stop starting new trials after this many seconds (0
 seed = 0                   # seed of Optuna's sampler (TPE); each trial trains with train.py's seed
 prune_warmup = 2           # epochs every trial runs before the pruner may stop it
 # The search space: knob -> ("log", low, high) | ("int", low, high) | ("choice", [values]).
-# Ranges that served ML-1M and its small subsets; batch sizes mean ratings (rating) or users
+# Ranges that served ML-1M and sets a tenth its size; batch sizes mean ratings (rating) or users
 # (ranking); the prior weights' range depends on train.py's prior_per (a row's weight is worth
 # that many ratings; a pair's is per rating).
 SPACE = {
@@ -42,7 +42,7 @@ SPACE = {
 }
 PRIORS = ("prior_tastes", "prior_attention", "prior_items")
 PRIOR_RANGES = {"row": ("log", 0.3, 100.0), "pair": ("log", 1e-3, 0.3)}
-BATCH_SIZES = {"rating": [2048, 4096, 8192, 16384], "ranking": [64, 128, 256, 512]}
+BATCH_SIZES = {"rating": [0, 1024, 2048, 4096, 8192, 16384], "ranking": [64, 128, 256, 512]}  # 0: sized to the data
 # -----------------------------------------------------------------------------
 TUNE_KEYS = ("study", "trials", "timeout", "seed", "prune_warmup")
 
