@@ -186,24 +186,38 @@ LABELS = {"mfmixtaste": "this project, train.py defaults",
           "svd": "Surprise SVD (defaults)", "svdpp": "Surprise SVD++ (defaults)"}
 
 
-def peers(args):
-    chosen = args.only.split(",") if args.only else list(ROWS)
-    unknown = set(chosen) - set(ROWS)
+def chosen_rows(args, valid):
+    """The rows --only names (all of valid without it); an unknown one ends the run."""
+    chosen = args.only.split(",") if args.only else list(valid)
+    unknown = set(chosen) - set(valid)
     if unknown:
-        sys.exit(f"error: unknown row(s) {', '.join(sorted(unknown))}; valid: {', '.join(ROWS)}")
+        sys.exit(f"error: unknown row(s) {', '.join(sorted(unknown))}; valid: {', '.join(valid)}")
+    return chosen
+
+
+# The defaults before prior_per="row" (kept as a row of --sizes: what they did on small sets).
+PAIR_DEFAULTS = ["--prior_per=pair", "--batch_size=8192", "--prior_tastes=0.03", "--prior_attention=0.03",
+                 "--prior_items=0.03", "--prior_biases=0.0", "--epochs=30"]
+# The rows that are a whole train.py run, with the overrides that make each.
+TRAIN_ROWS = {"mfmixtaste": [], "mfmixtaste_1thread": ["--threads=1"],  # as Surprise's fit: 1 thread
+              "mfmixtaste_k1": ["--n_tastes=1"], "mfmixtaste_pair": PAIR_DEFAULTS}
+
+
+def measure_row(name, args, scratch, task_overrides=()):
+    """One row by name: a train.py run (TRAIN_ROWS) or a baseline in its own process."""
+    if name in TRAIN_ROWS:
+        return train_row(name, args, scratch, [*task_overrides, *TRAIN_ROWS[name]])
+    return baseline_row(name, args)
+
+
+def peers(args):
+    chosen = chosen_rows(args, ROWS)
     loader.load(args.dataset, args.data_dir, allow_download=False)  # parse once, fill the cache
     results = []
     with tempfile.TemporaryDirectory(prefix="mfmixtaste-bench-") as scratch:
         for name in chosen:
             print(f"running {name} ...", flush=True)
-            if name == "mfmixtaste":
-                row = train_row(name, args, Path(scratch))
-            elif name == "mfmixtaste_1thread":  # as Surprise's fit runs: one thread
-                row = train_row(name, args, Path(scratch), ["--threads=1"])
-            elif name == "mfmixtaste_k1":
-                row = train_row(name, args, Path(scratch), ["--n_tastes=1"])
-            else:
-                row = baseline_row(name, args)
+            row = measure_row(name, args, Path(scratch))
             print("  ", row, flush=True)
             results.append(row)
     report = peers_table(results, args)
@@ -451,21 +465,13 @@ def diversity_table(task, rows, data_dir, dataset):
 
 
 def ranking_peers(args):
-    chosen = args.only.split(",") if args.only else list(RANKING_ROWS)
-    unknown = set(chosen) - set(RANKING_ROWS)
-    if unknown:
-        sys.exit(f"error: unknown row(s) {', '.join(sorted(unknown))}; valid: {', '.join(RANKING_ROWS)}")
+    chosen = chosen_rows(args, RANKING_ROWS)
     task = ranking_task(args.dataset, args.data_dir)  # also fills the parse cache
     results = []
     with tempfile.TemporaryDirectory(prefix="mfmixtaste-bench-") as scratch:
         for name in chosen:
             print(f"running {name} ...", flush=True)
-            if name == "mfmixtaste":
-                row = train_row(name, args, Path(scratch), ["--task=ranking"])
-            elif name == "mfmixtaste_k1":
-                row = train_row(name, args, Path(scratch), ["--task=ranking", "--n_tastes=1"])
-            else:
-                row = baseline_row(name, args)
+            row = measure_row(name, args, Path(scratch), ["--task=ranking"])
             print("  ", {k: v for k, v in row.items() if k != "run_dir"}, flush=True)
             results.append(row)
         report = ranking_table(results, args, task)
@@ -515,9 +521,6 @@ def ranking_table(results, args, task):
 # Smaller sets cut from ML-1M, each its own MovieLens-format folder: (label, kind, fraction).
 SUBSETS = [("10% of the users", "users", 0.1), ("10% of each user's ratings", "ratings", 0.1)]
 SIZE_ROWS = ("mfmixtaste", "mfmixtaste_k1", "mfmixtaste_pair", "bias_only", "svd", "svdpp")
-# The defaults before prior_per="row" (kept as a row: what they did on small sets).
-PAIR_DEFAULTS = ["--prior_per=pair", "--batch_size=8192", "--prior_tastes=0.03", "--prior_attention=0.03",
-                 "--prior_items=0.03", "--prior_biases=0.0", "--epochs=30"]
 
 
 def subsample(ratings, kind, fraction, seed=0):
@@ -550,10 +553,7 @@ def sizes(args):
     if args.dataset != "ml-1m":
         sys.exit("error: --sizes cuts its small sets from ml-1m: leave --dataset at ml-1m")
     full = loader.load("ml-1m", args.data_dir, allow_download=False)
-    chosen = args.only.split(",") if args.only else list(SIZE_ROWS)
-    unknown = set(chosen) - set(SIZE_ROWS)
-    if unknown:
-        sys.exit(f"error: unknown row(s) {', '.join(sorted(unknown))}; valid: {', '.join(SIZE_ROWS)}")
+    chosen = chosen_rows(args, SIZE_ROWS)
     lines = ["## Defaults across data sizes: ML-1M and sets cut from it", "",
              "| data | ratings | users | items | ratings per user | ratings per item |",
              "|---|---|---|---|---|---|"]
@@ -569,21 +569,13 @@ def sizes(args):
         sets.append(("ML-1M, all", args.data_dir))
         for label, data_dir in sets:
             ratings = loader.load("ml-1m", data_dir, allow_download=False)
-            n_users, n_items = len(np.unique(ratings.users)), len(np.unique(ratings.items))
-            lines.append(f"| {label} | {len(ratings):,} | {n_users:,} | {n_items:,} | "
-                         f"{len(ratings) / n_users:.1f} | {len(ratings) / n_items:.1f} |")
+            lines.append(f"| {label} | {len(ratings):,} | {ratings.n_users:,} | {ratings.n_items:,} | "
+                         f"{len(ratings) / ratings.n_users:.1f} | {len(ratings) / ratings.n_items:.1f} |")
             here = argparse.Namespace(**{**vars(args), "data_dir": data_dir})
             by_row = {}
             for name in chosen:
                 print(f"{label}: running {name} ...", flush=True)
-                if name == "mfmixtaste":
-                    row = train_row(name, here, Path(scratch))
-                elif name == "mfmixtaste_k1":
-                    row = train_row(name, here, Path(scratch), ["--n_tastes=1"])
-                elif name == "mfmixtaste_pair":
-                    row = train_row(name, here, Path(scratch), PAIR_DEFAULTS)
-                else:
-                    row = baseline_row(name, here)
+                row = measure_row(name, here, Path(scratch))
                 print("  ", row, flush=True)
                 by_row[name] = row
                 if "error" in row:
