@@ -412,10 +412,10 @@ def per_user_test_ndcg(task, run_dir):
 
     import train
     from MFMixTaste import MFMixTaste
+    from recommend import best_model_file
     cfg = json.loads((run_dir / "config.json").read_text())
-    [best] = run_dir.glob("best_*.pt")
     model = MFMixTaste(task.n_users, task.n_items, dim=cfg["dim"], n_tastes=cfg["n_tastes"])
-    model.load_state_dict(torch.load(best, map_location="cpu"))
+    model.load_state_dict(torch.load(best_model_file(run_dir), map_location="cpu"))
     model.eval()
     values = []
     with torch.no_grad():
@@ -498,17 +498,19 @@ def ranking_table(results, args, task):
             continue
         lines.append(f"| {RANKING_LABELS[r['row']]} | " + " | ".join(f"{r[n]:.4f}" for n in names)
                      + f" | {r['wall']:.1f} | {r['peak_mib']:.0f} | {r.get('note', '')} |")
-    for label, ndcg, recall in PUBLISHED:
+    published = args.dataset == "ml-1m"  # RecBole's table is of ML-1M: beside no other set
+    for label, ndcg, recall in PUBLISHED if published else ():
         lines.append(f"| {label}, published by RecBole | {ndcg:.4f} | {recall:.4f} | - | - | - | - | - "
                      "| published figure, not run here |")
-    lines += ["", "Published rows: RecBole's ml-1m general-recommendation benchmark table (test NDCG@10 "
-              "and Recall@10, as published). Differences of protocol: RecBole splits with its own "
-              "random order (the same 80/10/10 ratios, another seed), so its test users' items are "
-              "not ours; its models were tuned with its own search spaces; it trains with "
-              "sampled negatives where its models do. Our ML-1M copy is a reconstruction "
-              "(`../shared/data/ml-1m/SOURCE.txt`) with every (user, movie, rating) triple of the "
-              "original, which is all this protocol reads.", "",
-              "Wall time is the whole process (data from the parse cache, hyperparameter search "
+    if published:
+        lines += ["", "Published rows: RecBole's ml-1m general-recommendation benchmark table (test "
+                  "NDCG@10 and Recall@10, as published). Differences of protocol: RecBole splits with "
+                  "its own random order (the same 80/10/10 ratios, another seed), so its test users' "
+                  "items are not ours; its models were tuned with its own search spaces; it trains "
+                  "with sampled negatives where its models do. Our ML-1M copy is a reconstruction "
+                  "(`../shared/data/ml-1m/SOURCE.txt`) with every (user, movie, rating) triple of "
+                  "the original, which is all this protocol reads."]
+    lines += ["", "Wall time is the whole process (data from the parse cache, hyperparameter search "
               "for the baselines, training, evaluation), timed by benchmark.py; peak memory is its "
               "maximum resident set.", "",
               machine_lines(f"python benchmark.py --task=ranking --dataset={args.dataset} "

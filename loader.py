@@ -116,6 +116,16 @@ class Ratings(_IdMaps):
                      for a in (self.users, self.items, self.ratings))
 
 
+def pairs_within(ratings, user_ids, item_ids):
+    """(users, items) index arrays, in the index space of the sorted raw ids user_ids and
+    item_ids, of every rating whose user and item are both there (the others are dropped)."""
+    raw_users, raw_items = ratings.user_ids[ratings.users], ratings.item_ids[ratings.items]
+    users = np.searchsorted(user_ids, raw_users).clip(max=len(user_ids) - 1)
+    items = np.searchsorted(item_ids, raw_items).clip(max=len(item_ids) - 1)
+    known = (user_ids[users] == raw_users) & (item_ids[items] == raw_items)
+    return users[known].astype(np.int64), items[known].astype(np.int64)
+
+
 def _lookup(ids, raw, kind):
     raw = np.atleast_1d(np.asarray(raw, dtype=np.int64))
     pos = np.searchsorted(ids, raw).clip(max=len(ids) - 1)

@@ -11,9 +11,10 @@ From Python, every answer is plain data (a pandas DataFrame, or lists of dicts):
     from recommend import Recommender
     run = Recommender.load("runs/<run>")
     run.recommend(42, n=10)      # DataFrame: rank, movie_id, title, year, genres, score, taste, taste_weight
+                                 # (score is called rating in rating runs: a predicted rating)
     run.tastes(42)               # [{"taste": 1, "share": 0.61, "top_movies": [...], "genres": [...]}, ...]
     run.similar(1)               # DataFrame: rank, movie_id, title, year, genres, cosine
-    run.recommend_all(n=10)      # DataFrame: user_id, rank, movie_id, score, for every user
+    run.recommend_all(n=10)      # DataFrame: user_id, rank, movie_id, score (or rating), every user
 
 A run folder answers on its own: train.py leaves in it the best model, config.json, dataset.npz
 (the raw ids of the model's rows and each user's rated movies) and movies.json (titles and
@@ -22,7 +23,10 @@ genres, when the dataset has a movie file; otherwise movies are named by id).
 
 import argparse
 import json
+import math
+import re
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,40 +46,47 @@ class Recommender:
         self.model, self.config = model.eval(), config
         self.user_ids, self.item_ids = user_ids, item_ids          # raw ids of the rows, sorted
         self.seen_indptr, self.seen_items = seen_indptr, seen_items  # CSR: user row -> item rows
-        self.movies = movies  # DataFrame indexed by item row: movie_id, title, year, genres
+        self.movies = movies  # DataFrame indexed by item row: movie_id, title, year (int or None), genres
+        self.rating_range = None  # (low, high) of a rating run's training ratings
         # What a score means: a predicted rating for rating runs, a ranking score otherwise.
         self.score_name = "rating" if config.get("task", "rating") == "rating" else "score"
 
     @classmethod
     def load(cls, run_dir, quiet=False):
-        """A finished run folder; quiet: no note when it has no movie titles."""
+        """A finished run folder; quiet: no note when it has no movie titles. A damaged file in
+        it is a RunError that names the file."""
         run_dir = Path(run_dir)
         if not (run_dir / "config.json").is_file():
             raise RunError(f"{run_dir} is not a run folder (no config.json there)")
-        best, data = sorted(run_dir.glob("best_*.pt")), run_dir / "dataset.npz"
-        if not best or not data.is_file():
+        best, data = best_model_file(run_dir), run_dir / "dataset.npz"
+        if best is None or not data.is_file():
             raise RunError(f"{run_dir} is unfinished: a run leaves its best model and dataset.npz "
                            f"when it ends; let it finish, or continue it with "
                            f"`python train.py --resume={run_dir}`")
-        config = json.loads((run_dir / "config.json").read_text())
-        with np.load(data) as arrays:
-            user_ids, item_ids = arrays["user_ids"], arrays["item_ids"]
-            seen_indptr, seen_items = arrays["seen_indptr"], arrays["seen_items"]
+        config = _read(run_dir / "config.json", lambda path: _json_object(path, ("dim", "n_tastes")))
+        arrays = _read(data, lambda path: _npz(path, ("user_ids", "item_ids", "seen_indptr", "seen_items")))
+        user_ids, item_ids = arrays["user_ids"], arrays["item_ids"]
         model = MFMixTaste(len(user_ids), len(item_ids), dim=config["dim"], n_tastes=config["n_tastes"])
         try:
-            model.load_state_dict(torch.load(best[-1], map_location="cpu", weights_only=True))
+            model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
         except Exception as error:  # truncated or foreign file: torch raises many kinds
-            raise RunError(f"{best[-1]} is damaged or not this run's model ({type(error).__name__})") from None
+            raise RunError(f"{best} is damaged or not this run's model ({type(error).__name__})") from None
         movies_file = run_dir / "movies.json"
         if movies_file.is_file():
-            movies = pd.DataFrame(json.loads(movies_file.read_text()))
+            movies = _read(movies_file, lambda path: _movies(path, len(item_ids)))
         else:
             if not quiet:
                 print(f"note: {run_dir} has no movies.json (the dataset had no movie file): movies are "
                       "named by id", file=sys.stderr)
             movies = pd.DataFrame({"movie_id": item_ids, "title": [str(i) for i in item_ids],
-                                   "year": None, "genres": [[] for _ in item_ids]})
-        return cls(model, config, user_ids, item_ids, seen_indptr, seen_items, movies)
+                                   "year": pd.Series([None] * len(item_ids), dtype=object),
+                                   "genres": [[] for _ in item_ids]})
+        run = cls(model, config, user_ids, item_ids, arrays["seen_indptr"], arrays["seen_items"], movies)
+        # Predicted ratings are shown within the training ratings' range, as train.py evaluates
+        # them (clip_predictions); run folders written before the range was kept show them raw.
+        rating_range = arrays.get("rating_range", ())
+        run.rating_range = tuple(float(v) for v in rating_range) if len(rating_range) == 2 else None
+        return run
 
     # ------------------------------------------------------------------------- ids
 
@@ -86,6 +97,8 @@ class Recommender:
         return self._row(self.item_ids, movie_id, "movie")
 
     def _row(self, ids, raw, kind):
+        if isinstance(raw, bool) or not isinstance(raw, (int, np.integer)):
+            raise RunError(f"a {kind} id is a whole number, got {raw!r}")
         try:
             return int(loader._lookup(ids, raw, kind)[0])
         except KeyError:
@@ -101,7 +114,7 @@ class Recommender:
     def recommend(self, user_id, n=10):
         """The n movies with the highest scores that the user has not rated, each with the
         taste that contributes most to its score and that taste's mixture weight."""
-        row = self.user_row(user_id)
+        row, n = self.user_row(user_id), _count(n)
         with torch.no_grad():
             scores = self.model.score_all(torch.tensor([row]))[0]                   # (n_items,)
             scores[torch.from_numpy(self.rated(row))] = -torch.inf
@@ -109,7 +122,7 @@ class Recommender:
             weights, contributions = self._mixture(row, top)                        # (K, n) each
         best_taste = contributions.argmax(0)
         frame = self._movie_frame(top.numpy())
-        frame[self.score_name] = scores[top].double().numpy().round(4)
+        frame[self.score_name] = self._shown(scores[top]).double().numpy().round(4)
         frame["taste"] = best_taste.numpy() + 1
         frame["taste_weight"] = weights.gather(0, best_taste.unsqueeze(0))[0].double().numpy().round(3)
         return frame
@@ -118,15 +131,15 @@ class Recommender:
         """Each of the user's tastes: its share of the user's rated movies (the mean mixture
         weight over them), the n movies it scores highest among all, and its dominant genres
         (most frequent among its top 20 movies)."""
-        row = self.user_row(user_id)
+        row, n = self.user_row(user_id), _count(n)
         rated = torch.from_numpy(self.rated(row))
         with torch.no_grad():
             shares = self._mixture(row, rated)[0].mean(1) if len(rated) else None     # (K,)
             taste_scores = self.model.tastes[row] @ self.model.item_factors.T           # (K, n_items)
         answer = []
         for k in range(self.model.n_tastes):
-            top = torch.topk(taste_scores[k], min(20, self.model.n_items)).indices.numpy()
-            genres = pd.Series([g for names in self.movies["genres"].iloc[top] for g in names])
+            top = torch.topk(taste_scores[k], min(max(n, 20), self.model.n_items)).indices.numpy()
+            genres = pd.Series([g for names in self.movies["genres"].iloc[top[:20]] for g in names])
             answer.append({"taste": k + 1, "share": None if shares is None else round(float(shares[k]), 3),
                            "top_movies": self._movie_frame(top[:n]).to_dict("records"),
                            "genres": genres.value_counts().head(3).index.tolist()})
@@ -134,7 +147,7 @@ class Recommender:
 
     def similar(self, movie_id, n=10):
         """The n movies whose embeddings are nearest by cosine to the movie's."""
-        row = self.movie_row(movie_id)
+        row, n = self.movie_row(movie_id), _count(n)
         with torch.no_grad():
             vectors = torch.nn.functional.normalize(self.model.item_factors, dim=1)
             cosine = vectors @ vectors[row]
@@ -145,8 +158,10 @@ class Recommender:
         return frame
 
     def recommend_all(self, n=10, block=1024):
-        """Every user's top n unrated movies: DataFrame user_id, rank, movie_id, score; blocks
-        of users scored against all items at once."""
+        """Every user's top n unrated movies: DataFrame user_id, rank, movie_id and score (rating,
+        for rating runs); blocks of users scored against all items at once. A user with fewer
+        than n unrated movies gets them all."""
+        n = min(_count(n), len(self.item_ids))
         users, ranks, movies, scores = [], [], [], []
         with torch.no_grad():
             for start in range(0, len(self.user_ids), block):
@@ -157,10 +172,11 @@ class Recommender:
                 seen = self.seen_items[self.seen_indptr[start]:self.seen_indptr[rows[-1] + 1]]
                 block_scores[position, seen] = -torch.inf
                 values, items = torch.topk(block_scores, n, dim=1)
-                users.append(np.repeat(self.user_ids[rows.numpy()], n))
-                ranks.append(np.tile(np.arange(1, n + 1), len(rows)))
-                movies.append(self.item_ids[items.numpy().ravel()])
-                scores.append(values.numpy().ravel())
+                unrated = torch.isfinite(values).numpy().ravel()  # -inf: rated, past the user's last
+                users.append(np.repeat(self.user_ids[rows.numpy()], n)[unrated])
+                ranks.append(np.tile(np.arange(1, n + 1), len(rows))[unrated])
+                movies.append(self.item_ids[items.numpy().ravel()][unrated])
+                scores.append(self._shown(values).numpy().ravel()[unrated])
         return pd.DataFrame({"user_id": np.concatenate(users), "rank": np.concatenate(ranks),
                              "movie_id": np.concatenate(movies), self.score_name: np.concatenate(scores)})
 
@@ -172,6 +188,10 @@ class Recommender:
         vectors = self.model.item_factors[items]                                     # (m, d)
         weights = torch.softmax(self.model.attention[row] @ vectors.T, dim=0)        # (K, m)
         return weights, weights * (self.model.tastes[row] @ vectors.T)
+
+    def _shown(self, scores):
+        """Scores as shown: predicted ratings clipped to the training ratings' range."""
+        return scores.clamp(*self.rating_range) if self.rating_range else scores
 
     def _movie_frame(self, item_rows):
         frame = self.movies.iloc[item_rows][["movie_id", "title", "year", "genres"]].reset_index(drop=True)
@@ -260,6 +280,62 @@ class Recommender:
         plt.close(fig)
 
 
+def best_model_file(run_dir):
+    """The run's best model: of its best_*.pt files (one, unless an interruption fell between
+    Ignite's writing a better one and deleting the old), the one of the highest score, then the
+    latest epoch, read from the name Ignite's Checkpoint gives it, best_model_<epoch>_<score
+    name>=<score>.pt, higher being better (a loss is saved negated). None when there is none."""
+    found = []
+    for path in Path(run_dir).glob("best_*.pt"):
+        named = re.search(r"_(\d+)_[^=]*=(-?\d+(?:\.\d+)?(?:e-?\d+)?)\.pt$", path.name)
+        key = (float(named.group(2)), int(named.group(1))) if named else (-math.inf, -1)
+        found.append((key, path))
+    return max(found)[1] if found else None
+
+
+def _count(n):
+    """n, the number of movies asked for, checked: a whole number, at least 1."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise RunError(f"n is the number of movies to show, a whole number of at least 1; got {n!r}")
+    return int(n)
+
+
+def _read(path, reader):
+    """reader(path), with a damaged or foreign file named in a RunError."""
+    try:
+        return reader(path)
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
+        raise RunError(f"{path} is damaged or not this run's ({type(error).__name__}: "
+                       f"{str(error)[:120] or 'no detail'}); rerun train.py to write it again") from None
+
+
+def _json_object(path, keys):
+    value = json.loads(Path(path).read_text())
+    if not isinstance(value, dict) or not all(k in value for k in keys):
+        raise ValueError(f"expected a JSON object with {', '.join(keys)}")
+    return value
+
+
+def _npz(path, keys):
+    with np.load(path, allow_pickle=False) as arrays:
+        found = {k: arrays[k] for k in arrays.files}
+    missing = [k for k in keys if k not in found]
+    if missing:
+        raise KeyError(f"it has no {', '.join(missing)}")
+    return found
+
+
+def _movies(path, n_items):
+    records = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(records, list) or len(records) != n_items:
+        raise ValueError(f"expected a list of {n_items} movies")
+    movies = pd.DataFrame(records, columns=["movie_id", "title", "year", "genres"])
+    # Years stay whole numbers, None where a title has none (a float column would print 1953.0,
+    # and NaN, which is not JSON).
+    movies["year"] = pd.Series([None if y is None or y != y else int(y) for y in movies["year"]], dtype=object)
+    return movies
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("svg")
@@ -267,14 +343,21 @@ def _pyplot():
     return plt
 
 
+def _title(movie):
+    """A movie's title with its year (when the title does not already end with it) and its
+    genres (when the dataset names any)."""
+    year = movie.get("year")
+    text = movie["title"] + (f" ({year})" if year is not None and f"({year})" not in movie["title"] else "")
+    return text + (f"  [{'|'.join(movie['genres'])}]" if movie["genres"] else "")
+
+
 def _text(frame, score_name):
     lines = []
     for record in frame.to_dict("records"):
-        year = f" ({record['year']})" if record.get("year") and f"({record['year']})" not in record["title"] else ""
         extra = (f"  {score_name} {record[score_name]:.3f}  taste {record['taste']} "
                  f"(weight {record['taste_weight']:.2f})" if score_name in record else
                  f"  cosine {record['cosine']:.3f}")
-        lines.append(f"{record['rank']:>3}. {record['title']}{year}  [{'|'.join(record['genres'])}]{extra}")
+        lines.append(f"{record['rank']:>3}. {_title(record)}{extra}")
     return "\n".join(lines)
 
 
@@ -302,7 +385,10 @@ def main(argv):
         else:
             answer = run.recommend(args.user, args.n)
         if args.plot:
-            run.plot_map(args.plot, args.user)
+            try:
+                run.plot_map(args.plot, args.user)
+            except OSError as error:
+                raise RunError(f"cannot write {args.plot}: {error.strerror or error}") from None
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -313,8 +399,9 @@ def main(argv):
     else:
         for taste in answer:
             share = "" if taste["share"] is None else f", {taste['share']:.0%} of the user's movies"
-            print(f"taste {taste['taste']}{share}; genres: {', '.join(taste['genres'])}")
-            print("\n".join(f"     {m['title']}  [{'|'.join(m['genres'])}]" for m in taste["top_movies"]))
+            genres = f"; genres: {', '.join(taste['genres'])}" if taste["genres"] else ""
+            print(f"taste {taste['taste']}{share}{genres}")
+            print("\n".join(f"     {_title(m)}" for m in taste["top_movies"]))
     if args.plot:
         print(f"map written to {args.plot}", file=sys.stderr)
     return 0

@@ -16,7 +16,9 @@ import ast
 import csv
 import ctypes
 import gc
+import io
 import json
+import logging
 import math
 import os
 import re
@@ -292,6 +294,7 @@ class RatingTask:
                              if cfg["clip_predictions"] else None)
         self.counts = {f"n_{name}": len(r) for name, r in zip(SPLITS, rows)}
         self.metric_names, self.choose_by, self.higher_is_better = ("mse", "rmse", "mae"), "mse", False
+        self.choose_label = "MSE"
         self.free_train_metrics = not cfg["eval_train"]  # from the epoch's own batches
         self.data_term_name = "mse"
         self.plots = [("train_mse.svg", "Training MSE", [("train_mse", "train")], "MSE"),
@@ -364,11 +367,15 @@ class RankingTask:
             raise ConfigError(f"--top_k={cfg['top_k']} is larger than the number of items "
                               f"({data.n_items}) left by the filter")
         self.n_users, self.n_items, self.global_mean = data.n_users, data.n_items, 0.0
-        self.user_ids, self.item_ids, self.seen = data.user_ids, data.item_ids, (data.users, data.items)
+        self.user_ids, self.item_ids = data.user_ids, data.item_ids
+        # recommend.py's "already rated": every movie of the model the user rated, at any rating
+        # (a movie rated 1 star is no recommendation), not only the positives it trained on.
+        self.seen = loader.pairs_within(ratings, data.user_ids, data.item_ids)
         self.counts = {f"n_{name}": int((data.part == p).sum()) for p, name in enumerate(SPLITS)}
         self.k, self.loss_name = cfg["top_k"], cfg["loss"]
         self.metric_names = tuple(f"{m}@{self.k}" for m in RANK_METRICS)
         self.choose_by, self.higher_is_better = f"ndcg@{self.k}", True
+        self.choose_label, self.rating_range = f"NDCG@{self.k}", None
         self.free_train_metrics = False  # rank metrics of the training items mean nothing
         self.data_term_name = cfg["loss"]
         ndcg = f"ndcg@{self.k}"
@@ -397,7 +404,8 @@ class RankingTask:
         as_negative = 0 if cfg["loss"] == "softmax" else cfg["n_negatives"] * len(train_users) / data.n_items
         self.prior_scale = prior_scale(
             cfg, per_positive * np.bincount(train_users, minlength=data.n_users),
-            np.bincount(train_items, minlength=data.n_items) + as_negative, device)
+            np.bincount(train_items, minlength=data.n_items) + as_negative, device,
+            pairs_per_example=per_positive)
         # Evaluation goes over blocks of users; each rank takes every world_size-th user.
         eval_users = max(1, cfg["eval_batch_size"] // 16)  # a block's scores: 1024 x n_items
         self.eval_batches = {split: UserBlocks(data.n_users, eval_users, rank, world_size, device)
@@ -481,13 +489,16 @@ def batch_size_for(cfg, n_train):
     return max(1, min(AUTO_BATCH_MOST, math.ceil(n_train / AUTO_BATCH_STEPS)))
 
 
-def prior_scale(cfg, user_pairs, item_pairs, device):
+def prior_scale(cfg, user_pairs, item_pairs, device, pairs_per_example=1):
     """MFMixTaste's prior_scale from the pairs each user and item has in an epoch (numpy
     arrays): one over them for prior_per="row", so each row's prior counts once per epoch, or
-    None for prior_per="pair"."""
+    None for prior_per="pair". The model averages the prior over the pairs a batch scores, and
+    the data term is a mean over examples; with sampled losses an example scores
+    pairs_per_example pairs (a positive and its negatives), and the scale carries that factor
+    back, so that a weight counts like that many examples for every loss."""
     if cfg["prior_per"] == "pair":
         return None
-    return tuple(torch.from_numpy(1 / np.maximum(pairs, 1)).float().to(device)
+    return tuple(torch.from_numpy(pairs_per_example / np.maximum(pairs, 1)).float().to(device)
                  for pairs in (user_pairs, item_pairs))
 
 
@@ -583,12 +594,20 @@ def training(local_rank, cfg, attach=None):
         torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg["device"])
 
-    # --- folders
+    # --- folders, looked at first and made once the data and settings have passed their checks,
+    # so that bad input leaves nothing behind
     cfg["run_name"] = decide_run_name(cfg)
     run_dir = Path(cfg["runs_dir"]) / cfg["run_name"]
     results = Path(cfg["results_dir"]) / cfg["run_name"]
     if not cfg["resume"]:
-        check_new_run_folder(run_dir)
+        check_new_run_folder(run_dir, results)
+
+    # --- data: rank 0 downloads and parses (and fills the cache) while the others wait for it.
+    with idist.one_rank_first():
+        ratings = loader.load(cfg["dataset"], cfg["data_dir"], cfg["download"],
+                              progress=cfg["progress"] and rank == 0)
+    task = TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)
+
     idist.barrier()  # every rank has looked before rank 0 touches the folder
     if rank == 0:
         if not last_checkpoints(run_dir):
@@ -601,12 +620,6 @@ def training(local_rank, cfg, attach=None):
                 raise ConfigError(f"cannot create {folder}: {error.strerror}") from None
             if not os.access(folder, os.W_OK):
                 raise ConfigError(f"{folder} is not writable")
-
-    # --- data: rank 0 downloads and parses (and fills the cache) while the others wait for it.
-    with idist.one_rank_first():
-        ratings = loader.load(cfg["dataset"], cfg["data_dir"], cfg["download"],
-                              progress=cfg["progress"] and rank == 0)
-    task = TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)
 
     # --- model
     torch.manual_seed(cfg["seed"])  # same initial model on every rank
@@ -634,6 +647,7 @@ def training(local_rank, cfg, attach=None):
                 **extra}
 
     trainer = Engine(train_step)
+    trainer.logger.addFilter(QUIET_ENGINE_EXCEPTIONS)  # the evaluators share this logger
     trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(lambda out: out["loss"]))
     # TerminateOnNan stops mid-epoch, but Ignite still fires EPOCH_COMPLETED: the handlers of
     # that event below skip a diverged epoch, so no NaN model is evaluated or saved.
@@ -706,7 +720,7 @@ def training(local_rank, cfg, attach=None):
                   "from epoch 1")
     wall_before = history.wall_seconds  # of earlier invocations, when resuming
 
-    left = epochs_left(trainer, stopper, cfg)
+    left = epochs_left(trainer, stopper, cfg, task.choose_label)
     # Rank 0 decides for all: only its disk surely holds the results folder.
     finished = idist.broadcast(int(left is not None and (results / "summary.json").is_file()), src=0)
     if finished:
@@ -759,18 +773,33 @@ def training(local_rank, cfg, attach=None):
                    "world_size": world_size, "backend": idist.backend() or "none",
                    "device": str(device), "torch": torch.__version__,
                    "ignite": ignite.__version__, "hyperparameters": cfg}
-        write_results(results, summary, history.rows, task)
+        # summary.json is written last: a run interrupted before it is resumable (its final
+        # stage runs again), one that has it is finished and answers recommend.py.
         save_run_data(run_dir, task, cfg)
         show_tastes(run_dir, results, tb_logger)
         tb_logger.writer.add_hparams(
             {k: v for k, v in cfg.items() if k not in ("resume",)},
             {f"hparam/{k}": v for k, v in final.items()}, name="hparams")
         tb_logger.close()
+        write_results(results, summary, history.rows, task)
         print(f"{task.headline(final)} (best epoch {best_epoch} of {trainer.state.epoch}, "
               f"val {task.choose_by} {final[choose]:.4f}); results in {results}/")
     # Let every rank leave together, before run_released (main) releases the model and engines
     # and Parallel destroys the process group.
     idist.barrier()
+
+
+class _QuietEngineExceptions(logging.Filter):
+    """Drops Ignite's "Engine run is terminating due to exception: ..." notices. Every exception
+    that ends a run reaches main(), which reports it once (a line, or a traceback for a bug); the
+    notice said it again, once per engine it passed through (Ctrl-C in an evaluation, a tune.py
+    trial pruned from the validation evaluator inside the trainer)."""
+
+    def filter(self, record):
+        return "terminating due to exception" not in record.getMessage()
+
+
+QUIET_ENGINE_EXCEPTIONS = _QuietEngineExceptions()
 
 
 def diverged(trainer):
@@ -779,14 +808,14 @@ def diverged(trainer):
     return output is not None and not math.isfinite(float(output["loss"]))
 
 
-def epochs_left(trainer, stopper, cfg):
+def epochs_left(trainer, stopper, cfg, metric_label):
     """None when a (resumed) trainer has epochs to run, else why it has none, in words."""
     done = trainer.state.epoch
     if done >= cfg["epochs"]:
         return (f"has trained {done} epochs and --epochs={cfg['epochs']}: pass a larger "
                 "--epochs to train further")
     if stopper and done and stopper.counter >= stopper.patience:
-        return (f"stopped early after epoch {done} (no better validation MSE in "
+        return (f"stopped early after epoch {done} (no better validation {metric_label} in "
                 f"{stopper.patience} epochs): pass a larger --patience to train further")
     return None
 
@@ -820,9 +849,10 @@ def unstarted_run_files(run_dir):
             or path.name.startswith(("events.out.tfevents.", "best_"))]
 
 
-def check_new_run_folder(run_dir):
+def check_new_run_folder(run_dir, results):
     """A new run may use an absent or empty folder, or one that an unstarted run left; never one
-    that holds a run (it would be overwritten) or files that are not a run's."""
+    that holds a run (it would be overwritten) or files that are not a run's, and never a results
+    folder that holds files (another run's figures, from another --runs_dir)."""
     if last_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds a run: continue it with --resume={run_dir} "
                           "or pick another --run_name")
@@ -833,6 +863,9 @@ def check_new_run_folder(run_dir):
     if others:
         raise ConfigError(f"{run_dir} holds files that are not a run's ({', '.join(others[:3])}): "
                           "pick another --run_name")
+    if results.is_dir() and any(results.iterdir()):
+        raise ConfigError(f"{results} already holds the results of a run: pick another --run_name "
+                          "or --results_dir")
 
 
 def attach_tensorboard(run_dir, trainer, evaluators, optimizer, task, cfg):
@@ -866,8 +899,10 @@ def save_run_data(run_dir, task, cfg):
     dataset has a movie file. Kept in runs/ only: MovieLens may not be redistributed."""
     order = np.lexsort((task.seen[1], task.seen[0]))
     indptr = np.concatenate([[0], np.cumsum(np.bincount(task.seen[0], minlength=task.n_users))])
-    np.savez(run_dir / "dataset.npz", user_ids=task.user_ids, item_ids=task.item_ids,
-             seen_indptr=indptr, seen_items=task.seen[1][order])
+    arrays = io.BytesIO()
+    np.savez(arrays, user_ids=task.user_ids, item_ids=task.item_ids, seen_indptr=indptr,
+             seen_items=task.seen[1][order], rating_range=np.array(task.rating_range or (), dtype=np.float64))
+    write_atomically(run_dir / "dataset.npz", arrays.getvalue())
     try:
         movies = loader.load_movies(cfg["dataset"], cfg["data_dir"])
     except loader.DataError:  # the data folder moved since the run started: ids stand for titles
@@ -878,7 +913,22 @@ def save_run_data(run_dir, task, cfg):
                   "year": None if y is None or y != y else int(y),
                   "genres": g if isinstance(g, list) else []}
                  for i, t, y, g in zip(task.item_ids, rows["title"], rows["year"], rows["genres"])]
-        (run_dir / "movies.json").write_text(json.dumps(items))
+        write_atomically(run_dir / "movies.json", json.dumps(items))
+
+
+def write_atomically(path, content):
+    """Write content (str or bytes) to a temporary file beside path and rename it over path: an
+    interruption leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(content, str):
+            temporary.write_text(content)
+        else:
+            temporary.write_bytes(content)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def show_tastes(run_dir, results, tb_logger):
@@ -889,19 +939,24 @@ def show_tastes(run_dir, results, tb_logger):
     run = Recommender.load(run_dir, quiet=True)
     run.write_pictures(results)
     metadata = [[title, "|".join(genres) or "-"] for title, genres in zip(run.movies["title"], run.movies["genres"])]
+    # One projector entry per run: a run finished again (resumed for more epochs, or after an
+    # interrupted end) replaces the entry instead of adding a second one beside it.
+    shutil.rmtree(run_dir / "00000" / "item_embeddings", ignore_errors=True)
+    (run_dir / "projector_config.pbtxt").unlink(missing_ok=True)
     tb_logger.writer.add_embedding(run.model.item_factors.detach(), metadata=metadata,
                                    metadata_header=["title", "genres"], tag="item_embeddings")
 
 
 def write_results(folder, summary, rows, task):
-    """summary.json, metrics.csv (one row per epoch) and the task's SVG plots."""
+    """metrics.csv (one row per epoch), the task's SVG plots, and summary.json last: its presence
+    says the run is finished."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(folder / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for row in rows for k in row)),
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(folder / "metrics.csv", table.getvalue())
     import matplotlib  # imported here: only the end of a run needs it
     matplotlib.use("svg")
     import matplotlib.pyplot as plt
@@ -923,6 +978,7 @@ def write_results(folder, summary, rows, task):
         fig.tight_layout()
         fig.savefig(folder / filename)
         plt.close(fig)
+    write_atomically(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
 def main(argv):
@@ -935,6 +991,8 @@ def main(argv):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
         backend = "nccl" if torch.cuda.is_available() and cfg["device"] != "cpu" else "gloo"
     with idist.Parallel(backend=backend) as parallel:
+        # Ignite's launcher announces "Run '<function training at 0x...>' in 1 processes" at INFO.
+        logging.getLogger("ignite.distributed.launcher.Parallel").setLevel(logging.WARNING)
         error = run_released(parallel, cfg)
     if error is None:
         return 0

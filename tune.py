@@ -20,7 +20,7 @@ import gc
 import json
 import shutil
 import sys
-import time
+import warnings
 from pathlib import Path
 
 import train
@@ -42,7 +42,9 @@ SPACE = {
 }
 PRIORS = ("prior_tastes", "prior_attention", "prior_items")
 PRIOR_RANGES = {"row": ("log", 0.3, 100.0), "pair": ("log", 1e-3, 0.3)}
-BATCH_SIZES = {"rating": [0, 1024, 2048, 4096, 8192, 16384], "ranking": [64, 128, 256, 512]}  # 0: sized to the data
+# Batch sizes: ratings, or interactions for the sampled ranking losses ("examples"; 0: sized to
+# the data), and users for the full-softmax ranking loss ("ranking").
+BATCH_SIZES = {"examples": [0, 1024, 2048, 4096, 8192, 16384], "ranking": [64, 128, 256, 512]}
 # -----------------------------------------------------------------------------
 TUNE_KEYS = ("study", "trials", "timeout", "seed", "prune_warmup")
 
@@ -61,19 +63,47 @@ def parse(argv):
             raise train.ConfigError(f"--{key} is decided by tune.py (runs/<study>/trial-<n>)")
     if settings["trials"] < 1:
         raise train.ConfigError("--trials must be positive")
-    base = train.resolve_config([f"--{k}={v}" for k, v in fixed.items()])  # checks the fixed knobs
-    if not settings["study"]:
-        settings["study"] = f"tune-{base['dataset']}-{base['task']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for key in ("timeout", "prune_warmup"):
+        if settings[key] < 0:
+            raise train.ConfigError(f"--{key} must not be negative, got {settings[key]}")
+    base = train.resolve_config(arguments(fixed))  # checks the fixed knobs
+    if not settings["study"]:  # the same command names the same study, so it continues
+        settings["study"] = f"tune-{base['dataset']}-{base['task']}"
     return settings, fixed, base
 
 
+def arguments(knobs):
+    return [f"--{k}={v}" for k, v in knobs.items()]
+
+
+def settle_fixed(found, fixed, study_name):
+    """The knobs this study fixes for all its trials: stored with the study by its first call.
+    A later call may repeat them or leave them out, never change them, or its trials would mix
+    settings (and data) under one best."""
+    stored = found.user_attrs.get("fixed")
+    if stored is None:
+        found.set_user_attr("fixed", fixed)
+        return fixed
+    changed = sorted(k for k in set(stored) | set(fixed) if k in fixed and fixed[k] != stored.get(k))
+    if changed:
+        key = changed[0]
+        was = f"--{key}={stored[key]}" if key in stored else f"--{key} left at its default"
+        raise train.ConfigError(f"study {study_name} was started with {was}; this call gives "
+                                f"--{key}={fixed[key]}: leave the study's fixed knobs as they were, "
+                                "or pick another --study")
+    return stored
+
+
 def suggest(trial, fixed, base):
-    """The trial's knobs: the space above, minus what the command line fixed."""
+    """The trial's knobs: the space above, minus what the command line fixed, and minus the
+    attention's prior when the trial has one taste (its weight is then always 1)."""
+    batch_sizes = BATCH_SIZES["ranking" if base["task"] == "ranking" and base["loss"] == "softmax"
+                              else "examples"]
     space = {**SPACE, **dict.fromkeys(PRIORS, PRIOR_RANGES[base["prior_per"]]),
-             "batch_size": ("choice", BATCH_SIZES[base["task"]])}
+             "batch_size": ("choice", batch_sizes)}
     chosen = {}
     for key, (kind, *args) in space.items():
-        if key in fixed:
+        if key in fixed or (key == "prior_attention" and chosen.get("n_tastes", fixed.get("n_tastes")) == 1):
             continue
         if kind == "log":
             chosen[key] = trial.suggest_float(key, *args, log=True)
@@ -95,9 +125,9 @@ def run_trial(trial, fixed, base, runs, results):
 
     params = {**fixed, **suggest(trial, fixed, base)}
     trial.set_user_attr("command", command_line(params))
-    cfg = train.resolve_config([f"--{k}={v}" for k, v in params.items()]
-                               + [f"--runs_dir={runs}", f"--results_dir={results}",
-                                  f"--run_name=trial-{trial.number}", "--progress=False"])
+    print(f"trial {trial.number}: {command_line(params)}", flush=True)
+    cfg = train.resolve_config(arguments(params) + [f"--runs_dir={runs}", f"--results_dir={results}",
+                                                    f"--run_name=trial-{trial.number}", "--progress=False"])
 
     def attach(trainer, validation, task):
         handler = PyTorchIgnitePruningHandler(trial, task.choose_by, trainer)
@@ -105,27 +135,38 @@ def run_trial(trial, fixed, base, runs, results):
 
     try:
         train.training(0, cfg, attach)
+    except train.TrainingError as error:  # Optuna marks the trial failed; say why here
+        print(f"trial {trial.number}: {error}", flush=True)
+        raise
     finally:
         gc.collect()  # a pruned trial's engines and model, before the next trial builds its own
     summary = json.loads((results / f"trial-{trial.number}" / "summary.json").read_text())
     return summary[f"val_ndcg@{cfg['top_k']}" if cfg["task"] == "ranking" else "val_mse"]
 
 
+HEARTBEAT_SECONDS = 10  # a running trial's heartbeat; one silent for 3 beats was left by a dead process
+
+
 def open_study(settings, base, runs):
-    """The study in runs/<study>/study.db, created or continued; trials an interruption left
-    running are marked failed (their folders stay for a look)."""
+    """The study in runs/<study>/study.db, created or continued. Each running trial beats a
+    heartbeat into the database (Optuna's RDBStorage): trials that a dead or interrupted process
+    left running are marked failed (their folders stay for a look), while those of another
+    worker still running on the same study go on."""
     import optuna
 
     runs.mkdir(parents=True, exist_ok=True)
     direction = "maximize" if base["task"] == "ranking" else "minimize"
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=settings["prune_warmup"])
-    found = optuna.create_study(study_name=settings["study"], storage=f"sqlite:///{runs / 'study.db'}",
-                                direction=direction, load_if_exists=True, pruner=pruner,
-                                sampler=optuna.samplers.TPESampler(seed=settings["seed"]))
-    if found.direction != optuna.study.StudyDirection[direction.upper()]:
-        raise train.ConfigError(f"study {settings['study']} was made for the other task: pick another --study")
-    for stale in found.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        found.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9 (2021)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{runs / 'study.db'}", heartbeat_interval=HEARTBEAT_SECONDS,
+                                             grace_period=3 * HEARTBEAT_SECONDS)
+        found = optuna.create_study(study_name=settings["study"], storage=storage,
+                                    direction=direction, load_if_exists=True, pruner=pruner,
+                                    sampler=optuna.samplers.TPESampler(seed=settings["seed"]))
+        if found.direction != optuna.study.StudyDirection[direction.upper()]:
+            raise train.ConfigError(f"study {settings['study']} was made for the other task: pick another --study")
+        optuna.storages.fail_stale_trials(found)
     return found
 
 
@@ -142,9 +183,13 @@ def main(argv):
         return 2
     runs = Path(base["runs_dir"]) / settings["study"]
     results = Path(base["results_dir"]) / settings["study"]
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Each trial's outcome is printed by report() and run_trial(); Optuna's own warnings would say
+    # it again, and print an interrupted trial's traceback before our one line.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         found = open_study(settings, base, runs)
+        fixed = settle_fixed(found, fixed, settings["study"])
+        base = train.resolve_config(arguments(fixed))
         left = settings["trials"] - len(found.trials)
         print(f"study {settings['study']}: {len(found.trials)} trials so far, {max(left, 0)} to run "
               f"(runs/{settings['study']}/study.db)", flush=True)
@@ -156,16 +201,17 @@ def main(argv):
         if not done:
             raise train.ConfigError("no trial completed: nothing to choose from")
         best = found.best_trial
-        params = {**fixed, **best.params}
-        line = command_line(params)
+        params = {**fixed, **best.params}  # the study's fixed knobs: those of every trial
+        line = best.user_attrs.get("command", command_line(params))
         print(f"best trial {best.number}: validation {found.direction.name.lower()}d to "
               f"{best.value:.4f}\n  {line}", flush=True)
         # The chosen setting, trained once more from scratch: its test figures, reported only.
         name = f"best-trial-{best.number}"
         if not (results / name / "summary.json").is_file():  # else a resumed study's, already made
-            shutil.rmtree(runs / name, ignore_errors=True)     # an interrupted retraining
+            for folder in (runs / name, results / name):      # an interrupted retraining
+                shutil.rmtree(folder, ignore_errors=True)
             train.training(0, train.resolve_config(
-                [f"--{k}={v}" for k, v in params.items()]
+                arguments(params)
                 + [f"--runs_dir={runs}", f"--results_dir={results}", f"--run_name={name}", "--progress=False"]))
         summary = json.loads((results / name / "summary.json").read_text())
         test = {k: v for k, v in summary.items() if k.startswith("test_")}

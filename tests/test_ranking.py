@@ -194,3 +194,19 @@ def test_a_ranking_run_resumes_to_the_same_model(tmp_path, synthetic_ml100k):
 def test_bad_ranking_input_from_the_command_line(tmp_path, synthetic_ml100k, override, message):
     result = run_ranking(tmp_path, synthetic_ml100k, "--epochs=1", override, check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sampled_softmax", "bpr", "adaptive_hinge"])
+def test_a_row_prior_weight_counts_like_that_many_examples_for_every_loss(tmp_path, loss):
+    """Over an epoch, each batch's prior weighted by its examples (the count its data term is a
+    mean over) sums to the rows' squared norms: the same for every loss. With sampled losses a
+    batch scores 1 + n_negatives pairs per example; the prior must not be that much weaker."""
+    task = _ranking_task(tmp_path, loss=loss, n_negatives=9, prior_per="row", batch_size=64)
+    model = MFMixTaste(task.n_users, task.n_items, dim=4, n_tastes=2, init_std=1.0)
+    total = 0.0
+    for batch in task.batches:
+        _, norms, _, _ = task.loss(model, batch)
+        examples = len(batch[2]) if loss == "softmax" else len(batch[0])
+        total += examples * float(norms[0])  # the tastes' term
+    expected = float(model.tastes.detach().pow(2).sum((1, 2)).sum())  # every user trains
+    assert total == pytest.approx(expected, rel=1e-4)

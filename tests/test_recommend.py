@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import loader
 from conftest import ROOT, write_ratings
@@ -22,7 +23,9 @@ def u_item_line(movie_id, title, genre):
 
 def two_groups(folder):
     """Movies 1-20 (group A, Action) and 21-40 (group B, Romance); users 1-60 watch only A,
-    61-120 only B, 121-160 both: 10 of each. Written as ml-100k, with a latin-1 u.item."""
+    61-120 only B, 121-160 both: 10 of each, all rated 5. Users 1-60 also rated three B movies
+    1 star (below the ranking task's positives: they never train it). Movie 40 is "unknown",
+    with no year, as movie 267 of the real u.item. Written as ml-100k, with a latin-1 u.item."""
     rng = np.random.default_rng(0)
     users, items = [], []
     for user in range(160):
@@ -34,21 +37,27 @@ def two_groups(folder):
             chosen = np.concatenate([rng.choice(20, 10, replace=False), 20 + rng.choice(20, 10, replace=False)])
         users += [user + 1] * len(chosen)
         items += list(chosen + 1)
-    write_ratings(folder / "ml-100k" / "u.data", np.array(users), np.array(items),
-                  np.full(len(users), 5.0), sep="\t")
-    lines = [u_item_line(m, f"{'Café' if m == 1 else 'Alpha'} {m} (1990)" if m <= 20 else f"Beta {m} (1995)",
+    disliked = [(user + 1, 21 + item) for user in range(60) for item in rng.choice(20, 3, replace=False)]
+    ratings = [5.0] * len(users) + [1.0] * len(disliked)
+    write_ratings(folder / "ml-100k" / "u.data", np.array(users + [u for u, _ in disliked]),
+                  np.array(items + [i for _, i in disliked]), np.array(ratings), sep="\t")
+    lines = [u_item_line(m, f"{'Café' if m == 1 else 'Alpha'} {m} (1990)" if m <= 20 else
+                         "unknown" if m == 40 else f"Beta {m} (1995)",
                          "Action" if m <= 20 else "Romance") for m in range(1, 41)]
     (folder / "ml-100k" / "u.item").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
     return folder
 
 
-def train_run(tmp, data_dir, name, n_tastes):
+RATING_RUN = ["--task=rating", "--dim=4", "--epochs=3", "--batch_size=256"]
+
+
+def train_run(tmp, data_dir, name, n_tastes, settings=()):
     # d=1: one taste vector cannot score two opposite groups high at once; two tastes can.
     args = [sys.executable, str(ROOT / "train.py"), "--task=ranking", "--dataset=ml-100k",
             f"--data_dir={data_dir}", f"--runs_dir={tmp / 'runs'}", f"--results_dir={tmp / 'results'}",
             "--download=False", "--progress=False", f"--run_name={name}", f"--n_tastes={n_tastes}",
             "--dim=1", "--init_std=0.5", "--prior_tastes=0", "--prior_attention=0", "--prior_items=0",
-            "--batch_size=32", "--epochs=100", "--patience=0"]
+            "--batch_size=32", "--epochs=100", "--patience=0", *settings]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp / "runs" / name
@@ -58,7 +67,8 @@ def train_run(tmp, data_dir, name, n_tastes):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tastes")
     data_dir = two_groups(tmp / "data")
-    return {"data": data_dir, "tmp": tmp, "mixture": train_run(tmp, data_dir, "mixture", 2)}
+    return {"data": data_dir, "tmp": tmp, "mixture": train_run(tmp, data_dir, "mixture", 2),
+            "rating": train_run(tmp, data_dir, "rating", 2, RATING_RUN)}
 
 
 def group(movie_ids):
@@ -90,7 +100,7 @@ def test_recommendations_exclude_rated_movies_and_carry_titles_and_tastes(runs):
     assert list(frame.columns) == ["rank", "movie_id", "title", "year", "genres", "score", "taste", "taste_weight"]
     assert frame["score"].is_monotonic_decreasing and set(frame["taste"]) <= {1, 2}
     assert all(0 < w <= 1 for w in frame["taste_weight"])
-    assert frame["title"].str.match(r"(Alpha|Beta|Café) \d+ \(\d{4}\)").all()
+    assert frame["title"].str.match(r"(Alpha|Beta|Café) \d+ \(\d{4}\)|unknown$").all()
     everyone = run.recommend_all(n=5)
     assert len(everyone) == 5 * 160
     mine = everyone[everyone["user_id"] == 121]["movie_id"].tolist()
@@ -163,7 +173,10 @@ def test_a_run_without_a_movie_file_names_movies_by_id(runs, tmp_path):
     assert not (run_dir / "movies.json").exists()
     done = cli(run_dir, "--user=1", "--n=3")
     assert done.returncode == 0 and "named by id" in done.stderr
+    assert "[]" not in done.stdout  # no empty genre list
     assert Recommender.load(run_dir).recommend(1, n=3)["title"].str.fullmatch(r"\d+").all()
+    tastes = cli(run_dir, "--user=1", "--tastes")
+    assert tastes.returncode == 0 and "genres:" not in tastes.stdout
 
 
 # ----------------------------------------------------------------------------- movie files
@@ -195,3 +208,102 @@ def test_each_movie_file_format_parses_with_its_encoding(tmp_path):
 def test_a_folder_without_a_movie_file_has_no_movies(tmp_path):
     write_ratings(tmp_path / "ml-1m" / "ratings.dat", [1], [1], [5.0])
     assert loader.load_movies("ml-1m", tmp_path) is None
+
+
+# ----------------------------------------------------------------------------- right answers
+
+def test_a_ranking_run_never_recommends_a_movie_the_user_rated_low(runs):
+    """The ranking model trains on ratings >= 3 only; the 1-star movies of users 1-60 are still
+    movies they rated, and must never come back as recommendations."""
+    run = Recommender.load(runs["mixture"])
+    everyone = run.recommend_all(n=40)  # every movie each user has not rated
+    raw = np.loadtxt(runs["data"] / "ml-100k" / "u.data", dtype=np.int64)
+    rated = set(zip(raw[:, 0].tolist(), raw[:, 1].tolist()))
+    assert not rated & set(zip(everyone["user_id"].tolist(), everyone["movie_id"].tolist()))
+    disliked = {(u, m) for u, m, r in raw[:, :3].tolist() if r == 1}
+    assert len(disliked) == 180
+    for user in (1, 2, 3):
+        shown = set(run.recommend(user, n=40)["movie_id"])
+        assert not shown & {m for u, m in disliked if u == user}
+        assert len(shown) == 40 - len({m for u, m in rated if u == user})
+
+
+def test_recommend_all_returns_at_most_the_unrated_movies_and_no_rated_ones(runs):
+    run = Recommender.load(runs["mixture"])
+    everyone = run.recommend_all(n=5000)  # more than there are movies
+    assert np.isfinite(everyone["score"]).all()
+    per_user = everyone.groupby("user_id").size()
+    assert per_user.loc[1] == 40 - 18 and per_user.loc[121] == 40 - 20
+
+
+@pytest.mark.parametrize("call", [
+    lambda run: run.recommend("abc"), lambda run: run.recommend(6.9), lambda run: run.recommend(True),
+    lambda run: run.recommend(6, n=-1), lambda run: run.recommend(6, n=0), lambda run: run.similar(5, n=-2),
+    lambda run: run.recommend_all(n=-1), lambda run: run.tastes(6, n=2.5),
+])
+def test_bad_ids_and_counts_are_run_errors(runs, call):
+    with pytest.raises(RunError, match="whole number"):
+        call(Recommender.load(runs["mixture"]))
+
+
+def test_predicted_ratings_are_shown_within_the_rating_range(runs):
+    run = Recommender.load(runs["rating"])
+    assert run.rating_range == (1.0, 5.0) and run.score_name == "rating"
+    with torch.no_grad():
+        run.model.item_bias += 10.0  # every prediction far above 5 stars
+    assert run.recommend(1, n=5)["rating"].max() == 5.0
+    assert run.recommend_all(n=3)["rating"].max() == 5.0
+
+
+def test_a_movie_without_a_year_keeps_the_year_column_whole(runs):
+    run = Recommender.load(runs["rating"])
+    assert run.movies["year"].iloc[0] == 1990 and run.movies["year"].iloc[-1] is None
+    # A both-groups user who has not rated movie 40: --n=20 shows all 20 movies left to them.
+    user = next(u for u in range(121, 161) if 39 not in run.rated(run.user_row(u)))
+    done = cli(runs["rating"], f"--user={user}", "--n=20")
+    assert done.returncode == 0 and ".0)" not in done.stdout and "nan" not in done.stdout
+    assert "(1990) (1990" not in done.stdout and "unknown  [Romance]" in done.stdout
+    as_json = cli(runs["rating"], f"--user={user}", "--n=20", "--json")
+
+    def no_constant(name):
+        raise ValueError(f"{name} is not JSON")
+
+    records = json.loads(as_json.stdout, parse_constant=no_constant)
+    years = {r["movie_id"]: r["year"] for r in records}
+    assert 40 in years and years[40] is None
+    assert all(isinstance(y, int) for m, y in years.items() if m != 40)
+
+
+def test_tastes_show_as_many_movies_as_asked(runs):
+    tastes = Recommender.load(runs["mixture"]).tastes(121, n=30)
+    assert [len(t["top_movies"]) for t in tastes] == [30, 30]
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("dataset.npz", b"not a zip"), ("movies.json", b"[{\"movie_id\": 1"), ("config.json", b"[1, 2]"),
+])
+def test_a_damaged_run_file_is_named_in_one_line(runs, tmp_path, name, damage):
+    import shutil
+    copy = tmp_path / "run"
+    shutil.copytree(runs["mixture"], copy)
+    (copy / name).write_bytes(damage)
+    done = cli(copy, "--user=1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{copy / name} is damaged" in done.stderr
+
+
+def test_a_map_that_cannot_be_written_is_one_line(runs):
+    done = cli(runs["mixture"], "--user=1", "--plot=/no/such/folder/x.svg")
+    assert done.returncode == 2 and "cannot write /no/such/folder/x.svg" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_best_model_is_chosen_by_its_score_not_by_its_name(tmp_path):
+    from recommend import best_model_file
+    for name in ("best_model_9_neg_val_mse=-0.8000.pt", "best_model_12_neg_val_mse=-0.7000.pt",
+                 "best_model_3_val_ndcg_at_10=0.1000.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert best_model_file(tmp_path).name == "best_model_3_val_ndcg_at_10=0.1000.pt"
+    (tmp_path / "best_model_3_val_ndcg_at_10=0.1000.pt").unlink()
+    assert best_model_file(tmp_path).name == "best_model_12_neg_val_mse=-0.7000.pt"
+    assert best_model_file(tmp_path / "nothing") is None

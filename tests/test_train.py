@@ -29,7 +29,7 @@ def read_csv(path):
 
 
 def test_run_writes_events_checkpoints_and_results(tmp_path, synthetic_ml100k):
-    run_train(tmp_path, synthetic_ml100k, "--epochs=3", "--run_name=first", "--eval_train=True")
+    result = run_train(tmp_path, synthetic_ml100k, "--epochs=3", "--run_name=first", "--eval_train=True")
     run_dir, results = tmp_path / "runs" / "first", tmp_path / "results" / "first"
     assert len(list(run_dir.glob("last_checkpoint_*.pt"))) == 1
     assert len(list(run_dir.glob("best_model_*.pt"))) == 1
@@ -42,6 +42,8 @@ def test_run_writes_events_checkpoints_and_results(tmp_path, synthetic_ml100k):
                 "train_step/prior_attention", "train_step/prior_items", "train_step/prior_biases"}
     expected |= {f"{split}/{m}" for split in ("train", "val", "test") for m in ("mse", "rmse", "mae")}
     assert expected <= tags, expected - tags
+    # Ignite's launcher no longer announces "Run '<function training at 0x...>' in 1 processes".
+    assert "<function" not in result.stdout + result.stderr
     assert [e.step for e in events.Scalars("val/mse")] == [1, 2, 3]
     assert list((run_dir / "hparams").rglob("events.out.tfevents.*"))
 
@@ -106,6 +108,8 @@ def test_bad_overrides_fail_with_one_clear_message(tmp_path, synthetic_ml100k, o
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    # Refused before any folder is made: nothing is left for recommend.py to trip on.
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path, synthetic_ml100k):
@@ -120,6 +124,7 @@ def test_missing_data_without_download_is_a_clear_error(tmp_path):
     result = run_train(tmp_path, tmp_path / "empty", "--epochs=1", check=False)
     assert result.returncode == 2
     assert "by hand" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_left(tmp_path, synthetic_ml100k):
@@ -134,6 +139,9 @@ def test_resuming_a_finished_run_says_there_is_nothing_left(tmp_path, synthetic_
     more = run_train(tmp_path, synthetic_ml100k, f"--resume={run_dir}", "--epochs=3")
     assert "best epoch" in more.stdout
     assert [int(r["epoch"]) for r in read_csv(tmp_path / "results" / "done" / "metrics.csv")] == [1, 2, 3]
+    # Finished twice, the run still has one entry in TensorBoard's projector.
+    assert (run_dir / "projector_config.pbtxt").read_text().count("embeddings {") == 1
+    assert "Embedding dir exists" not in more.stdout + more.stderr
 
 
 def test_resume_may_turn_early_stopping_on(tmp_path, synthetic_ml100k):
@@ -232,3 +240,47 @@ def test_a_row_prior_counts_each_user_and_item_once_per_epoch(prior_per):
         expected = user_norms[train_users].mean(), item_norms[train_items].mean()
     torch.testing.assert_close(norms[0], expected[0])
     torch.testing.assert_close(norms[2], expected[1])
+
+
+def test_a_run_never_overwrites_the_results_of_a_run_in_another_runs_dir(tmp_path, synthetic_ml100k):
+    run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--run_name=x")
+    summary = (tmp_path / "results" / "x" / "summary.json").read_text()
+    other = run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--run_name=x",
+                      f"--runs_dir={tmp_path / 'runsB'}", "--lr=0.05", check=False)
+    assert other.returncode == 2 and "already holds the results of a run" in other.stderr
+    assert (tmp_path / "results" / "x" / "summary.json").read_text() == summary
+    assert not (tmp_path / "runsB" / "x").exists()
+
+
+def test_an_interruption_during_the_final_writes_leaves_a_run_that_resume_finishes(
+        tmp_path, synthetic_ml100k, monkeypatch, capsys):
+    """Ctrl-C after the last epoch, while the run writes its pictures: --resume finishes it."""
+    import train
+    from recommend import Recommender
+    args = ["--dataset=ml-100k", f"--data_dir={synthetic_ml100k}", "--download=False",
+            "--progress=False", "--dim=8", "--epochs=2", "--patience=0", "--run_name=cut",
+            f"--runs_dir={tmp_path / 'runs'}", f"--results_dir={tmp_path / 'results'}"]
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(train, "show_tastes", interrupted)
+        assert train.main(args) == 130
+    run_dir, results = tmp_path / "runs" / "cut", tmp_path / "results" / "cut"
+    assert not (results / "summary.json").exists()  # not finished, so resumable
+    assert train.main([f"--resume={run_dir}"]) == 0
+    assert "nothing to do" not in capsys.readouterr().out
+    assert (results / "summary.json").is_file() and (results / "taste_weights.svg").is_file()
+    assert Recommender.load(run_dir).recommend(3, n=2)["movie_id"].size == 2
+    assert train.main([f"--resume={run_dir}"]) == 0 and "nothing to do" in capsys.readouterr().out
+
+
+def test_an_early_stopped_run_names_the_metric_that_stopped_it():
+    from types import SimpleNamespace
+
+    import train
+    trainer = SimpleNamespace(state=SimpleNamespace(epoch=7))
+    stopper = SimpleNamespace(counter=3, patience=3)
+    said = train.epochs_left(trainer, stopper, {"epochs": 60}, "NDCG@10")
+    assert "no better validation NDCG@10 in 3 epochs" in said
