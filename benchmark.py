@@ -309,10 +309,11 @@ PUBLISHED = [("Pop", 0.1006, 0.0699), ("BPR", 0.2407, 0.1725), ("NeuMF", 0.2393,
 
 def ranking_task(dataset, data_dir, **overrides):
     """The ranking data exactly as `train.py --task=ranking` builds it (same filter and split)."""
+    import tasks
     import train
     cfg = {**train.DEFAULTS, **train.RANKING_DEFAULTS, "task": "ranking", "dataset": dataset,
            **overrides}
-    return train.RankingTask(cfg, loader.load(dataset, data_dir, allow_download=False), "cpu", 0, 1)
+    return tasks.RankingTask(cfg, loader.load(dataset, data_dir, allow_download=False), "cpu", 0, 1)
 
 
 class Scorer:
@@ -330,30 +331,11 @@ def torch_tensor(array):
     return torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def ranking_figures(task, scorer, split):
-    """The rank metrics of a scorer on a split, through train.py's own metric and masking."""
-    import train
-    metric = train.RankingMetrics(task.k)
-    metric.reset()
-    for users in task.eval_batches[split]:
-        metric.update(task.scores_and_relevant(scorer, users, split))
-    return metric.compute()
-
-
-def train_matrix(task):
-    """The training interactions as a users x items scipy CSR matrix of ones."""
-    import torch
-    from scipy.sparse import csr_matrix
-    position, items = task.by_user["train"].pairs(torch.arange(task.n_users))
-    return csr_matrix((np.ones(len(items), dtype=np.float32), (position.numpy(), items.numpy())),
-                      shape=(task.n_users, task.n_items))
-
-
 def ranking_baseline(name, dataset, data_dir):
     """Fit a baseline for each setting of its grid on the training part, keep the one with the
     best validation NDCG@k, and report its test figures (training and validation items masked)."""
     task = ranking_task(dataset, data_dir)
-    X = train_matrix(task)
+    X = task.training_matrix()
     grids = {"pop": [{}], "ease": [{"l2": v} for v in (100.0, 250.0, 500.0, 1000.0, 2000.0)],
              "als": [{"factors": f, "regularization": r, "alpha": a}
                      for f in (64, 128) for r in (0.01, 0.1) for a in (1.0, 10.0)],
@@ -367,7 +349,7 @@ def ranking_baseline(name, dataset, data_dir):
     best = None
     for setting in grids[name]:
         scorer = fit_ranking_baseline(name, X, setting)
-        val = ranking_figures(task, scorer, "val")[f"ndcg@{task.k}"]
+        val = task.evaluate(scorer, "val")[f"ndcg@{task.k}"]
         if best is None or val > best[0]:
             best = (val, setting, scorer)
     val, setting, scorer = best
@@ -375,7 +357,7 @@ def ranking_baseline(name, dataset, data_dir):
              f"val ndcg@{task.k}": round(val, 4)}
     if name in ("als", "bpr"):
         extra["implicit"] = implicit.__version__
-    return ranking_figures(task, scorer, "test"), extra
+    return task.evaluate(scorer, "test"), extra
 
 
 def fit_ranking_baseline(name, X, setting):
@@ -408,21 +390,9 @@ def fit_ranking_baseline(name, X, setting):
 
 def per_user_test_ndcg(task, run_dir):
     """Test NDCG@k of each user for the best model of a train.py ranking run folder."""
-    import torch
-
-    import train
-    from MFMixTaste import MFMixTaste
-    from recommend import best_model_file
-    cfg = json.loads((run_dir / "config.json").read_text())
-    model = MFMixTaste(task.n_users, task.n_items, dim=cfg["dim"], n_tastes=cfg["n_tastes"])
-    model.load_state_dict(torch.load(best_model_file(run_dir), map_location="cpu"))
-    model.eval()
-    values = []
-    with torch.no_grad():
-        for users in task.eval_batches["test"]:
-            scores, relevant = task.scores_and_relevant(model, users, "test")
-            values.append(train.rank_metrics(scores, relevant, task.k)[:, 0])
-    return torch.cat(values).numpy()
+    from recommend import Recommender
+    model = Recommender.load(run_dir, quiet=True).model  # the run's own rows are the task's
+    return task.per_user(model, "test")[:, 0].numpy()
 
 
 def genre_span(task, movies):
@@ -430,10 +400,10 @@ def genre_span(task, movies):
     genres = sorted({g for names in movies["genres"] for g in names})
     column = {g: k for k, g in enumerate(genres)}
     item_genres = np.zeros((task.n_items, len(genres)), dtype=bool)
-    for item, raw in enumerate(task.data.item_ids):
+    for item, raw in enumerate(task.item_ids):
         if raw in movies.index:
             item_genres[item, [column[g] for g in movies.at[raw, "genres"]]] = True
-    X = train_matrix(task)
+    X = task.training_matrix()
     return ((X @ item_genres.astype(np.float32)) > 0).sum(1)
 
 
@@ -484,7 +454,7 @@ def ranking_table(results, args, task):
     k = task.k
     names = [f"{m}@{k}" for m in ("ndcg", "recall", "mrr", "hit", "precision")]
     lines = [f"## Ranking on {args.dataset}: RecBole's protocol, every item ranked for every user", "",
-             f"Ratings >= 3 as positives, 10-core filter ({len(task.data):,} interactions, "
+             f"Ratings >= 3 as positives, 10-core filter ({task.n_interactions:,} interactions, "
              f"{task.n_users:,} users, {task.n_items:,} items), each user's interactions split "
              "80/10/10 at random (seed 2020); the test ranking masks the user's training and "
              "validation items. Every model fits the training part and is chosen on validation "

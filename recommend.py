@@ -23,10 +23,7 @@ genres, when the dataset has a movie file; otherwise movies are named by id).
 
 import argparse
 import json
-import math
-import re
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +31,10 @@ import pandas as pd
 import torch
 
 import loader
+import pictures
+import runs
 from MFMixTaste import MFMixTaste
-
-
-class RunError(Exception):
-    """A run folder or an id that cannot answer: the message says which and why."""
+from runs import RunError
 
 
 class Recommender:
@@ -55,32 +51,13 @@ class Recommender:
     def load(cls, run_dir, quiet=False):
         """A finished run folder; quiet: no note when it has no movie titles. A damaged file in
         it is a RunError that names the file."""
-        run_dir = Path(run_dir)
-        if not (run_dir / "config.json").is_file():
-            raise RunError(f"{run_dir} is not a run folder (no config.json there)")
-        best, data = best_model_file(run_dir), run_dir / "dataset.npz"
-        if best is None or not data.is_file():
-            raise RunError(f"{run_dir} is unfinished: a run leaves its best model and dataset.npz "
-                           f"when it ends; let it finish, or continue it with "
-                           f"`python train.py --resume={run_dir}`")
-        config = _read(run_dir / "config.json", lambda path: _json_object(path, ("dim", "n_tastes")))
-        arrays = _read(data, lambda path: _npz(path, ("user_ids", "item_ids", "seen_indptr", "seen_items")))
+        config, arrays, movies, best = runs.read_run(run_dir, quiet)
         user_ids, item_ids = arrays["user_ids"], arrays["item_ids"]
         model = MFMixTaste(len(user_ids), len(item_ids), dim=config["dim"], n_tastes=config["n_tastes"])
         try:
             model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
         except Exception as error:  # truncated or foreign file: torch raises many kinds
             raise RunError(f"{best} is damaged or not this run's model ({type(error).__name__})") from None
-        movies_file = run_dir / "movies.json"
-        if movies_file.is_file():
-            movies = _read(movies_file, lambda path: _movies(path, len(item_ids)))
-        else:
-            if not quiet:
-                print(f"note: {run_dir} has no movies.json (the dataset had no movie file): movies are "
-                      "named by id", file=sys.stderr)
-            movies = pd.DataFrame({"movie_id": item_ids, "title": [str(i) for i in item_ids],
-                                   "year": pd.Series([None] * len(item_ids), dtype=object),
-                                   "genres": [[] for _ in item_ids]})
         run = cls(model, config, user_ids, item_ids, arrays["seen_indptr"], arrays["seen_items"], movies)
         # Predicted ratings are shown within the training ratings' range, as train.py evaluates
         # them (clip_predictions); run folders written before the range was kept show them raw.
@@ -200,97 +177,27 @@ class Recommender:
 
     # ------------------------------------------------------------------------- pictures
 
-    def mean_weights(self):
-        """(n_users, K): each user's mixture weights averaged over the movies the user rated."""
-        out = np.zeros((len(self.user_ids), self.model.n_tastes))
-        with torch.no_grad():
-            items = torch.from_numpy(self.seen_items)
-            users = torch.from_numpy(np.repeat(np.arange(len(self.user_ids)), np.diff(self.seen_indptr)))
-            for start in range(0, len(items), 1 << 18):
-                u, i = users[start:start + (1 << 18)], items[start:start + (1 << 18)]
-                weights = self.model.mixture_weights(u, i).double()                 # (m, K)
-                np.add.at(out, u.numpy(), weights.numpy())
-        counts = np.maximum(np.diff(self.seen_indptr), 1)[:, None]
-        return out / counts
-
-    def item_map(self):
-        """2-D PCA (scikit-learn) of the item embeddings: (coordinates (n_items, 2), the function
-        that projects any (m, d) vectors the same way). With d=1 the second axis is 0."""
-        from sklearn.decomposition import PCA
-        vectors = self.model.item_factors.detach().numpy()
-        if vectors.shape[1] < 2:
-            def project(v):
-                return np.column_stack([v[:, 0], np.zeros(len(v))])
-        else:
-            project = PCA(n_components=2, random_state=0).fit(vectors).transform
-        return project(vectors), project
-
     def write_pictures(self, folder):
-        """taste_weights.svg (how users spread their weight over tastes) and item_map.svg (the
-        item embedding in 2-D, coloured by genre) into folder."""
-        plt = _pyplot()
-        folder = Path(folder)
-        mean = self.mean_weights()
-        entropy = -(mean * np.log(np.clip(mean, 1e-12, None))).sum(1)
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        k = self.model.n_tastes
-        axes[0].hist(entropy, bins=40, range=(0, max(np.log(k), 1e-6)), color="tab:blue")
-        axes[0].set(xlabel=f"entropy of the user's mean mixture weights (max log K = {np.log(k):.2f})",
-                    ylabel="users", title="How evenly users use their tastes")
-        axes[1].hist(mean.max(1), bins=40, range=(1 / k, 1), color="tab:orange")
-        axes[1].set(xlabel="share of the user's top taste", ylabel="users",
-                    title="1/K: all tastes used; 1: collapsed onto one")
-        fig.suptitle(f"{self.config['dataset']}, K={k}: users' mean mixture weights over their movies")
-        fig.tight_layout()
-        fig.savefig(folder / "taste_weights.svg")
-        plt.close(fig)
-        self.plot_map(folder / "item_map.svg")
+        """taste_weights.svg and item_map.svg of this run into folder (as train.py draws them)."""
+        users = np.repeat(np.arange(len(self.user_ids)), np.diff(self.seen_indptr))
+        pictures.run_pictures(Path(folder), self.model, (users, self.seen_items), list(self.movies["genres"]),
+                              self.config["dataset"])
 
     def plot_map(self, path, user_id=None):
-        """The item map coloured by each movie's first genre; with user_id, the user's rated
+        """The movie map coloured by each movie's first genre; with user_id, the user's rated
         movies and taste vectors (projected by the same PCA) marked on it."""
-        plt = _pyplot()
-        coordinates, project = self.item_map()
-        first = [g[0] if len(g) else "(none)" for g in self.movies["genres"]]
-        common = pd.Series(first).value_counts().index[:8].tolist()
-        fig, ax = plt.subplots(figsize=(8, 7))
-        for genre in common + ["other"]:
-            members = np.array([(g if g in common else "other") == genre for g in first])
-            ax.scatter(*coordinates[members].T, s=4, alpha=0.5, label=genre,
-                       color="lightgrey" if genre == "other" else None)
+        coordinates, project = pictures.item_map(self.model.item_factors.detach().numpy())
         title = f"Item embeddings (PCA): {self.config['dataset']}, K={self.model.n_tastes}"
+        rated = tastes = None
         if user_id is not None:
             row = self.user_row(user_id)
-            ax.scatter(*coordinates[self.rated(row)].T, s=18, facecolors="none", edgecolors="black",
-                       label=f"rated by user {user_id}")
+            rated = self.rated(row)
             # Directions of the tastes: a taste scores movies by U_k . e_j, so its vector points
             # where its movies lie; drawn as arrows from the centre, scaled to the map.
             tastes = project(self.model.tastes[row].detach().numpy()) - project(np.zeros((1, self.model.dim)))
-            # Scaled so that the longest arrow reaches 80% of the map along each axis.
-            scale = 0.8 * min(np.abs(coordinates[:, axis]).max() / max(np.abs(tastes[:, axis]).max(), 1e-9)
-                              for axis in (0, 1) if np.abs(coordinates[:, axis]).max() > 0)
-            for k, (x, y) in enumerate(tastes * scale):
-                ax.annotate("", (x, y), (0, 0), arrowprops={"arrowstyle": "->", "color": "red", "lw": 2})
-                ax.text(x, y, f" taste {k + 1}", color="red", fontsize=11)
             title += f", user {user_id}"
-        ax.set(title=title, xlabel="first principal component", ylabel="second principal component")
-        ax.legend(markerscale=3, fontsize=8, loc="best")
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
-
-
-def best_model_file(run_dir):
-    """The run's best model: of its best_*.pt files (one, unless an interruption fell between
-    Ignite's writing a better one and deleting the old), the one of the highest score, then the
-    latest epoch, read from the name Ignite's Checkpoint gives it, best_model_<epoch>_<score
-    name>=<score>.pt, higher being better (a loss is saved negated). None when there is none."""
-    found = []
-    for path in Path(run_dir).glob("best_*.pt"):
-        named = re.search(r"_(\d+)_[^=]*=(-?\d+(?:\.\d+)?(?:e-?\d+)?)\.pt$", path.name)
-        key = (float(named.group(2)), int(named.group(1))) if named else (-math.inf, -1)
-        found.append((key, path))
-    return max(found)[1] if found else None
+        pictures.movie_map(path, coordinates, list(self.movies["genres"]), title, rated, tastes,
+                           f"user {user_id}")
 
 
 def _count(n):
@@ -298,49 +205,6 @@ def _count(n):
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise RunError(f"n is the number of movies to show, a whole number of at least 1; got {n!r}")
     return int(n)
-
-
-def _read(path, reader):
-    """reader(path), with a damaged or foreign file named in a RunError."""
-    try:
-        return reader(path)
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
-        raise RunError(f"{path} is damaged or not this run's ({type(error).__name__}: "
-                       f"{str(error)[:120] or 'no detail'}); rerun train.py to write it again") from None
-
-
-def _json_object(path, keys):
-    value = json.loads(Path(path).read_text())
-    if not isinstance(value, dict) or not all(k in value for k in keys):
-        raise ValueError(f"expected a JSON object with {', '.join(keys)}")
-    return value
-
-
-def _npz(path, keys):
-    with np.load(path, allow_pickle=False) as arrays:
-        found = {k: arrays[k] for k in arrays.files}
-    missing = [k for k in keys if k not in found]
-    if missing:
-        raise KeyError(f"it has no {', '.join(missing)}")
-    return found
-
-
-def _movies(path, n_items):
-    records = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(records, list) or len(records) != n_items:
-        raise ValueError(f"expected a list of {n_items} movies")
-    movies = pd.DataFrame(records, columns=["movie_id", "title", "year", "genres"])
-    # Years stay whole numbers, None where a title has none (a float column would print 1953.0,
-    # and NaN, which is not JSON).
-    movies["year"] = pd.Series([None if y is None or y != y else int(y) for y in movies["year"]], dtype=object)
-    return movies
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("svg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def _title(movie):

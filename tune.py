@@ -23,6 +23,10 @@ import sys
 import warnings
 from pathlib import Path
 
+from ignite.engine import Events
+
+import loader
+import runs
 import train
 
 # -----------------------------------------------------------------------------
@@ -56,16 +60,16 @@ def parse(argv):
     for arg in argv:
         key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
         (mine if key in own else theirs).append(arg)
-    settings = {**own, **train.parse_overrides(mine, own)}
-    fixed = train.parse_overrides(theirs, train.DEFAULTS)
+    settings = {**own, **runs.parse_overrides(mine, own)}
+    fixed = runs.parse_overrides(theirs, train.DEFAULTS)
     for key in ("resume", "run_name", "runs_dir", "results_dir"):
         if key in fixed:
-            raise train.ConfigError(f"--{key} is decided by tune.py (runs/<study>/trial-<n>)")
+            raise runs.ConfigError(f"--{key} is decided by tune.py (runs/<study>/trial-<n>)")
     if settings["trials"] < 1:
-        raise train.ConfigError("--trials must be positive")
+        raise runs.ConfigError("--trials must be positive")
     for key in ("timeout", "prune_warmup"):
         if settings[key] < 0:
-            raise train.ConfigError(f"--{key} must not be negative, got {settings[key]}")
+            raise runs.ConfigError(f"--{key} must not be negative, got {settings[key]}")
     base = train.resolve_config(arguments(fixed))  # checks the fixed knobs
     if not settings["study"]:  # the same command names the same study, so it continues
         settings["study"] = f"tune-{base['dataset']}-{base['task']}"
@@ -88,7 +92,7 @@ def settle_fixed(found, fixed, study_name):
     if changed:
         key = changed[0]
         was = f"--{key}={stored[key]}" if key in stored else f"--{key} left at its default"
-        raise train.ConfigError(f"study {study_name} was started with {was}; this call gives "
+        raise runs.ConfigError(f"study {study_name} was started with {was}; this call gives "
                                 f"--{key}={fixed[key]}: leave the study's fixed knobs as they were, "
                                 "or pick another --study")
     return stored
@@ -118,7 +122,7 @@ def command_line(params):
     return "python train.py " + " ".join(f"--{k}={v}" for k, v in params.items())
 
 
-def run_trial(trial, fixed, base, runs, results):
+def run_trial(trial, fixed, base, runs_dir, results_dir):
     """One trial: train.py's training with the suggested knobs, pruned through Ignite; returns
     the best epoch's validation score (MSE, or NDCG@k for ranking)."""
     from optuna_integration import PyTorchIgnitePruningHandler
@@ -126,46 +130,46 @@ def run_trial(trial, fixed, base, runs, results):
     params = {**fixed, **suggest(trial, fixed, base)}
     trial.set_user_attr("command", command_line(params))
     print(f"trial {trial.number}: {command_line(params)}", flush=True)
-    cfg = train.resolve_config(arguments(params) + [f"--runs_dir={runs}", f"--results_dir={results}",
+    cfg = train.resolve_config(arguments(params) + [f"--runs_dir={runs_dir}", f"--results_dir={results_dir}",
                                                     f"--run_name=trial-{trial.number}", "--progress=False"])
 
     def attach(trainer, validation, task):
         handler = PyTorchIgnitePruningHandler(trial, task.choose_by, trainer)
-        validation.add_event_handler(train.Events.COMPLETED, handler)
+        validation.add_event_handler(Events.COMPLETED, handler)
 
     try:
         train.training(0, cfg, attach)
-    except train.TrainingError as error:  # Optuna marks the trial failed; say why here
+    except runs.TrainingError as error:  # Optuna marks the trial failed; say why here
         print(f"trial {trial.number}: {error}", flush=True)
         raise
     finally:
         gc.collect()  # a pruned trial's engines and model, before the next trial builds its own
-    summary = json.loads((results / f"trial-{trial.number}" / "summary.json").read_text())
+    summary = json.loads((results_dir / f"trial-{trial.number}" / "summary.json").read_text())
     return summary[f"val_ndcg@{cfg['top_k']}" if cfg["task"] == "ranking" else "val_mse"]
 
 
 HEARTBEAT_SECONDS = 10  # a running trial's heartbeat; one silent for 3 beats was left by a dead process
 
 
-def open_study(settings, base, runs):
-    """The study in runs/<study>/study.db, created or continued. Each running trial beats a
+def open_study(settings, base, runs_dir):
+    """The study in runs/<study>/study.db (runs_dir), created or continued. Each running trial beats a
     heartbeat into the database (Optuna's RDBStorage): trials that a dead or interrupted process
     left running are marked failed (their folders stay for a look), while those of another
     worker still running on the same study go on."""
     import optuna
 
-    runs.mkdir(parents=True, exist_ok=True)
+    runs_dir.mkdir(parents=True, exist_ok=True)
     direction = "maximize" if base["task"] == "ranking" else "minimize"
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=settings["prune_warmup"])
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9 (2021)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(f"sqlite:///{runs / 'study.db'}", heartbeat_interval=HEARTBEAT_SECONDS,
+        storage = optuna.storages.RDBStorage(f"sqlite:///{runs_dir / 'study.db'}", heartbeat_interval=HEARTBEAT_SECONDS,
                                              grace_period=3 * HEARTBEAT_SECONDS)
         found = optuna.create_study(study_name=settings["study"], storage=storage,
                                     direction=direction, load_if_exists=True, pruner=pruner,
                                     sampler=optuna.samplers.TPESampler(seed=settings["seed"]))
         if found.direction != optuna.study.StudyDirection[direction.upper()]:
-            raise train.ConfigError(f"study {settings['study']} was made for the other task: pick another --study")
+            raise runs.ConfigError(f"study {settings['study']} was made for the other task: pick another --study")
         optuna.storages.fail_stale_trials(found)
     return found
 
@@ -178,28 +182,28 @@ def main(argv):
         return 2
     try:
         settings, fixed, base = parse(argv)
-    except (train.ConfigError, train.loader.DataError) as error:
+    except (runs.ConfigError, loader.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    runs = Path(base["runs_dir"]) / settings["study"]
+    study_runs = Path(base["runs_dir"]) / settings["study"]
     results = Path(base["results_dir"]) / settings["study"]
     # Each trial's outcome is printed by report() and run_trial(); Optuna's own warnings would say
     # it again, and print an interrupted trial's traceback before our one line.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        found = open_study(settings, base, runs)
+        found = open_study(settings, base, study_runs)
         fixed = settle_fixed(found, fixed, settings["study"])
         base = train.resolve_config(arguments(fixed))
         left = settings["trials"] - len(found.trials)
         print(f"study {settings['study']}: {len(found.trials)} trials so far, {max(left, 0)} to run "
               f"(runs/{settings['study']}/study.db)", flush=True)
         if left > 0:
-            found.optimize(lambda trial: run_trial(trial, fixed, base, runs, runs / "results"),
+            found.optimize(lambda trial: run_trial(trial, fixed, base, study_runs, study_runs / "results"),
                            n_trials=left, timeout=settings["timeout"] or None,
-                           catch=(train.TrainingError,), callbacks=[report])
+                           catch=(runs.TrainingError,), callbacks=[report])
         done = [t for t in found.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not done:
-            raise train.ConfigError("no trial completed: nothing to choose from")
+            raise runs.ConfigError("no trial completed: nothing to choose from")
         best = found.best_trial
         params = {**fixed, **best.params}  # the study's fixed knobs: those of every trial
         line = best.user_attrs.get("command", command_line(params))
@@ -208,11 +212,11 @@ def main(argv):
         # The chosen setting, trained once more from scratch: its test figures, reported only.
         name = f"best-trial-{best.number}"
         if not (results / name / "summary.json").is_file():  # else a resumed study's, already made
-            for folder in (runs / name, results / name):      # an interrupted retraining
+            for folder in (study_runs / name, results / name):      # an interrupted retraining
                 shutil.rmtree(folder, ignore_errors=True)
             train.training(0, train.resolve_config(
                 arguments(params)
-                + [f"--runs_dir={runs}", f"--results_dir={results}", f"--run_name={name}", "--progress=False"]))
+                + [f"--runs_dir={study_runs}", f"--results_dir={results}", f"--run_name={name}", "--progress=False"]))
         summary = json.loads((results / name / "summary.json").read_text())
         test = {k: v for k, v in summary.items() if k.startswith("test_")}
         results.mkdir(parents=True, exist_ok=True)
@@ -222,7 +226,7 @@ def main(argv):
              "trials": len(found.trials), "test_of_retrained": test}, indent=2) + "\n")
         print(f"written {results / 'best.json'}; test of the retrained setting: "
               + ", ".join(f"{k[5:]} {v:.4f}" for k, v in test.items()))
-    except (train.ConfigError, train.loader.DataError) as error:
+    except (runs.ConfigError, loader.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

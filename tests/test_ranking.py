@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import loader
+import tasks
 import train
 from MFMixTaste import MFMixTaste
 
@@ -40,13 +41,13 @@ EXPECTED = torch.tensor([
 
 
 def test_rank_metrics_match_hand_computed_figures():
-    values = train.rank_metrics(SCORES, RELEVANT, K)
+    values = tasks.rank_metrics(SCORES, RELEVANT, K)
     torch.testing.assert_close(values, EXPECTED)
-    assert train.RANK_METRICS == ("ndcg", "recall", "mrr", "hit", "precision")
+    assert tasks.RANK_METRICS == ("ndcg", "recall", "mrr", "hit", "precision")
 
 
 def test_ties_are_broken_by_item_index_and_masked_items_never_count():
-    values, items = train.top_k_items(SCORES, K)
+    values, items = tasks.top_k_items(SCORES, K)
     assert items[2].tolist() == [0, 1, 2]
     assert items[1].tolist() == [0, 4, 1]
     finite = torch.isfinite(values)
@@ -54,17 +55,17 @@ def test_ties_are_broken_by_item_index_and_masked_items_never_count():
     # Even a masked item marked relevant is no hit.
     relevant = RELEVANT.clone()
     relevant[4, 0] = True
-    assert train.rank_metrics(SCORES, relevant, K)[3, 1] == 0.5  # recall: 1 of 2 relevant
+    assert tasks.rank_metrics(SCORES, relevant, K)[3, 1] == 0.5  # recall: 1 of 2 relevant
 
 
 def test_the_ignite_metric_averages_over_users_with_held_out_items_across_batches():
-    metric = train.RankingMetrics(K)
+    metric = tasks.RankingMetrics(K)
     metric.reset()
     metric.update((SCORES[:2], RELEVANT[:2]))
     metric.update((SCORES[2:], RELEVANT[2:]))
     result = metric.compute()
-    assert list(result) == [f"{m}@{K}" for m in train.RANK_METRICS]
-    for column, name in enumerate(train.RANK_METRICS):
+    assert list(result) == [f"{m}@{K}" for m in tasks.RANK_METRICS]
+    for column, name in enumerate(tasks.RANK_METRICS):
         assert abs(result[f"{name}@{K}"] - float(EXPECTED[:, column].mean())) < 1e-7
 
 
@@ -104,7 +105,7 @@ def _ranking_task(tmp_path, **overrides):
     cfg = {**train.DEFAULTS, **train.RANKING_DEFAULTS, "task": "ranking", "ranking_core": 10,
            "dim": 4, **overrides}
     ratings = loader.load("ml-100k", tmp_path)
-    return train.RankingTask(cfg, ratings, "cpu", 0, 1)
+    return tasks.RankingTask(cfg, ratings, "cpu", 0, 1)
 
 
 def test_the_evaluator_masks_training_items_and_for_test_validation_items(tmp_path):
@@ -120,7 +121,7 @@ def test_the_evaluator_masks_training_items_and_for_test_validation_items(tmp_pa
         for part in masked:
             position, items = task.by_user[part].pairs(users)
             assert torch.isneginf(scores[position, items]).all()
-        _, top = train.top_k_items(scores, task.k)
+        _, top = tasks.top_k_items(scores, task.k)
         position, items = task.by_user["train"].pairs(users)
         seen = torch.zeros_like(relevant)
         seen[position, items] = True
@@ -152,7 +153,7 @@ def test_a_ranking_run_logs_and_writes_the_rank_metrics(tmp_path, synthetic_ml10
     summary = json.loads((tmp_path / "results" / "rk" / "summary.json").read_text())
     assert summary["task"] == "ranking" and summary["hyperparameters"]["lr"] == train.RANKING_DEFAULTS["lr"]
     for split in ("val", "test"):
-        for name in train.RANK_METRICS:
+        for name in tasks.RANK_METRICS:
             assert 0 <= summary[f"{split}_{name}@10"] <= 1
     rows = read_csv(tmp_path / "results" / "rk" / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]

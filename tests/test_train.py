@@ -219,6 +219,7 @@ def test_a_row_prior_counts_each_user_and_item_once_per_epoch(prior_per):
     import torch
 
     import loader
+    import tasks
     import train
     from conftest import mixture_ratings
     from MFMixTaste import MFMixTaste
@@ -226,7 +227,7 @@ def test_a_row_prior_counts_each_user_and_item_once_per_epoch(prior_per):
     users, items, ratings = mixture_ratings(n_users=40, n_items=30, n_ratings=600)
     data = loader.encode(users, items, ratings)
     cfg = {**train.DEFAULTS, "prior_per": prior_per, "batch_size": 10_000}
-    task = train.RatingTask(cfg, data, "cpu", 0, 1)
+    task = tasks.RatingTask(cfg, data, "cpu", 0, 1)
     model = MFMixTaste(task.n_users, task.n_items, dim=4, n_tastes=2, init_std=1.0)
     [batch] = list(task.batches)  # the whole training set
     train_users, train_items = batch[0], batch[1]
@@ -255,6 +256,7 @@ def test_a_run_never_overwrites_the_results_of_a_run_in_another_runs_dir(tmp_pat
 def test_an_interruption_during_the_final_writes_leaves_a_run_that_resume_finishes(
         tmp_path, synthetic_ml100k, monkeypatch, capsys):
     """Ctrl-C after the last epoch, while the run writes its pictures: --resume finishes it."""
+    import pictures
     import train
     from recommend import Recommender
     args = ["--dataset=ml-100k", f"--data_dir={synthetic_ml100k}", "--download=False",
@@ -265,7 +267,7 @@ def test_an_interruption_during_the_final_writes_leaves_a_run_that_resume_finish
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patched:
-        patched.setattr(train, "show_tastes", interrupted)
+        patched.setattr(pictures, "run_pictures", interrupted)
         assert train.main(args) == 130
     run_dir, results = tmp_path / "runs" / "cut", tmp_path / "results" / "cut"
     assert not (results / "summary.json").exists()  # not finished, so resumable
@@ -279,8 +281,8 @@ def test_an_interruption_during_the_final_writes_leaves_a_run_that_resume_finish
 def test_an_early_stopped_run_names_the_metric_that_stopped_it():
     from types import SimpleNamespace
 
-    import train
+    import runs
     trainer = SimpleNamespace(state=SimpleNamespace(epoch=7))
     stopper = SimpleNamespace(counter=3, patience=3)
-    said = train.epochs_left(trainer, stopper, {"epochs": 60}, "NDCG@10")
+    said = runs.epochs_left(trainer, stopper, {"epochs": 60}, "NDCG@10")
     assert "no better validation NDCG@10 in 3 epochs" in said

@@ -1,0 +1,122 @@
+"""Pictures of a run, as SVG files: its metric curves, how its users spread their weight over their
+tastes, and the movie map (the item embeddings in 2-D). train.py draws them at the end of every
+run; recommend.py draws the movie map with one user on it.
+
+Everything here takes plain arrays (and the model, for the mixture weights), and imports
+matplotlib only when it draws.
+"""
+
+import numpy as np
+import torch
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("svg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def metric_curves(folder, rows, plots, best_epoch, title):
+    """One SVG per (filename, name, [(column, label), ...], ylabel) of plots: the columns of the
+    per-epoch rows against the epoch, with the best epoch (by validation) marked."""
+    plt = _pyplot()
+    epochs_axis = [r["epoch"] for r in rows]
+    for filename, name, curves, ylabel in plots:
+        curves = [(column, label) for column, label in curves if any(column in r for r in rows)]
+        if not curves:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for column, label in curves:
+            ax.plot(epochs_axis, [r.get(column, np.nan) for r in rows], marker="o", markersize=3,
+                    label=label)
+        ax.axvline(best_epoch, color="grey", linestyle=":", label="best epoch (val)")
+        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{name}: {title}")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(folder / filename)
+        plt.close(fig)
+
+
+def mean_weights(model, users, items, n_users):
+    """(n_users, K): each user's mixture weights averaged over the given (user, item) pairs
+    (numpy index arrays: the movies each user rated)."""
+    out = np.zeros((n_users, model.n_tastes))
+    with torch.no_grad():
+        for start in range(0, len(items), 1 << 18):
+            u = torch.from_numpy(users[start:start + (1 << 18)])
+            weights = model.mixture_weights(u, torch.from_numpy(items[start:start + (1 << 18)]))  # (m, K)
+            np.add.at(out, u.numpy(), weights.double().numpy())
+    return out / np.maximum(np.bincount(users, minlength=n_users), 1)[:, None]
+
+
+def item_map(vectors):
+    """2-D PCA (scikit-learn) of the item embeddings (n_items, d): (coordinates (n_items, 2), the
+    function that projects any (m, d) vectors the same way). With d=1 the second axis is 0."""
+    from sklearn.decomposition import PCA
+    if vectors.shape[1] < 2:
+        def project(v):
+            return np.column_stack([v[:, 0], np.zeros(len(v))])
+    else:
+        project = PCA(n_components=2, random_state=0).fit(vectors).transform
+    return project(vectors), project
+
+
+def taste_weights(path, mean, title):
+    """Over users: the entropy of their mean mixture weights, and the share of their top taste;
+    a mixture whose users all collapse onto one taste shows at a glance."""
+    plt = _pyplot()
+    entropy = -(mean * np.log(np.clip(mean, 1e-12, None))).sum(1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    k = mean.shape[1]
+    axes[0].hist(entropy, bins=40, range=(0, max(np.log(k), 1e-6)), color="tab:blue")
+    axes[0].set(xlabel=f"entropy of the user's mean mixture weights (max log K = {np.log(k):.2f})",
+                ylabel="users", title="How evenly users use their tastes")
+    axes[1].hist(mean.max(1), bins=40, range=(1 / k, 1), color="tab:orange")
+    axes[1].set(xlabel="share of the user's top taste", ylabel="users",
+                title="1/K: all tastes used; 1: collapsed onto one")
+    fig.suptitle(f"{title}: users' mean mixture weights over their movies")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def movie_map(path, coordinates, genres, title, rated=None, tastes=None, user_label=""):
+    """The movie map: coordinates (n_items, 2) coloured by each movie's first genre (genres: a
+    list of name lists); with rated (item rows) and tastes ((K, 2) directions on the same map),
+    one user's movies circled and the user's tastes as arrows from the centre."""
+    import pandas as pd
+    plt = _pyplot()
+    first = [g[0] if len(g) else "(none)" for g in genres]
+    common = pd.Series(first).value_counts().index[:8].tolist()
+    fig, ax = plt.subplots(figsize=(8, 7))
+    for genre in common + ["other"]:
+        members = np.array([(g if g in common else "other") == genre for g in first])
+        ax.scatter(*coordinates[members].T, s=4, alpha=0.5, label=genre,
+                   color="lightgrey" if genre == "other" else None)
+    if rated is not None:
+        ax.scatter(*coordinates[rated].T, s=18, facecolors="none", edgecolors="black",
+                   label=f"rated by {user_label}")
+    if tastes is not None:
+        # Scaled so that the longest arrow reaches 80% of the map along each axis.
+        scale = 0.8 * min(np.abs(coordinates[:, axis]).max() / max(np.abs(tastes[:, axis]).max(), 1e-9)
+                          for axis in (0, 1) if np.abs(coordinates[:, axis]).max() > 0)
+        for k, (x, y) in enumerate(tastes * scale):
+            ax.annotate("", (x, y), (0, 0), arrowprops={"arrowstyle": "->", "color": "red", "lw": 2})
+            ax.text(x, y, f" taste {k + 1}", color="red", fontsize=11)
+    ax.set(title=title, xlabel="first principal component", ylabel="second principal component")
+    ax.legend(markerscale=3, fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_pictures(folder, model, seen, genres, dataset):
+    """The pictures of every finished run, into folder: taste_weights.svg (how users spread their
+    weight over tastes, over the (users, items) pairs of seen) and item_map.svg (the item
+    embedding in 2-D, coloured by genre)."""
+    title = f"{dataset}, K={model.n_tastes}"
+    taste_weights(folder / "taste_weights.svg", mean_weights(model, *seen, model.n_users), title)
+    coordinates, _ = item_map(model.item_factors.detach().numpy())
+    movie_map(folder / "item_map.svg", coordinates, genres, f"Item embeddings (PCA): {title}")

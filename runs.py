@@ -1,0 +1,416 @@
+"""What a run is on disk: its settings (the command line, config.json), its folders, checkpoints
+and results, and what a finished run leaves for recommend.py.
+
+    runs/<run_name>/     TensorBoard events, config.json, last_checkpoint_<epoch>.pt, best_model_*.pt,
+                         dataset.npz (raw ids, each user's rated movies), movies.json
+    results/<run_name>/  metrics.csv, SVG plots and pictures, summary.json (written last: a run
+                         that has it is finished, one that has not is resumable)
+"""
+
+import ast
+import csv
+import io
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+
+import loader
+import pictures
+from MFMixTaste import PRIOR_TERMS
+from tasks import LOSSES
+
+
+class ConfigError(Exception):
+    """A bad command line or run folder: the message says which key or path."""
+
+
+class TrainingError(Exception):
+    """Training itself failed (the loss diverged): the message says when and what was kept."""
+
+
+PRIOR_PER = ("row", "pair")  # train.py's prior_per
+
+# What a resumed run may change; the rest is fixed by its checkpoint and saved config.
+CHANGEABLE_ON_RESUME = {"resume", "epochs", "patience", "data_dir", "download", "device",
+                        "threads", "log_interval", "progress", "eval_train", "eval_batch_size",
+                        "results_dir"}
+
+
+def check(cfg):
+    """Values that would fail later, refused before anything runs."""
+    positive = ("dim", "n_tastes", "epochs", "eval_batch_size", "log_interval", "lr")
+    for key in positive:
+        if cfg[key] <= 0:
+            raise ConfigError(f"--{key} must be positive, got {cfg[key]}")
+    for key in ("patience", "threads", "init_std", "batch_size") + tuple(f"prior_{name}" for name in PRIOR_TERMS):
+        if cfg[key] < 0:
+            raise ConfigError(f"--{key} must not be negative, got {cfg[key]}")
+    if not 0 < cfg["test_fraction"] < 1 or not 0 < cfg["val_fraction"] < 1:
+        raise ConfigError("--test_fraction and --val_fraction must lie strictly between 0 and 1")
+    for key, valid in (("task", ("rating", "ranking")), ("loss", LOSSES), ("prior_per", PRIOR_PER)):
+        if cfg[key] not in valid:
+            raise ConfigError(f"--{key}={cfg[key]} is not one of {', '.join(valid)}")
+    if cfg["top_k"] < 1 or cfg["n_negatives"] < 1 or cfg["ranking_core"] < 1:
+        raise ConfigError("--top_k, --n_negatives and --ranking_core must be positive")
+    if cfg["task"] == "ranking" and cfg["test_fraction"] + cfg["val_fraction"] >= 1:
+        raise ConfigError("--test_fraction and --val_fraction leave nothing to train on")
+    if cfg["device"] != "auto":
+        try:
+            torch.device(cfg["device"])
+        except RuntimeError:
+            raise ConfigError(f"--device={cfg['device']} is not a device: use auto, cpu, cuda or "
+                              "cuda:<index>") from None
+
+
+def resolve_config(argv, defaults, ranking_defaults):
+    """train.py's settings: its defaults (ranking_defaults over them for --task=ranking), or a
+    resumed run's saved config, then the command line; checked."""
+    overrides = parse_overrides(argv, defaults)
+    cfg = dict(defaults)
+    if overrides.get("resume"):
+        run_dir = Path(overrides["resume"])
+        cfg.update(saved_config(run_dir, defaults))
+        fixed = sorted(k for k, v in overrides.items()
+                       if k not in CHANGEABLE_ON_RESUME and v != cfg[k])
+        if fixed:
+            raise ConfigError(f"--resume={run_dir}: {', '.join(fixed)} cannot change when resuming "
+                              "(the checkpoint fixes them); start a new run instead")
+        cfg["run_name"], cfg["runs_dir"] = split_run_path(run_dir, cfg["run_name"])
+    elif overrides.get("task", cfg["task"]) == "ranking":
+        cfg.update(ranking_defaults)
+    cfg.update(overrides)
+    check(cfg)
+    return cfg
+
+
+def parse_overrides(argv, defaults):
+    """--key=value pairs -> {key: value}, typed like the default; unknown keys are errors."""
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"arguments are --key=value, got {arg!r}")
+        key, text = arg[2:].split("=", 1)
+        if key not in defaults:
+            raise ConfigError(f"unknown hyperparameter {key!r}; valid keys: {', '.join(defaults)}")
+        overrides[key] = _typed(key, text, defaults[key])
+    return overrides
+
+
+def _typed(key, text, default):
+    if isinstance(default, str):
+        return text
+    if isinstance(default, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--{key} takes True or False, got {text!r}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = None
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not type(default):
+        raise ConfigError(f"--{key} takes a {type(default).__name__}, got {text!r}")
+    return value
+
+
+def saved_config(run_dir, defaults):
+    """The settings a run folder was started with (its config.json), for --resume."""
+    saved = Path(run_dir) / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"--resume={run_dir}: no run there ({saved} is missing)")
+    try:
+        return {k: v for k, v in json.loads(saved.read_text()).items() if k in defaults}
+    except (ValueError, AttributeError):
+        raise ConfigError(f"--resume={run_dir}: {saved} is not a valid config file") from None
+
+
+def split_run_path(run_dir, saved_name):
+    """A run folder -> (run_name, runs_dir). The saved name may have several parts (exp/a): it is
+    kept when the folder's path ends with it, so results go to results/exp/a as before; a folder
+    moved or renamed since is named after its last part."""
+    name_parts = Path(saved_name).parts
+    if name_parts and run_dir.parts[-len(name_parts):] == name_parts:
+        return saved_name, str(Path(*run_dir.parts[:-len(name_parts)] or ["."]))
+    return run_dir.name, str(run_dir.parent)
+
+
+def decide_run_name(cfg):
+    """--run_name, else dataset, K and a timestamp, decided by rank 0 alone: each process
+    reading its own clock could cross a second boundary and name a different run."""
+    if cfg["run_name"]:
+        return cfg["run_name"]
+    name = f"{cfg['dataset']}-K{cfg['n_tastes']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return idist.broadcast(name, src=0) if idist.get_world_size() > 1 else name
+
+
+class History:
+    """Per-epoch metrics and accumulated wall time, saved with the checkpoints so that a resumed
+    run writes one complete metrics.csv."""
+
+    def __init__(self):
+        self.rows, self.wall_seconds = [], 0.0
+
+    def state_dict(self):
+        return {"rows": self.rows, "wall_seconds": self.wall_seconds}
+
+    def load_state_dict(self, state):
+        self.rows, self.wall_seconds = list(state["rows"]), float(state["wall_seconds"])
+
+
+def unstarted_run_files(run_dir):
+    """What a run that never finished an epoch (Ctrl-C, or NaN in epoch 1) left in its folder:
+    its config and first events. A new run, or a resume, clears them and starts in that folder."""
+    if not run_dir.is_dir() or last_checkpoints(run_dir):
+        return []
+    return [path for path in run_dir.iterdir()
+            if path.name in ("config.json", "hparams")
+            or path.name.startswith(("events.out.tfevents.", "best_"))]
+
+
+def check_new_run_folder(run_dir, results):
+    """A new run may use an absent or empty folder, or one that an unstarted run left; never one
+    that holds a run (it would be overwritten) or files that are not a run's, and never a results
+    folder that holds files (another run's figures, from another --runs_dir)."""
+    if last_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds a run: continue it with --resume={run_dir} "
+                          "or pick another --run_name")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file, not a run folder: pick another --run_name")
+    ours = set(unstarted_run_files(run_dir))
+    others = sorted(p.name for p in run_dir.iterdir() if p not in ours) if run_dir.is_dir() else []
+    if others:
+        raise ConfigError(f"{run_dir} holds files that are not a run's ({', '.join(others[:3])}): "
+                          "pick another --run_name")
+    if results.is_dir() and any(results.iterdir()):
+        raise ConfigError(f"{results} already holds the results of a run: pick another --run_name "
+                          "or --results_dir")
+
+
+def make_run_folders(run_dir, results):
+    """Clear what an unstarted run left in run_dir, then make both folders, found unwritable now
+    rather than after the training."""
+    if not last_checkpoints(run_dir):
+        for path in unstarted_run_files(run_dir):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for folder in (run_dir, results):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"cannot create {folder}: {error.strerror}") from None
+        if not os.access(folder, os.W_OK):
+            raise ConfigError(f"{folder} is not writable")
+
+
+def last_checkpoints(run_dir):
+    """The run's last_checkpoint_<epoch>.pt files, oldest epoch first."""
+    found = [(int(m.group(1)), path) for path in Path(run_dir).glob("last_checkpoint_*.pt")
+             if (m := re.fullmatch(r"last_checkpoint_(\d+)\.pt", path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def read_checkpoint(path):
+    """A checkpoint's objects, on the CPU: Checkpoint.load_objects then copies each into its
+    place on the device (model parameters and optimiser state), while the shuffling generator's
+    state must stay a CPU tensor. A damaged file is named in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated zip, bad pickle, wrong file: torch raises many kinds
+        raise ConfigError(f"{path} is damaged or not a checkpoint ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:200] if str(error) else 'no detail'}); "
+                          "restore it from a copy, or delete the run folder and start again") from None
+
+
+def divergence(state, run_dir):
+    """The TrainingError of a run whose loss became NaN or infinite (Ignite's engine state)."""
+    kept = (f"the checkpoint of epoch {state.epoch - 1} is kept in {run_dir}"
+            if last_checkpoints(run_dir) else f"no epoch finished, {run_dir} holds no checkpoint")
+    return TrainingError(f"training diverged: the loss became {float(state.output['loss'])} in epoch "
+                         f"{state.epoch} (iteration {state.iteration}); nothing of that epoch was saved "
+                         f"and {kept}. Lower --lr or raise the prior weights, and start a new run.")
+
+
+def epochs_left(trainer, stopper, cfg, metric_label):
+    """None when a (resumed) trainer has epochs to run, else why it has none, in words."""
+    done = trainer.state.epoch
+    if done >= cfg["epochs"]:
+        return (f"has trained {done} epochs and --epochs={cfg['epochs']}: pass a larger "
+                "--epochs to train further")
+    if stopper and done and stopper.counter >= stopper.patience:
+        return (f"stopped early after epoch {done} (no better validation {metric_label} in "
+                f"{stopper.patience} epochs): pass a larger --patience to train further")
+    return None
+
+
+def save_run_data(run_dir, task, cfg):
+    """What inference needs beside the model and config.json, so that a finished run folder
+    answers on its own (recommend.py): the raw user and movie ids of the model's rows, each
+    user's rated (or, for ranking, interacted) movies, and the movies' titles and genres when the
+    dataset has a movie file. Kept in runs/ only: MovieLens may not be redistributed. Returns
+    the movies as movies.json lists them (named by id when the dataset has no movie file)."""
+    order = np.lexsort((task.seen[1], task.seen[0]))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(task.seen[0], minlength=task.n_users))])
+    arrays = io.BytesIO()
+    np.savez(arrays, user_ids=task.user_ids, item_ids=task.item_ids, seen_indptr=indptr,
+             seen_items=task.seen[1][order], rating_range=np.array(task.rating_range or (), dtype=np.float64))
+    write_atomically(run_dir / "dataset.npz", arrays.getvalue())
+    try:
+        movies = loader.load_movies(cfg["dataset"], cfg["data_dir"])
+    except loader.DataError:  # the data folder moved since the run started: ids stand for titles
+        movies = None
+    if movies is None:
+        return [{"movie_id": int(i), "title": str(i), "year": None, "genres": []} for i in task.item_ids]
+    rows = movies.reindex(task.item_ids)
+    items = [{"movie_id": int(i), "title": t if isinstance(t, str) else str(i),
+              "year": None if y is None or y != y else int(y),
+              "genres": g if isinstance(g, list) else []}
+             for i, t, y, g in zip(task.item_ids, rows["title"], rows["year"], rows["genres"])]
+    write_atomically(run_dir / "movies.json", json.dumps(items))
+    return items
+
+
+def write_results(folder, summary, rows, plots):
+    """metrics.csv (one row per epoch), the task's SVG plots, and summary.json last: its presence
+    says the run is finished."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for row in rows for k in row)),
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(folder / "metrics.csv", table.getvalue())
+    pictures.metric_curves(folder, rows, plots, summary["best_epoch"],
+                           f"{summary['dataset']}, K={summary['hyperparameters']['n_tastes']}")
+    write_atomically(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def describe(cfg, task, model):
+    """What summary.json records of a run beside its figures: task, data, sizes, processes,
+    versions and every hyperparameter."""
+    import ignite
+    return {"task": cfg["task"], "dataset": cfg["dataset"], "n_users": task.n_users,
+            "n_items": task.n_items, **task.counts, "batch_size_used": task.batch_size,
+            "world_size": idist.get_world_size(), "backend": idist.backend() or "none",
+            "device": str(next(model.parameters()).device), "torch": torch.__version__,
+            "ignite": ignite.__version__, "hyperparameters": cfg}
+
+
+def write_projector(writer, run_dir, item_vectors, movies):
+    """The item embeddings (n_items, d) with titles and genres in TensorBoard's projector. One
+    entry per run: a run finished again (resumed for more epochs, or after an interrupted end)
+    replaces its entry instead of adding a second one beside it."""
+    shutil.rmtree(run_dir / "00000" / "item_embeddings", ignore_errors=True)
+    (run_dir / "projector_config.pbtxt").unlink(missing_ok=True)
+    writer.add_embedding(item_vectors, metadata=[[m["title"], "|".join(m["genres"]) or "-"] for m in movies],
+                         metadata_header=["title", "genres"], tag="item_embeddings")
+
+
+def write_atomically(path, content):
+    """Write content (str or bytes) to a temporary file beside path and rename it over path: an
+    interruption leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(content, str):
+            temporary.write_text(content)
+        else:
+            temporary.write_bytes(content)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+class RunError(Exception):
+    """A run folder or an id that cannot answer: the message says which and why."""
+
+
+def best_model_file(run_dir):
+    """The run's best model: of its best_*.pt files (one, unless an interruption fell between
+    Ignite's writing a better one and deleting the old), the one of the highest score, then the
+    latest epoch, read from the name Ignite's Checkpoint gives it, best_model_<epoch>_<score
+    name>=<score>.pt, higher being better (a loss is saved negated). None when there is none."""
+    found = []
+    for path in Path(run_dir).glob("best_*.pt"):
+        named = re.search(r"_(\d+)_[^=]*=(-?\d+(?:\.\d+)?(?:e-?\d+)?)\.pt$", path.name)
+        key = (float(named.group(2)), int(named.group(1))) if named else (-math.inf, -1)
+        found.append((key, path))
+    return max(found)[1] if found else None
+
+
+def _read(path, reader):
+    """reader(path), with a damaged or foreign file named in a RunError."""
+    try:
+        return reader(path)
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
+        raise RunError(f"{path} is damaged or not this run's ({type(error).__name__}: "
+                       f"{str(error)[:120] or 'no detail'}); rerun train.py to write it again") from None
+
+
+def _json_object(path, keys):
+    value = json.loads(Path(path).read_text())
+    if not isinstance(value, dict) or not all(k in value for k in keys):
+        raise ValueError(f"expected a JSON object with {', '.join(keys)}")
+    return value
+
+
+def _npz(path, keys):
+    with np.load(path, allow_pickle=False) as arrays:
+        found = {k: arrays[k] for k in arrays.files}
+    missing = [k for k in keys if k not in found]
+    if missing:
+        raise KeyError(f"it has no {', '.join(missing)}")
+    return found
+
+
+def _movies(path, n_items):
+    import pandas as pd
+
+    records = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(records, list) or len(records) != n_items:
+        raise ValueError(f"expected a list of {n_items} movies")
+    movies = pd.DataFrame(records, columns=["movie_id", "title", "year", "genres"])
+    # Years stay whole numbers, None where a title has none (a float column would print 1953.0,
+    # and NaN, which is not JSON).
+    movies["year"] = pd.Series([None if y is None or y != y else int(y) for y in movies["year"]], dtype=object)
+    return movies
+
+
+def read_run(run_dir, quiet=False):
+    """A finished run folder's files, checked: (config, arrays of dataset.npz, movies DataFrame
+    (movie_id, title, year as int or None, genres), best model path). A missing folder or an
+    unfinished run, or a damaged file, is a RunError that says which."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise RunError(f"{run_dir} is not a run folder (no config.json there)")
+    best, data = best_model_file(run_dir), run_dir / "dataset.npz"
+    if best is None or not data.is_file():
+        raise RunError(f"{run_dir} is unfinished: a run leaves its best model and dataset.npz "
+                       f"when it ends; let it finish, or continue it with "
+                       f"`python train.py --resume={run_dir}`")
+    config = _read(run_dir / "config.json", lambda path: _json_object(path, ("dim", "n_tastes")))
+    arrays = _read(data, lambda path: _npz(path, ("user_ids", "item_ids", "seen_indptr", "seen_items")))
+    movies_file, item_ids = run_dir / "movies.json", arrays["item_ids"]
+    if movies_file.is_file():
+        movies = _read(movies_file, lambda path: _movies(path, len(item_ids)))
+    else:
+        if not quiet:
+            print(f"note: {run_dir} has no movies.json (the dataset had no movie file): movies are "
+                  "named by id", file=sys.stderr)
+        movies = pd.DataFrame({"movie_id": item_ids, "title": [str(i) for i in item_ids],
+                               "year": pd.Series([None] * len(item_ids), dtype=object),
+                               "genres": [[] for _ in item_ids]})
+    return config, arrays, movies, best

@@ -1,0 +1,354 @@
+"""The two tasks that share the model: what differs between rating and ranking, behind one
+interface that train.py's training() uses: the data and its batches, the loss of a batch, the
+evaluators and their metrics, and which validation metric chooses the epoch.
+
+    task = TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)
+    data_term, squared_norms, share, extra = task.loss(model, batch)   # for batch in task.batches
+    evaluator = task.evaluator(model, "val")                            # runs over task.eval_batches["val"]
+
+- rating: explicit ratings, squared error on the replaced script's 75/25 split (loader.split);
+- ranking: implicit feedback on RecBole's ml-1m protocol, every item ranked for every user, the
+  rank metrics at k as one Ignite Metric (RankingMetrics).
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine
+from ignite.exceptions import NotComputableError
+from ignite.metrics import MeanAbsoluteError, MeanSquaredError, Metric, RootMeanSquaredError
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+
+import loader
+
+SPLITS = ("train", "val", "test")
+RANK_METRICS = ("ndcg", "recall", "mrr", "hit", "precision")
+
+
+class RatingTask:
+    """Explicit ratings: squared error on the replaced script's 75/25 split (loader.split)."""
+
+    def __init__(self, cfg, ratings, device, rank, world_size):
+        rows = loader.split(len(ratings), cfg["test_fraction"], cfg["val_fraction"], cfg["split_seed"])
+        tensors = {name: ratings.tensors(r, device) for name, r in zip(SPLITS, rows)}
+        train_ratings = ratings.ratings[rows[0]]
+        self.n_users, self.n_items = ratings.n_users, ratings.n_items
+        # Raw ids of the rows and every (user, item) the data has: recommend.py's "already rated".
+        self.user_ids, self.item_ids = ratings.user_ids, ratings.item_ids
+        self.seen = (ratings.users, ratings.items)
+        self.global_mean = float(train_ratings.mean())
+        self.rating_range = ((float(train_ratings.min()), float(train_ratings.max()))
+                             if cfg["clip_predictions"] else None)
+        self.counts = {f"n_{name}": len(r) for name, r in zip(SPLITS, rows)}
+        self.metric_names, self.choose_by, self.higher_is_better = ("mse", "rmse", "mae"), "mse", False
+        self.choose_label, self.sign = "MSE", -1  # sign: Ignite's handlers keep the highest score
+        self.free_train_metrics = not cfg["eval_train"]  # from the epoch's own batches
+        self.data_term_name = "mse"
+        self.plots = [("train_mse.svg", "Training MSE", [("train_mse", "train")], "MSE"),
+                      ("test_mse.svg", "Test MSE", [("test_mse", "test")], "MSE")]
+        self.batch_size = batch_size_for(cfg, len(rows[0]))
+        self.batches = loader.BatchIterator(tensors["train"], self.batch_size, seed=cfg["seed"],
+                                            rank=rank, world_size=world_size)
+        self.prior_scale = prior_scale(cfg, np.bincount(ratings.users[rows[0]], minlength=self.n_users),
+                                       np.bincount(ratings.items[rows[0]], minlength=self.n_items), device)
+        self.eval_batches = {split: loader.BatchIterator(tensors[split], cfg["eval_batch_size"],
+                                                         shuffle=False, rank=rank, world_size=world_size)
+                             for split in SPLITS}
+        self.device, self.world_size = device, world_size
+
+    def loss(self, model, batch):
+        """-> (data term, (4,) prior squared norms, this rank's share of the global batch, and
+        what the free training metrics read)."""
+        users, items, targets, global_batch = batch
+        predictions, squared_norms = model(users, items, return_prior=True,
+                                           prior_scale=self.prior_scale)
+        # A rank's share of a short last batch can be empty: its loss is then 0, not NaN.
+        mse = (predictions - targets).pow(2).sum() / max(len(targets), 1)
+        share = len(targets) * self.world_size / global_batch
+        return mse, squared_norms, share, {"predictions": predictions.detach(), "targets": targets}
+
+    def attach_train_metrics(self, trainer):
+        attach_rating_metrics(trainer, lambda out: (out["predictions"], out["targets"]), self.device)
+
+    def evaluator(self, model, split):
+        low, high = self.rating_range or (None, None)
+
+        def evaluate_step(engine, batch):
+            model.eval()
+            users, items, ratings, _ = batch
+            with torch.no_grad():
+                predictions = model(users, items)
+            if low is not None:
+                predictions = predictions.clamp(low, high)
+            return predictions, ratings
+
+        evaluator = Engine(evaluate_step)
+        attach_rating_metrics(evaluator, lambda output: output, self.device)
+        return evaluator
+
+    def headline(self, final):
+        return (f"test MSE {final['test_mse']:.4f} RMSE {final['test_rmse']:.4f} "
+                f"MAE {final['test_mae']:.4f}")
+
+
+def attach_rating_metrics(engine, output_transform, device):
+    """MSE, RMSE and MAE of (predictions, targets) as engine.state.metrics[name]. Ignite's
+    metrics reduce their sums across processes, so each rank feeds its share."""
+    MeanSquaredError(output_transform, device=device).attach(engine, "mse")
+    RootMeanSquaredError(output_transform, device=device).attach(engine, "rmse")
+    MeanAbsoluteError(output_transform, device=device).attach(engine, "mae")
+
+
+class RankingTask:
+    """Implicit feedback, every item ranked for every user (RecBole's ml-1m protocol): ratings
+    >= ranking_min_rating are positives, a ranking_core-core filter, each user's interactions
+    split at random train/val/test, and the rank metrics at top_k over all items the user has
+    not met in training (nor in validation, when ranking for the test set)."""
+
+    def __init__(self, cfg, ratings, device, rank, world_size):
+        data = loader.split_per_user(
+            *loader.implicit_feedback(ratings, cfg["ranking_min_rating"], cfg["ranking_core"]),
+            fractions=(1 - cfg["val_fraction"] - cfg["test_fraction"], cfg["val_fraction"],
+                       cfg["test_fraction"]), seed=cfg["split_seed"])
+        if cfg["top_k"] > data.n_items:
+            raise loader.DataError(f"--top_k={cfg['top_k']} is larger than the number of items "
+                              f"({data.n_items}) left by the filter")
+        self.n_users, self.n_items, self.global_mean = data.n_users, data.n_items, 0.0
+        self.user_ids, self.item_ids = data.user_ids, data.item_ids
+        # recommend.py's "already rated": every movie of the model the user rated, at any rating
+        # (a movie rated 1 star is no recommendation), not only the positives it trained on.
+        self.seen = loader.pairs_within(ratings, data.user_ids, data.item_ids)
+        self.counts = {f"n_{name}": int((data.part == p).sum()) for p, name in enumerate(SPLITS)}
+        self.k, self.loss_name = cfg["top_k"], cfg["loss"]
+        self.metric_names = tuple(f"{m}@{self.k}" for m in RANK_METRICS)
+        self.choose_by, self.higher_is_better = f"ndcg@{self.k}", True
+        self.choose_label, self.sign, self.rating_range = f"NDCG@{self.k}", 1, None
+        self.free_train_metrics = False  # rank metrics of the training items mean nothing
+        self.data_term_name = cfg["loss"]
+        ndcg = f"ndcg@{self.k}"
+        self.plots = [(f"ndcg_at_{self.k}.svg", f"NDCG@{self.k}",
+                       [(f"val_{ndcg}", "validation"), (f"test_{ndcg}", "test")], f"NDCG@{self.k}")]
+        parts = {name: (torch.from_numpy(data.users[data.rows(p)]).to(device),
+                        torch.from_numpy(data.items[data.rows(p)]).to(device))
+                 for p, name in enumerate(SPLITS)}
+        # Per-user item lists (CSR-like) of each part, to gather a block of users' items at once.
+        self.by_user = {name: loader.UserBatches(*parts[name], data.n_users, 1, shuffle=False)
+                        for name in SPLITS}
+        if cfg["loss"] == "softmax":
+            self.batch_size = batch_size_for(cfg, data.n_users)
+            self.batches = loader.UserBatches(*parts["train"], data.n_users, self.batch_size,
+                                              seed=cfg["seed"], rank=rank, world_size=world_size)
+        else:
+            users, items = parts["train"]
+            self.batch_size = batch_size_for(cfg, len(users))
+            self.batches = loader.NegativeBatches((users, items, torch.zeros(len(users))),
+                                                  self.batch_size, data.n_items, cfg["n_negatives"],
+                                                  seed=cfg["seed"], rank=rank, world_size=world_size)
+        # The pairs each row has in an epoch's prior: a positive's user and item, and with sampled
+        # losses the user once more per negative and each item as a negative (in expectation).
+        train_users, train_items = data.users[data.rows(0)], data.items[data.rows(0)]
+        per_positive = 1 if cfg["loss"] == "softmax" else 1 + cfg["n_negatives"]
+        as_negative = 0 if cfg["loss"] == "softmax" else cfg["n_negatives"] * len(train_users) / data.n_items
+        self.prior_scale = prior_scale(
+            cfg, per_positive * np.bincount(train_users, minlength=data.n_users),
+            np.bincount(train_items, minlength=data.n_items) + as_negative, device,
+            pairs_per_example=per_positive)
+        # Evaluation goes over blocks of users; each rank takes every world_size-th user.
+        eval_users = max(1, cfg["eval_batch_size"] // 16)  # a block's scores: 1024 x n_items
+        self.eval_batches = {split: UserBlocks(data.n_users, eval_users, rank, world_size, device)
+                             for split in ("val", "test")}
+        self.device, self.world_size = device, world_size
+        self.n_interactions = len(data)
+
+    def loss(self, model, batch):
+        if self.loss_name == "softmax":
+            # Each user's training items against all items in one softmax (as Mult-VAE does),
+            # and the prior of the batch's (user, item) pairs, as the rating task's, from counts.
+            users, position, items, global_pairs = batch
+            scores, squared_norms = model(
+                users, return_prior=True,
+                user_counts=torch.bincount(position, minlength=len(users)).float(),
+                item_counts=torch.bincount(items, minlength=self.n_items).float(),
+                prior_scale=self.prior_scale)                                   # (B, n_items)
+            log_probabilities = torch.log_softmax(scores, dim=1)
+            data_term = -log_probabilities[position, items].sum() / max(len(items), 1)
+            return data_term, squared_norms, len(items) * self.world_size / global_pairs, {}
+        # A positive and its sampled negatives in one forward: (B, 1 + n) scores; the prior
+        # covers every row the batch uses, the negatives' too.
+        users, items, negatives, global_batch = batch                             # negatives (B, n)
+        scores, squared_norms = model(users, torch.cat([items.unsqueeze(1), negatives], dim=1),
+                                      return_prior=True, prior_scale=self.prior_scale)
+        positive, negative = scores[:, 0], scores[:, 1:]
+        if self.loss_name == "sampled_softmax":
+            terms = -torch.log_softmax(scores, dim=1)[:, 0]
+        elif self.loss_name == "bpr":
+            terms = -F.logsigmoid(positive.unsqueeze(1) - negative).mean(1)
+        else:  # adaptive_hinge: the hardest of the n sampled negatives (Kula 2017)
+            terms = torch.relu(1 - positive + negative.max(1).values)
+        data_term = terms.sum() / max(len(terms), 1)
+        return data_term, squared_norms, len(terms) * self.world_size / global_batch, {}
+
+    def attach_train_metrics(self, trainer):
+        pass
+
+    def evaluator(self, model, split):
+        """An engine over blocks of users, each step giving scores_and_relevant."""
+        def evaluate_step(engine, users):
+            model.eval()
+            with torch.no_grad():
+                return self.scores_and_relevant(model, users, split)
+
+        evaluator = Engine(evaluate_step)
+        RankingMetrics(self.k, device=self.device).attach(evaluator, "ranking")
+        return evaluator
+
+    def scores_and_relevant(self, model, users, split):
+        """(scores, relevant), (B, n_items) each: the scores of all items for a block of users
+        with their training items (and validation items, for test) at -inf, and the split's
+        held-out items. `model` is anything with score_all (the baselines of benchmark.py too)."""
+        scores = getattr(model, "module", model).score_all(users)                  # (B, n_items)
+        for part in ("train",) if split == "val" else ("train", "val"):
+            position, items = self.by_user[part].pairs(users)
+            scores[position, items] = -torch.inf
+        relevant = torch.zeros_like(scores, dtype=torch.bool)
+        position, items = self.by_user[split].pairs(users)
+        relevant[position, items] = True
+        return scores, relevant
+
+    # What benchmark.py's baselines (anything with score_all) are measured with, the model's own
+    # masking and metrics, on one process.
+
+    def evaluate(self, model, split):
+        """{"ndcg@k": ..., ...} of a model on "val" or "test" (training items masked)."""
+        metric = RankingMetrics(self.k)
+        metric.reset()
+        for users in self.eval_batches[split]:
+            metric.update(self.scores_and_relevant(model, users, split))
+        return metric.compute()
+
+    def per_user(self, model, split):
+        """(n_users, len(RANK_METRICS)) float64: each user's rank metrics on the split, in user
+        order (every user has held-out items in both parts)."""
+        return torch.cat([rank_metrics(*self.scores_and_relevant(model, users, split), self.k)
+                          for users in self.eval_batches[split]])
+
+    def training_matrix(self):
+        """The training interactions as a users x items scipy CSR matrix of ones."""
+        from scipy.sparse import csr_matrix
+        position, items = self.by_user["train"].pairs(torch.arange(self.n_users))
+        return csr_matrix((np.ones(len(items), dtype=np.float32), (position.numpy(), items.numpy())),
+                          shape=(self.n_users, self.n_items))
+
+    def headline(self, final):
+        labels = {"ndcg": "NDCG", "recall": "Recall", "mrr": "MRR", "hit": "Hit", "precision": "Precision"}
+        return "test " + ", ".join(f"{labels[name]}@{self.k} {final[f'test_{name}@{self.k}']:.4f}"
+                                   for name in RANK_METRICS)
+
+
+AUTO_BATCH_STEPS, AUTO_BATCH_MOST = 64, 8192
+
+
+def batch_size_for(cfg, n_train):
+    """The global batch: batch_size, or for batch_size=0 n_train / 64 up to 8192 (n_train:
+    ratings, users or interactions, as batch_size counts). Early stopping and the epoch cap count
+    epochs; with one fixed batch a set ten times smaller has ten times fewer steps per epoch (ML-
+    100K: 9 of 8192 ratings), so its runs stop on a handful of steps' progress and need ten times
+    the epochs. At least 64 steps make an epoch mean about the same progress on any set; 8192
+    keeps the large sets' steps few and fast (measured in README, "Defaults across data sizes")."""
+    if cfg["batch_size"]:
+        return cfg["batch_size"]
+    return max(1, min(AUTO_BATCH_MOST, math.ceil(n_train / AUTO_BATCH_STEPS)))
+
+
+def prior_scale(cfg, user_pairs, item_pairs, device, pairs_per_example=1):
+    """MFMixTaste's prior_scale from the pairs each user and item has in an epoch (numpy
+    arrays): one over them for prior_per="row", so each row's prior counts once per epoch, or
+    None for prior_per="pair". The model averages the prior over the pairs a batch scores, and
+    the data term is a mean over examples; with sampled losses an example scores
+    pairs_per_example pairs (a positive and its negatives), and the scale carries that factor
+    back, so that a weight counts like that many examples for every loss."""
+    if cfg["prior_per"] == "pair":
+        return None
+    return tuple(torch.from_numpy(pairs_per_example / np.maximum(pairs, 1)).float().to(device)
+                 for pairs in (user_pairs, item_pairs))
+
+
+class UserBlocks:
+    """Every user once, in order, in blocks; rank r of world_size takes every world_size-th."""
+
+    def __init__(self, n_users, block, rank=0, world_size=1, device="cpu"):
+        self.users = torch.arange(rank, n_users, world_size, device=device)
+        self.block = block
+
+    def __len__(self):
+        return max(1, -(-len(self.users) // self.block))
+
+    def __iter__(self):
+        for start in range(0, max(len(self.users), 1), self.block):
+            yield self.users[start:start + self.block]
+
+
+def top_k_items(scores, k):
+    """(values, items) of the k highest scores per row, (B, k) each, best first. Ties are
+    broken by item index, lower first (as a stable sort would), so results never depend on
+    how torch.topk orders equal values; rows without a tie pay only for topk."""
+    values, items = torch.topk(scores, k, dim=1)
+    kth = values[:, -1:]
+    tied = ((scores == kth).sum(1) > (values == kth).sum(1)) | (values[:, 1:] == values[:, :-1]).any(1)
+    if tied.any():
+        sorted_values, order = torch.sort(scores[tied], dim=1, descending=True, stable=True)
+        values[tied], items[tied] = sorted_values[:, :k], order[:, :k]
+    return values, items
+
+
+def rank_metrics(scores, relevant, k):
+    """Per-user NDCG, Recall, MRR, Hit and Precision at k (columns in RANK_METRICS order) for the
+    rows with at least one relevant item. scores: (B, n_items), -inf for masked items, which
+    never count as hits; relevant: (B, n_items) bool, the held-out items. Binary relevance;
+    the ideal DCG is over min(#relevant, k) items."""
+    keep = relevant.any(1)
+    scores, relevant = scores[keep], relevant[keep]
+    values, items = top_k_items(scores, k)
+    hits = relevant.gather(1, items) & torch.isfinite(values)                    # (U, k)
+    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, device=scores.device, dtype=torch.float64))
+    n_relevant = relevant.sum(1)                                                  # (U,)
+    ideal = torch.cumsum(discounts, 0)[n_relevant.clamp(max=k) - 1]
+    n_hits = hits.sum(1).double()
+    first_hit = torch.where(hits.any(1), 1.0 / (hits.double().argmax(1) + 1), 0.0)
+    return torch.stack([(hits.double() * discounts).sum(1) / ideal, n_hits / n_relevant,
+                        first_hit, (n_hits > 0).double(), n_hits / k], dim=1)
+
+
+class RankingMetrics(Metric):
+    """The rank metrics at k of (scores, relevant) batches, averaged over users with held-out
+    items; compute() returns {"ndcg@k": ..., "recall@k": ..., ...}, which Ignite also spreads
+    into engine.state.metrics. The sums are all-reduced across processes."""
+
+    def __init__(self, k, output_transform=lambda x: x, device="cpu"):
+        self.k = k
+        super().__init__(output_transform, device=device)
+
+    @reinit__is_reduced
+    def reset(self):
+        self._sums = torch.zeros(len(RANK_METRICS), dtype=torch.float64, device=self._device)
+        self._users = torch.zeros((), dtype=torch.float64, device=self._device)
+
+    @reinit__is_reduced
+    def update(self, output):
+        scores, relevant = output
+        values = rank_metrics(scores, relevant, self.k)
+        self._sums += values.sum(0).to(self._device)
+        self._users += len(values)
+
+    @sync_all_reduce("_sums", "_users")
+    def compute(self):
+        if self._users == 0:
+            raise NotComputableError("RankingMetrics needs at least one user with held-out items")
+        return {f"{name}@{self.k}": float(total / self._users)
+                for name, total in zip(RANK_METRICS, self._sums)}
+
+
+TASKS = {"rating": RatingTask, "ranking": RankingTask}
+LOSSES = ("softmax", "sampled_softmax", "bpr", "adaptive_hinge")  # of the ranking task
