@@ -267,16 +267,14 @@ def save_run_data(run_dir, task, cfg):
              seen_items=task.seen[1][order], rating_range=np.array(task.rating_range or (), dtype=np.float64))
     write_atomically(run_dir / "dataset.npz", arrays.getvalue())
     try:
-        movies = loader.load_movies(cfg["dataset"], cfg["data_dir"])
+        movies = loader.read_movies(cfg["dataset"], cfg["data_dir"])
     except loader.DataError:  # the data folder moved since the run started: ids stand for titles
         movies = None
     if movies is None:
         return [{"movie_id": int(i), "title": str(i), "year": None, "genres": []} for i in task.item_ids]
-    rows = movies.reindex(task.item_ids)
-    items = [{"movie_id": int(i), "title": t if isinstance(t, str) else str(i),
-              "year": None if y is None or y != y else int(y),
-              "genres": g if isinstance(g, list) else []}
-             for i, t, y, g in zip(task.item_ids, rows["title"], rows["year"], rows["genres"])]
+    by_id = {m["movie_id"]: m for m in movies}
+    items = [by_id.get(int(i), {"movie_id": int(i), "title": str(i), "year": None, "genres": []})
+             for i in task.item_ids]
     write_atomically(run_dir / "movies.json", json.dumps(items))
     return items
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine
 from ignite.exceptions import NotComputableError
-from ignite.metrics import MeanAbsoluteError, MeanSquaredError, Metric, RootMeanSquaredError
+from ignite.metrics import MeanAbsoluteError, MeanSquaredError, Metric, MetricsLambda
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 import loader
@@ -96,8 +96,9 @@ class RatingTask:
 def attach_rating_metrics(engine, output_transform, device):
     """MSE, RMSE and MAE of (predictions, targets) as engine.state.metrics[name]. Ignite's
     metrics reduce their sums across processes, so each rank feeds its share."""
-    MeanSquaredError(output_transform, device=device).attach(engine, "mse")
-    RootMeanSquaredError(output_transform, device=device).attach(engine, "rmse")
+    mse = MeanSquaredError(output_transform, device=device)
+    mse.attach(engine, "mse")
+    MetricsLambda(math.sqrt, mse).attach(engine, "rmse")  # from MSE's sums: no second pass
     MeanAbsoluteError(output_transform, device=device).attach(engine, "mae")
 
 
@@ -256,7 +257,7 @@ def batch_size_for(cfg, n_train):
     epochs; with one fixed batch a set ten times smaller has ten times fewer steps per epoch (ML-
     100K: 9 of 8192 ratings), so its runs stop on a handful of steps' progress and need ten times
     the epochs. At least 64 steps make an epoch mean about the same progress on any set; 8192
-    keeps the large sets' steps few and fast (measured in README, "Defaults across data sizes")."""
+    keeps the large sets' steps few and fast (measured in docs/rating.md, "Defaults that hold")."""
     if cfg["batch_size"]:
         return cfg["batch_size"]
     return max(1, min(AUTO_BATCH_MOST, math.ceil(n_train / AUTO_BATCH_STEPS)))
