@@ -11,6 +11,16 @@ The softmax runs over the K tastes, never over the d latent dimensions: each tas
 vector switched on or off as a unit, which is what makes it a mixture. With K = 1 the weight is
 identically 1 and the model is biased matrix factorisation.
 
+Which movies a user chose to rate says something too (SVD++ built on it; Kula trains the mixture
+on exactly that signal). forward(..., negatives=...) also returns an implicit term that asks the
+attention vectors to explain the user's choices:
+
+    implicit_ij = logsumexp_k (A_ik . e_j)      "one of the user's tastes claims item j"
+    term        = mean over (i, j) and j' of -log sigmoid(implicit_ij - implicit_ij')
+
+for each rated (i, j) against sampled items j' (BPR). train.py adds it, weighted, to the squared
+error; with weight 0 the model trains exactly as without it.
+
 The module is pure: forward() computes scores, prior_terms() the L2 penalties of a batch; logging,
 optimisation and step counting live in train.py.
 """
@@ -37,10 +47,11 @@ class _MixtureOfTastes(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, users, items, user_factors, item_factors, user_bias, item_bias, global_bias,
-                user_scale, item_scale):
+                user_scale, item_scale, negatives):
         # users, items: (B,) int64; user_factors: (n_users, 2, K, d) [tastes, attention];
         # item_factors: (n_items, d); user_bias: (n_users,); item_bias: (n_items,);
-        # user_scale: (n_users,), item_scale: (n_items,): each pair's weight in the prior means.
+        # user_scale: (n_users,), item_scale: (n_items,): each pair's weight in the prior means;
+        # negatives: (B, n) int64 items sampled for the implicit term (n = 0: no term).
         batch, n_tastes, dim = users.shape[0], user_factors.shape[2], user_factors.shape[3]
         rows = user_factors.index_select(0, users).view(batch, 2 * n_tastes, dim)  # (B, 2K, d)
         item_rows = item_factors.index_select(0, items)                           # (B, d)
@@ -63,17 +74,29 @@ class _MixtureOfTastes(torch.autograd.Function):
             row_norms[0], row_norms[1], item_w @ item_rows.pow(2).sum(1),
             user_w @ user_b.pow(2) + item_w @ item_b.pow(2)]) / max(batch, 1)
 
+        # The implicit term: a rated item's logsumexp of the attention logits against each
+        # sampled item's. d logsumexp / d logits = softmax: the mixture weights themselves.
+        implicit = negative_rows = negative_weights = margins = rows.new_zeros(())
+        if negatives.shape[1]:
+            negative_rows = item_factors.index_select(0, negatives.reshape(-1)).view(*negatives.shape, dim)
+            negative_logits = torch.bmm(rows[:, n_tastes:], negative_rows.transpose(1, 2))  # (B, K, n)
+            negative_weights = torch.softmax(negative_logits, dim=1)             # over the K tastes
+            margins = (torch.logsumexp(logits, -1).unsqueeze(1)
+                       - torch.logsumexp(negative_logits, 1))                    # (B, n)
+            implicit = nn.functional.softplus(-margins).sum() / max(margins.numel(), 1)  # -log sigmoid
+
         ctx.save_for_backward(users, items, rows, item_rows, weights, taste_scores, mixed,
-                              user_b, item_b, user_w, item_w)
+                              user_b, item_b, user_w, item_w, negatives, negative_rows,
+                              negative_weights, margins)
         ctx.table_shapes = (user_factors.shape, item_factors.shape, user_bias.shape,
                             item_bias.shape)
-        return prediction, squared_norms
+        return prediction, squared_norms, implicit
 
     @staticmethod
     @once_differentiable  # the backward is not itself differentiable: double backward raises
-    def backward(ctx, grad_prediction, grad_norms):
+    def backward(ctx, grad_prediction, grad_norms, grad_implicit):
         users, items, rows, item_rows, weights, taste_scores, mixed, user_b, item_b, user_w, \
-            item_w = ctx.saved_tensors
+            item_w, negatives, negative_rows, negative_weights, margins = ctx.saved_tensors
         batch, two_k, _ = rows.shape
         n_tastes = two_k // 2
         # An empty batch (a process's share of a short last batch) has zero norms and gradients.
@@ -82,10 +105,17 @@ class _MixtureOfTastes(torch.autograd.Function):
         # d mixed / d taste_k = w_k e ;  d mixed / d attention_k = w_k (s_k - mixed) e
         grad_scores = grad_prediction.unsqueeze(-1) * weights                     # (B, K)
         grad_logits = grad_scores * (taste_scores - mixed.unsqueeze(-1))          # (B, K)
+        if negatives.shape[1]:  # the implicit term: d softplus(-m) / d m = -sigmoid(-m)
+            grad_margins = torch.sigmoid(-margins).mul_(-grad_implicit / max(margins.numel(), 1))  # (B, n)
+            grad_logits.addcmul_(grad_margins.sum(1, keepdim=True), weights)     # the rated item's side
+            grad_negative_logits = -grad_margins.unsqueeze(1) * negative_weights  # (B, K, n)
         grad_products = torch.cat([grad_scores, grad_logits], dim=1)              # (B, 2K)
         grad_rows = grad_products.unsqueeze(-1) * item_rows.unsqueeze(1)          # (B, 2K, d)
         row_coef = torch.cat([norm_coef[0].expand(n_tastes), norm_coef[1].expand(n_tastes)])
         grad_rows.addcmul_(rows, row_coef.view(1, two_k, 1) * user_w.view(batch, 1, 1))
+        if negatives.shape[1]:  # the sampled items' side, on the attention rows and those items
+            grad_rows[:, n_tastes:] += _sum_of_outer(grad_negative_logits, negative_rows)  # (B, K, d)
+            grad_negative_rows = _sum_of_outer(grad_negative_logits.transpose(1, 2), rows[:, n_tastes:])  # (B, n, d)
         # sum_k grad_products_k * rows_k: a broadcast product and a sum run ~2x faster on CPU
         # than einsum or bmm for these shapes (B x 2K x d with small K).
         grad_item_rows = (grad_products.unsqueeze(-1) * rows).sum(1)              # (B, d)
@@ -99,10 +129,22 @@ class _MixtureOfTastes(torch.autograd.Function):
         grad_user_factors = rows.new_zeros(factors_shape).index_add_(
             0, users, grad_rows.view(batch, *factors_shape[1:]))
         grad_item_factors = rows.new_zeros(items_shape).index_add_(0, items, grad_item_rows)
+        if negatives.shape[1]:
+            grad_item_factors.index_add_(0, negatives.reshape(-1), grad_negative_rows.reshape(-1, rows.shape[2]))
         grad_user_bias = rows.new_zeros(user_b_shape).index_add_(0, users, grad_user_b)
         grad_item_bias = rows.new_zeros(item_b_shape).index_add_(0, items, grad_item_b)
         return (None, None, grad_user_factors, grad_item_factors, grad_user_bias,
-                grad_item_bias, grad_prediction.sum(), None, None)
+                grad_item_bias, grad_prediction.sum(), None, None, None)
+
+
+def _sum_of_outer(coefficients, vectors):
+    """(B, P, Q) coefficients and (B, Q, d) vectors -> (B, P, d): sum over q of coefficient[p, q]
+    times vector q, i.e. bmm(coefficients, vectors). With Q and P a few (the tastes K, the sampled
+    items n), bmm runs 2-3x slower on CPU than this loop of broadcast multiply-adds over q."""
+    out = coefficients[:, :, 0, None] * vectors[:, 0, None, :]
+    for q in range(1, vectors.shape[1]):
+        out.addcmul_(coefficients[:, :, q, None], vectors[:, q, None, :])
+    return out
 
 
 class MFMixTaste(nn.Module):
@@ -140,7 +182,7 @@ class MFMixTaste(nn.Module):
         return self.user_factors[:, 1]
 
     def forward(self, users, items=None, return_prior=False, user_counts=None, item_counts=None,
-                prior_scale=None):
+                prior_scale=None, negatives=None):
         """Scores of (user, item) pairs, or of all items.
 
         users: (B,) int64. items: (B,) -> scores (B,); (B, m) -> scores (B, m) of m items per
@@ -152,8 +194,10 @@ class MFMixTaste(nn.Module):
         pair's user-side and item-side terms. Unscaled, a row is counted once per pair that uses
         it (the classic SGD-MF regulariser: a row's prior grows with its data); scaled by one
         over the pairs a row has in an epoch, each row is counted once per epoch, a fixed
-        Gaussian prior (train.py's prior_per). Everything a training step needs comes out of one
-        forward call, which is what DistributedDataParallel's hooks watch."""
+        Gaussian prior (train.py's prior_per). negatives: (B, n) sampled items, with items (B,)
+        and return_prior: then also the implicit term (a scalar, see the module's docstring) as
+        a third output. Everything a training step needs comes out of one forward call, which
+        is what DistributedDataParallel's hooks watch."""
         user_scale, item_scale = prior_scale or (self.user_bias.new_ones(self.n_users),
                                                  self.item_bias.new_ones(self.n_items))
         if items is None:
@@ -166,10 +210,14 @@ class MFMixTaste(nn.Module):
         pair_users = users if items.dim() == 1 else users.unsqueeze(1).expand_as(items).reshape(-1)
         if not return_prior and not torch.is_grad_enabled():  # evaluation: no norms, no saved tensors
             return self._pair_scores(pair_users, items.reshape(-1)).view(items.shape)
-        prediction, squared_norms = _MixtureOfTastes.apply(
+        none = pair_users.new_empty((len(pair_users), 0))
+        prediction, squared_norms, implicit = _MixtureOfTastes.apply(
             pair_users, items.reshape(-1), self.user_factors, self.item_factors, self.user_bias,
-            self.item_bias, self.global_bias, user_scale, item_scale)
+            self.item_bias, self.global_bias, user_scale, item_scale,
+            none if negatives is None else negatives)
         prediction = prediction.view(items.shape)
+        if negatives is not None:
+            return prediction, squared_norms, implicit
         return (prediction, squared_norms) if return_prior else prediction
 
     def _pair_scores(self, users, items):

@@ -645,16 +645,16 @@ class UserBatches(_SeededShuffle):
 
 
 class NegativeBatches(BatchIterator):
-    """BatchIterator over (users, items, _) interactions that also draws, for each one,
-    n_negatives items uniformly from all n_items (from the same saved generator, so a resumed
-    run draws the same): yields (users, items, negatives (B, n_negatives), global_batch)."""
+    """BatchIterator's batches with, for each row, n_negatives items drawn uniformly from all
+    n_items (from the same saved generator, so a resumed run draws the same): yields (users,
+    items, ratings, global_batch, negatives (B, n_negatives)). Every rank draws the whole global
+    batch's negatives and keeps its share's, so several processes train on the draws of one."""
 
     def __init__(self, tensors, batch_size, n_items, n_negatives, **kwargs):
         super().__init__(tensors, batch_size, **kwargs)
         self.n_items, self.n_negatives = n_items, n_negatives
 
     def __iter__(self):
-        for users, items, _, global_batch in super().__iter__():
-            negatives = torch.randint(self.n_items, (len(users), self.n_negatives),
-                                      generator=self.generator).to(users.device)
-            yield users, items, negatives, global_batch
+        for batch in super().__iter__():
+            negatives = torch.randint(self.n_items, (batch[3], self.n_negatives), generator=self.generator)
+            yield *batch, negatives[self.rank::self.world_size].to(batch[0].device)

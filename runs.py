@@ -52,9 +52,12 @@ def check(cfg):
     for key in positive:
         if cfg[key] <= 0:
             raise ConfigError(f"--{key} must be positive, got {cfg[key]}")
-    for key in ("patience", "threads", "init_std", "batch_size") + tuple(f"prior_{name}" for name in PRIOR_TERMS):
+    for key in ("patience", "threads", "init_std", "batch_size", "implicit_weight", "implicit_negatives") \
+            + tuple(f"prior_{name}" for name in PRIOR_TERMS):
         if cfg[key] < 0:
             raise ConfigError(f"--{key} must not be negative, got {cfg[key]}")
+    if not 0 <= cfg["lr_decay"] <= 1:
+        raise ConfigError(f"--lr_decay is a share of the run, from 0 to 1, got {cfg['lr_decay']}")
     if not 0 < cfg["test_fraction"] < 1 or not 0 < cfg["val_fraction"] < 1:
         raise ConfigError("--test_fraction and --val_fraction must lie strictly between 0 and 1")
     for key, valid in (("task", ("rating", "ranking")), ("loss", LOSSES), ("prior_per", PRIOR_PER)):

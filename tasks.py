@@ -3,7 +3,7 @@ interface that train.py's training() uses: the data and its batches, the loss of
 evaluators and their metrics, and which validation metric chooses the epoch.
 
     task = TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)
-    data_term, squared_norms, share, extra = task.loss(model, batch)   # for batch in task.batches
+    terms, squared_norms, share, extra = task.loss(model, batch)       # for batch in task.batches
     evaluator = task.evaluator(model, "val")                            # runs over task.eval_batches["val"]
 
 - rating: explicit ratings, squared error on the replaced script's 75/25 split (loader.split);
@@ -45,12 +45,19 @@ class RatingTask:
         self.metric_names, self.choose_by, self.higher_is_better = ("mse", "rmse", "mae"), "mse", False
         self.choose_label, self.sign = "MSE", -1  # sign: Ignite's handlers keep the highest score
         self.free_train_metrics = not cfg["eval_train"]  # from the epoch's own batches
-        self.data_term_name = "mse"
+        # The loss: squared error, and the implicit term on which movies each user rated
+        # (MFMixTaste's docstring) against implicit_negatives sampled movies per rating.
+        self.term_weights = {"mse": 1.0}
         self.plots = [("train_mse.svg", "Training MSE", [("train_mse", "train")], "MSE"),
                       ("test_mse.svg", "Test MSE", [("test_mse", "test")], "MSE")]
         self.batch_size = batch_size_for(cfg, len(rows[0]))
-        self.batches = loader.BatchIterator(tensors["train"], self.batch_size, seed=cfg["seed"],
-                                            rank=rank, world_size=world_size)
+        common = dict(seed=cfg["seed"], rank=rank, world_size=world_size)
+        if cfg["implicit_weight"] and cfg["implicit_negatives"]:
+            self.term_weights["implicit"] = cfg["implicit_weight"]
+            self.batches = loader.NegativeBatches(tensors["train"], self.batch_size, self.n_items,
+                                                  cfg["implicit_negatives"], **common)
+        else:  # without the term: no negatives drawn, exactly the model without it
+            self.batches = loader.BatchIterator(tensors["train"], self.batch_size, **common)
         self.prior_scale = prior_scale(cfg, np.bincount(ratings.users[rows[0]], minlength=self.n_users),
                                        np.bincount(ratings.items[rows[0]], minlength=self.n_items), device)
         self.eval_batches = {split: loader.BatchIterator(tensors[split], cfg["eval_batch_size"],
@@ -59,15 +66,19 @@ class RatingTask:
         self.device, self.world_size = device, world_size
 
     def loss(self, model, batch):
-        """-> (data term, (4,) prior squared norms, this rank's share of the global batch, and
-        what the free training metrics read)."""
-        users, items, targets, global_batch = batch
-        predictions, squared_norms = model(users, items, return_prior=True,
-                                           prior_scale=self.prior_scale)
+        """-> ({term name: scalar}, (4,) prior squared norms, this rank's share of the global
+        batch, and what the free training metrics read). train.py weighs the terms by
+        term_weights."""
+        users, items, targets, global_batch, *negatives = batch
+        outputs = model(users, items, return_prior=True, prior_scale=self.prior_scale,
+                        negatives=negatives[0] if negatives else None)
+        predictions, squared_norms = outputs[:2]
         # A rank's share of a short last batch can be empty: its loss is then 0, not NaN.
-        mse = (predictions - targets).pow(2).sum() / max(len(targets), 1)
+        terms = {"mse": (predictions - targets).pow(2).sum() / max(len(targets), 1)}
+        if negatives:
+            terms["implicit"] = outputs[2]
         share = len(targets) * self.world_size / global_batch
-        return mse, squared_norms, share, {"predictions": predictions.detach(), "targets": targets}
+        return terms, squared_norms, share, {"predictions": predictions.detach(), "targets": targets}
 
     def attach_train_metrics(self, trainer):
         attach_rating_metrics(trainer, lambda out: (out["predictions"], out["targets"]), self.device)
@@ -77,7 +88,7 @@ class RatingTask:
 
         def evaluate_step(engine, batch):
             model.eval()
-            users, items, ratings, _ = batch
+            users, items, ratings = batch[:3]
             with torch.no_grad():
                 predictions = model(users, items)
             if low is not None:
@@ -127,7 +138,7 @@ class RankingTask:
         self.choose_by, self.higher_is_better = f"ndcg@{self.k}", True
         self.choose_label, self.sign, self.rating_range = f"NDCG@{self.k}", 1, None
         self.free_train_metrics = False  # rank metrics of the training items mean nothing
-        self.data_term_name = cfg["loss"]
+        self.term_weights = {cfg["loss"]: 1.0}
         ndcg = f"ndcg@{self.k}"
         self.plots = [(f"ndcg_at_{self.k}.svg", f"NDCG@{self.k}",
                        [(f"val_{ndcg}", "validation"), (f"test_{ndcg}", "test")], f"NDCG@{self.k}")]
@@ -175,10 +186,10 @@ class RankingTask:
                 prior_scale=self.prior_scale)                                   # (B, n_items)
             log_probabilities = torch.log_softmax(scores, dim=1)
             data_term = -log_probabilities[position, items].sum() / max(len(items), 1)
-            return data_term, squared_norms, len(items) * self.world_size / global_pairs, {}
+            return {self.loss_name: data_term}, squared_norms, len(items) * self.world_size / global_pairs, {}
         # A positive and its sampled negatives in one forward: (B, 1 + n) scores; the prior
         # covers every row the batch uses, the negatives' too.
-        users, items, negatives, global_batch = batch                             # negatives (B, n)
+        users, items, _, global_batch, negatives = batch                          # negatives (B, n)
         scores, squared_norms = model(users, torch.cat([items.unsqueeze(1), negatives], dim=1),
                                       return_prior=True, prior_scale=self.prior_scale)
         positive, negative = scores[:, 0], scores[:, 1:]
@@ -189,7 +200,7 @@ class RankingTask:
         else:  # adaptive_hinge: the hardest of the n sampled negatives (Kula 2017)
             terms = torch.relu(1 - positive + negative.max(1).values)
         data_term = terms.sum() / max(len(terms), 1)
-        return data_term, squared_norms, len(terms) * self.world_size / global_batch, {}
+        return {self.loss_name: data_term}, squared_norms, len(terms) * self.world_size / global_batch, {}
 
     def attach_train_metrics(self, trainer):
         pass

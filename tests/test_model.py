@@ -68,8 +68,36 @@ def test_hand_written_backward_matches_autograd():
               model.global_bias)
     # Uneven prior scales, so the prior's gradient of every row is checked with its own weight.
     scales = torch.rand(6, dtype=torch.double) + 0.1, torch.rand(5, dtype=torch.double) + 0.1
-    assert torch.autograd.gradcheck(
-        lambda *p: _MixtureOfTastes.apply(users, items, *p, *scales), params)
+    # With the implicit term's sampled items (repeated too), and without (n = 0).
+    for negatives in (torch.randint(0, 5, (20, 3), generator=torch.Generator().manual_seed(1)),
+                      torch.empty(20, 0, dtype=torch.long)):
+        assert torch.autograd.gradcheck(
+            lambda *p, sampled=negatives: _MixtureOfTastes.apply(users, items, *p, *scales, sampled), params)
+
+
+def reference_implicit(model, users, items, negatives):
+    """The implicit term written from its definition, with autograd: mean over the (rated,
+    sampled) pairs of -log sigmoid(logsumexp_k A_k.e_j - logsumexp_k A_k.e_j')."""
+    attention = model.attention[users]                                       # (B, K, d)
+    def claim(item_vectors):                                                 # (B, m, d) -> (B, m)
+        return torch.logsumexp(torch.einsum("bkd,bmd->bmk", attention, item_vectors), -1)
+    rated, sampled = claim(model.item_factors[items].unsqueeze(1)), claim(model.item_factors[negatives])
+    return -torch.nn.functional.logsigmoid(rated - sampled).mean()
+
+
+def test_the_implicit_term_matches_its_definition_and_leaves_the_rest_alone():
+    model = randomised(MFMixTaste(10, 7, dim=5, n_tastes=3))
+    users, items = batch(10, 7)
+    negatives = torch.randint(0, 7, (64, 4), generator=torch.Generator().manual_seed(2))
+    prediction, norms, implicit = model(users, items, return_prior=True, negatives=negatives)
+    torch.testing.assert_close(implicit, reference_implicit(model, users, items, negatives))
+    plain_prediction, plain_norms = model(users, items, return_prior=True)
+    torch.testing.assert_close(prediction, plain_prediction, rtol=0, atol=0)
+    torch.testing.assert_close(norms, plain_norms, rtol=0, atol=0)
+    # Its gradient reaches the attention vectors and the items, never the tastes or biases.
+    implicit.backward()
+    assert model.user_factors.grad[:, 1].abs().sum() > 0 and model.item_factors.grad.abs().sum() > 0
+    assert model.user_factors.grad[:, 0].abs().sum() == 0 and model.user_bias.grad.abs().sum() == 0
 
 
 def test_prior_terms_are_batch_mean_squared_norms_and_weighted_sum():
@@ -158,6 +186,13 @@ def test_an_empty_batch_gives_zero_norms_and_zero_gradients():
     assert predictions.shape == (0,) and torch.equal(norms, torch.zeros(4))
     (predictions.sum() + norms.sum()).backward()
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+    # With the implicit term's sampled items too: an empty share has a zero term.
+    predictions, norms, implicit = model(empty, empty, return_prior=True,
+                                         negatives=torch.zeros(0, 3, dtype=torch.long))
+    assert implicit == 0
+    model.zero_grad()
+    (predictions.sum() + norms.sum() + implicit).backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
 
 
 def test_all_item_scores_and_item_sets_agree_with_pair_scores():
@@ -199,3 +234,22 @@ def test_prior_from_counts_equals_the_prior_of_the_pairs():
                            item_counts=torch.bincount(items, minlength=5).float(),
                            prior_scale=scale)
     torch.testing.assert_close(from_counts, from_pairs)
+
+
+def test_a_zero_weight_on_the_implicit_term_leaves_the_step_exactly_as_without_it():
+    """Weight 0 must give the model without the term exactly: the same gradients, bit for bit."""
+    model = randomised(MFMixTaste(10, 7, dim=5, n_tastes=3))
+    users, items = batch(10, 7)
+    targets = torch.rand(64) * 4 + 1
+    negatives = torch.randint(0, 7, (64, 3), generator=torch.Generator().manual_seed(3))
+    gradients = []
+    for sampled in (None, negatives):
+        model.zero_grad()
+        outputs = model(users, items, return_prior=True, negatives=sampled)
+        loss = (outputs[0] - targets).pow(2).mean() + outputs[1].sum()
+        if sampled is not None:
+            loss = loss + 0.0 * outputs[2]
+        loss.backward()
+        gradients.append([p.grad.clone() for p in model.parameters()])
+    for without, with_zero in zip(*gradients):
+        assert torch.equal(without, with_zero)

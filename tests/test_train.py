@@ -66,12 +66,31 @@ def test_run_writes_events_checkpoints_and_results(tmp_path, synthetic_ml100k):
         assert "<svg" in text and "</svg>" in text
 
 
-def test_resume_continues_to_the_same_model_as_an_uninterrupted_run(tmp_path, synthetic_ml100k):
-    run_train(tmp_path, synthetic_ml100k, "--epochs=4", "--patience=0", "--run_name=straight")
-    run_train(tmp_path, synthetic_ml100k, "--epochs=2", "--patience=0", "--run_name=split")
-    resumed = run_train(tmp_path, synthetic_ml100k, f"--resume={tmp_path / 'runs' / 'split'}",
-                        "--epochs=4")
-    assert "test MSE" in resumed.stdout
+def test_resume_continues_to_the_same_model_as_an_uninterrupted_run(tmp_path, synthetic_ml100k, monkeypatch):
+    """Interrupted after epoch 2 of 4 and resumed: the same curves as 4 straight epochs, the
+    learning-rate schedule, the implicit term's negatives and the shuffling included."""
+    from ignite.engine import Events
+
+    import train
+    args = ["--dataset=ml-100k", f"--data_dir={synthetic_ml100k}", "--download=False", "--progress=False",
+            "--batch_size=512", "--dim=8", "--n_tastes=3", "--epochs=4", "--patience=0",
+            f"--runs_dir={tmp_path / 'runs'}", f"--results_dir={tmp_path / 'results'}"]
+    assert train.main(args + ["--run_name=straight"]) == 0
+    save_and_resume = train.save_and_resume
+
+    def interrupted_after_epoch_2(cfg, to_save, run_dir, started):
+        wall = save_and_resume(cfg, to_save, run_dir, started)
+
+        @to_save["trainer"].on(Events.EPOCH_COMPLETED(once=2))
+        def stop(_):  # after the epoch's checkpoint was written
+            raise KeyboardInterrupt
+
+        return wall
+
+    with monkeypatch.context() as patched:
+        patched.setattr(train, "save_and_resume", interrupted_after_epoch_2)
+        assert train.main(args + ["--run_name=split"]) == 130
+    assert train.main([f"--resume={tmp_path / 'runs' / 'split'}"]) == 0
     straight = read_csv(tmp_path / "results" / "straight" / "metrics.csv")
     split = read_csv(tmp_path / "results" / "split" / "metrics.csv")
     assert [int(r["epoch"]) for r in split] == [1, 2, 3, 4]
@@ -286,3 +305,24 @@ def test_an_early_stopped_run_names_the_metric_that_stopped_it():
     stopper = SimpleNamespace(counter=3, patience=3)
     said = runs.epochs_left(trainer, stopper, {"epochs": 60}, "NDCG@10")
     assert "no better validation NDCG@10 in 3 epochs" in said
+
+
+def test_the_implicit_term_is_logged_and_can_be_turned_off(tmp_path, synthetic_ml100k):
+    """On (the default), the term has its own curve beside the prior terms; off, no negatives
+    are drawn and nothing is logged for it; on, the synthetic set's validation MSE differs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import tasks
+    import train
+    run_train(tmp_path, synthetic_ml100k, "--epochs=2", "--run_name=on")
+    run_train(tmp_path, synthetic_ml100k, "--epochs=2", "--run_name=off", "--implicit_weight=0")
+    tags = {name: set(EventAccumulator(str(tmp_path / "runs" / name)).Reload().Tags()["scalars"])
+            for name in ("on", "off")}
+    assert "train_step/implicit" in tags["on"] and "train_step/implicit" not in tags["off"]
+    assert {"train_step/mse", "train_step/prior_attention"} <= tags["on"] & tags["off"]
+    on, off = (read_csv(tmp_path / "results" / name / "metrics.csv") for name in ("on", "off"))
+    assert on[-1]["val_mse"] != off[-1]["val_mse"]
+    import loader
+    cfg = train.resolve_config(["--implicit_weight=0"])
+    task = tasks.RatingTask(cfg, loader.load("ml-100k", synthetic_ml100k, allow_download=False), "cpu", 0, 1)
+    assert type(task.batches) is loader.BatchIterator and list(task.term_weights) == ["mse"]
