@@ -15,11 +15,13 @@ Which movies a user chose to rate says something too (SVD++ built on it; Kula tr
 on exactly that signal). forward(..., negatives=...) also returns an implicit term that asks the
 attention vectors to explain the user's choices:
 
-    implicit_ij = logsumexp_k (A_ik . e_j)      "one of the user's tastes claims item j"
+    implicit_ij = t logsumexp_k (A_ik . e_j / t) "one of the user's tastes claims item j"
     term        = mean over (i, j) and j' of -log sigmoid(implicit_ij - implicit_ij')
 
-for each rated (i, j) against sampled items j' (BPR). train.py adds it, weighted, to the squared
-error; with weight 0 the model trains exactly as without it.
+for each rated (i, j) against sampled items j' (BPR). The temperature t sharpens the claim towards
+the single best taste (t -> 0: the max), so that each attention vector answers for a group of the
+user's movies instead of all of them sharing every movie. train.py adds the term, weighted, to the
+squared error; with weight 0 the model trains exactly as without it.
 
 The module is pure: forward() computes scores, prior_terms() the L2 penalties of a batch; logging,
 optimisation and step counting live in train.py.
@@ -47,11 +49,12 @@ class _MixtureOfTastes(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, users, items, user_factors, item_factors, user_bias, item_bias, global_bias,
-                user_scale, item_scale, negatives):
+                user_scale, item_scale, negatives, temperature):
         # users, items: (B,) int64; user_factors: (n_users, 2, K, d) [tastes, attention];
         # item_factors: (n_items, d); user_bias: (n_users,); item_bias: (n_items,);
         # user_scale: (n_users,), item_scale: (n_items,): each pair's weight in the prior means;
-        # negatives: (B, n) int64 items sampled for the implicit term (n = 0: no term).
+        # negatives: (B, n) int64 items sampled for the implicit term (n = 0: no term);
+        # temperature: its t (a float).
         batch, n_tastes, dim = users.shape[0], user_factors.shape[2], user_factors.shape[3]
         rows = user_factors.index_select(0, users).view(batch, 2 * n_tastes, dim)  # (B, 2K, d)
         item_rows = item_factors.index_select(0, items)                           # (B, d)
@@ -74,20 +77,21 @@ class _MixtureOfTastes(torch.autograd.Function):
             row_norms[0], row_norms[1], item_w @ item_rows.pow(2).sum(1),
             user_w @ user_b.pow(2) + item_w @ item_b.pow(2)]) / max(batch, 1)
 
-        # The implicit term: a rated item's logsumexp of the attention logits against each
-        # sampled item's. d logsumexp / d logits = softmax: the mixture weights themselves.
-        implicit = negative_rows = negative_weights = margins = rows.new_zeros(())
+        # The implicit term: a rated item's claim t logsumexp(logits / t) against each sampled
+        # item's. d claim / d logits = softmax(logits / t), the claim's weights over the tastes.
+        implicit = negative_rows = negative_weights = claim_weights = margins = rows.new_zeros(())
         if negatives.shape[1]:
             negative_rows = item_factors.index_select(0, negatives.reshape(-1)).view(*negatives.shape, dim)
-            negative_logits = torch.bmm(rows[:, n_tastes:], negative_rows.transpose(1, 2))  # (B, K, n)
+            negative_logits = torch.bmm(rows[:, n_tastes:], negative_rows.transpose(1, 2)) / temperature  # (B, K, n)
             negative_weights = torch.softmax(negative_logits, dim=1)             # over the K tastes
-            margins = (torch.logsumexp(logits, -1).unsqueeze(1)
-                       - torch.logsumexp(negative_logits, 1))                    # (B, n)
+            claim_weights = torch.softmax(logits / temperature, dim=-1)          # (B, K)
+            margins = temperature * (torch.logsumexp(logits / temperature, -1).unsqueeze(1)
+                                     - torch.logsumexp(negative_logits, 1))      # (B, n)
             implicit = nn.functional.softplus(-margins).sum() / max(margins.numel(), 1)  # -log sigmoid
 
         ctx.save_for_backward(users, items, rows, item_rows, weights, taste_scores, mixed,
                               user_b, item_b, user_w, item_w, negatives, negative_rows,
-                              negative_weights, margins)
+                              negative_weights, claim_weights, margins)
         ctx.table_shapes = (user_factors.shape, item_factors.shape, user_bias.shape,
                             item_bias.shape)
         return prediction, squared_norms, implicit
@@ -96,7 +100,7 @@ class _MixtureOfTastes(torch.autograd.Function):
     @once_differentiable  # the backward is not itself differentiable: double backward raises
     def backward(ctx, grad_prediction, grad_norms, grad_implicit):
         users, items, rows, item_rows, weights, taste_scores, mixed, user_b, item_b, user_w, \
-            item_w, negatives, negative_rows, negative_weights, margins = ctx.saved_tensors
+            item_w, negatives, negative_rows, negative_weights, claim_weights, margins = ctx.saved_tensors
         batch, two_k, _ = rows.shape
         n_tastes = two_k // 2
         # An empty batch (a process's share of a short last batch) has zero norms and gradients.
@@ -107,7 +111,7 @@ class _MixtureOfTastes(torch.autograd.Function):
         grad_logits = grad_scores * (taste_scores - mixed.unsqueeze(-1))          # (B, K)
         if negatives.shape[1]:  # the implicit term: d softplus(-m) / d m = -sigmoid(-m)
             grad_margins = torch.sigmoid(-margins).mul_(-grad_implicit / max(margins.numel(), 1))  # (B, n)
-            grad_logits.addcmul_(grad_margins.sum(1, keepdim=True), weights)     # the rated item's side
+            grad_logits.addcmul_(grad_margins.sum(1, keepdim=True), claim_weights)  # the rated item's side
             grad_negative_logits = -grad_margins.unsqueeze(1) * negative_weights  # (B, K, n)
         grad_products = torch.cat([grad_scores, grad_logits], dim=1)              # (B, 2K)
         grad_rows = grad_products.unsqueeze(-1) * item_rows.unsqueeze(1)          # (B, 2K, d)
@@ -134,7 +138,7 @@ class _MixtureOfTastes(torch.autograd.Function):
         grad_user_bias = rows.new_zeros(user_b_shape).index_add_(0, users, grad_user_b)
         grad_item_bias = rows.new_zeros(item_b_shape).index_add_(0, items, grad_item_b)
         return (None, None, grad_user_factors, grad_item_factors, grad_user_bias,
-                grad_item_bias, grad_prediction.sum(), None, None, None)
+                grad_item_bias, grad_prediction.sum(), None, None, None, None)
 
 
 def _sum_of_outer(coefficients, vectors):
@@ -182,7 +186,7 @@ class MFMixTaste(nn.Module):
         return self.user_factors[:, 1]
 
     def forward(self, users, items=None, return_prior=False, user_counts=None, item_counts=None,
-                prior_scale=None, negatives=None):
+                prior_scale=None, negatives=None, implicit_temperature=1.0):
         """Scores of (user, item) pairs, or of all items.
 
         users: (B,) int64. items: (B,) -> scores (B,); (B, m) -> scores (B, m) of m items per
@@ -195,8 +199,8 @@ class MFMixTaste(nn.Module):
         it (the classic SGD-MF regulariser: a row's prior grows with its data); scaled by one
         over the pairs a row has in an epoch, each row is counted once per epoch, a fixed
         Gaussian prior (train.py's prior_per). negatives: (B, n) sampled items, with items (B,)
-        and return_prior: then also the implicit term (a scalar, see the module's docstring) as
-        a third output. Everything a training step needs comes out of one forward call, which
+        and return_prior: then also the implicit term (a scalar, see the module's docstring, with
+        t = implicit_temperature) as a third output. Everything a training step needs comes out of one forward call, which
         is what DistributedDataParallel's hooks watch."""
         user_scale, item_scale = prior_scale or (self.user_bias.new_ones(self.n_users),
                                                  self.item_bias.new_ones(self.n_items))
@@ -214,7 +218,7 @@ class MFMixTaste(nn.Module):
         prediction, squared_norms, implicit = _MixtureOfTastes.apply(
             pair_users, items.reshape(-1), self.user_factors, self.item_factors, self.user_bias,
             self.item_bias, self.global_bias, user_scale, item_scale,
-            none if negatives is None else negatives)
+            none if negatives is None else negatives, float(implicit_temperature))
         prediction = prediction.view(items.shape)
         if negatives is not None:
             return prediction, squared_norms, implicit

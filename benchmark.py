@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -511,11 +512,12 @@ def subsample(ratings, kind, fraction, seed=0):
     return np.sort(order[position < np.repeat(keep, per_user)])
 
 
-def write_ratings_dat(folder, ratings, rows):
-    """rows of ratings as an ML-1M ratings.dat (raw ids; the timestamp, unused, is 0)."""
+def write_ratings_dat(folder, ratings, rows, user_ids=None):
+    """rows of ratings as an ML-1M ratings.dat (raw ids, or user_ids (len(rows),) in their place;
+    the timestamp, unused, is 0), with the movie file beside it when the data has one."""
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [f"{u}::{i}::{r:g}::0" for u, i, r in zip(ratings.user_ids[ratings.users[rows]].tolist(),
-                                                       ratings.item_ids[ratings.items[rows]].tolist(),
+    users = ratings.user_ids[ratings.users[rows]] if user_ids is None else user_ids
+    lines = [f"{u}::{i}::{r:g}::0" for u, i, r in zip(users.tolist(), ratings.item_ids[ratings.items[rows]].tolist(),
                                                        ratings.ratings[rows].tolist())]
     (folder / "ratings.dat").write_text("\n".join(lines) + "\n")
 
@@ -578,6 +580,170 @@ def sizes(args):
 
 
 SIZE_LABELS = {**LABELS, "mfmixtaste_pair": "this project, old defaults (prior per pair 0.03)"}
+
+
+# ----------------------------------------------------------------------------- shared accounts
+
+# Kula's first case: one account, several people. Real ML-1M users pooled into accounts.
+GROUPS = [("pairs", 2), ("triples", 3)]
+ACCOUNT_TASTES = (1, 2, 4)
+
+
+def pool_accounts(ratings, group_size, seed=0):
+    """Seeded groups of group_size real users (a random order cut in groups; the few users left
+    over are dropped), each pooled into one account: -> (rows, account), the kept ratings' row
+    indices in file order and the account (0..n_accounts-1) of each. A movie several persons of
+    an account rated is kept once: the first of their ratings in file order, whose person it
+    counts as (ratings.users[rows] are the persons)."""
+    order = np.random.default_rng(seed).permutation(ratings.n_users)
+    n_accounts = ratings.n_users // group_size
+    account_of = np.full(ratings.n_users, -1)
+    account_of[order[:n_accounts * group_size]] = np.arange(n_accounts * group_size) // group_size
+    pooled = np.flatnonzero(account_of[ratings.users] >= 0)
+    accounts = account_of[ratings.users[pooled]]
+    _, first = np.unique(accounts * ratings.n_items + ratings.items[pooled], return_index=True)
+    first = np.sort(first)
+    return pooled[first], accounts[first]
+
+
+def purity(account, taste, person):
+    """Per account (0..max(account)): the sum over its tastes of the largest number of one
+    person's movies among those the taste dominates, over the account's movies; and the
+    baseline, the largest person's share (what one taste holding everything scores). account,
+    taste, person: (N,) integer arrays, one entry per (account, movie)."""
+    n = np.bincount(account)
+
+    def majority(group):
+        triples, counts = np.unique(np.stack([account, group, person]), axis=1, return_counts=True)
+        pairs, pair_of = np.unique(triples[:2], axis=1, return_inverse=True)  # (account, group)
+        best = np.zeros(pairs.shape[1], dtype=np.int64)
+        np.maximum.at(best, pair_of.ravel(), counts)                         # its largest person
+        return np.bincount(pairs[0], best, minlength=len(n)) / np.maximum(n, 1)
+
+    return majority(taste), majority(np.zeros_like(account))
+
+
+def separability(account, person, vectors, sample=500, seed=0):
+    """How far the item vectors (one row per (account, movie)) can tell an account's persons
+    apart, on `sample` accounts drawn at random: -> (linear split fitted on the persons, scored
+    on the same movies; the same, scored on held-out movies (5-fold); 2-means clusters of the
+    account's movies), each a mean purity. With K=2 the dominant taste is the sign of
+    (A_1 - A_2) . e_j, a linear split without intercept: the first is what the best attention
+    could reach on these vectors if it knew the persons, the second what such a split carries
+    to movies it was not fitted on, the third what the movies' own grouping (no persons)
+    gives."""
+    import warnings
+
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    chosen = np.random.default_rng(seed).permutation(np.unique(account))[:sample]
+    fitted, held_out, clusters = [], [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for a in chosen:
+            rows = np.flatnonzero(account == a)
+            x, y = vectors[rows], person[rows]
+            if min(np.unique(y, return_counts=True)[1]) < 5:  # a person with too few movies to fold
+                continue
+            fitted.append(LogisticRegression(fit_intercept=False, C=100.0, max_iter=500).fit(x, y).score(x, y))
+            held_out.append(cross_val_score(LogisticRegression(fit_intercept=False, max_iter=500), x, y, cv=5).mean())
+            groups = KMeans(2, n_init=3, random_state=0).fit_predict(x - x.mean(0))
+            clusters.append(purity(np.zeros(len(rows), dtype=int), groups, y)[0][0])
+    return np.mean(fitted), np.mean(held_out), np.mean(clusters)
+
+
+def dominant_tastes(run_dir, raw_accounts, raw_items):
+    """For (raw account, raw movie) pairs, the run's dominant taste (largest mixture weight) of
+    each pair it knows, and which pairs those are: -> (taste (M,), known (N,) bool, item rows)."""
+    import torch
+
+    from recommend import Recommender
+    run = Recommender.load(run_dir, quiet=True)
+    users = np.searchsorted(run.user_ids, raw_accounts).clip(max=len(run.user_ids) - 1)
+    items = np.searchsorted(run.item_ids, raw_items).clip(max=len(run.item_ids) - 1)
+    known = (run.user_ids[users] == raw_accounts) & (run.item_ids[items] == raw_items)
+    with torch.no_grad():
+        taste = torch.cat([run.model.mixture_weights(torch.from_numpy(u), torch.from_numpy(i)).argmax(1)
+                           for u, i in zip(np.array_split(users[known], 16), np.array_split(items[known], 16))])
+    return taste.numpy(), known, items[known], run.model.item_factors.detach().numpy()
+
+
+def shared_accounts(args):
+    """Kula's first case, measured: real ML-1M users pooled into accounts of two and of three,
+    both tasks trained on the pooled accounts with K = 1, 2 and 4, and the same people
+    unpooled as the reference. For every mixture: its gain over K=1, and the purity of its
+    tastes against the real people."""
+    full = loader.load("ml-1m", args.data_dir, allow_download=False)
+    movies = Path(args.data_dir) / "ml-1m" / "movies.dat"
+    table = ["| accounts | task | model | test figure | against K=1 | purity | largest person's share "
+             "| the run's item vectors: linear split fitted / held out / 2-means |", "|---|---|---|---|---|---|---|---|"]
+    purities = {}
+    with tempfile.TemporaryDirectory(prefix="mfmixtaste-accounts-") as scratch:
+        scratch = Path(scratch)
+        sets = [("the same people, unpooled", args.data_dir, None)]
+        for name, size in GROUPS:
+            rows, account = pool_accounts(full, size)
+            write_ratings_dat(scratch / name / "ml-1m", full, rows, user_ids=account + 1)
+            if movies.is_file():
+                shutil.copy(movies, scratch / name / "ml-1m" / "movies.dat")
+            sets.append((f"{len(np.unique(account)):,} {name} ({len(rows):,} ratings)", str(scratch / name),
+                         (account + 1, full.item_ids[full.items[rows]], full.user_ids[full.users[rows]])))
+        for label, data_dir, pooled in sets:
+            here = argparse.Namespace(**{**vars(args), "dataset": "ml-1m", "data_dir": data_dir})
+            for task, metric in (("rating", "mse"), ("ranking", "ndcg@10")):
+                one = None
+                for k in ACCOUNT_TASTES if pooled is not None else (1, 2):
+                    print(f"{label}: {task}, K={k} ...", flush=True)
+                    row = train_row(f"{task}_k{k}", here, scratch, [f"--task={task}", f"--n_tastes={k}"])
+                    if "error" in row:
+                        table.append(f"| {label} | {task} | K={k} | - | - | - | - | {row['error']} |")
+                        continue
+                    one = row[metric] if k == 1 else one
+                    gain = "" if k == 1 or one is None else (
+                        f"{row[metric] - one:+.4f}" if task == "rating" else f"{row[metric] / one - 1:+.1%}")
+                    cells = ["", "", ""]
+                    if pooled is not None and k > 1:
+                        taste, known, items, vectors = dominant_tastes(row["run_dir"], pooled[0], pooled[1])
+                        account, person = pooled[0][known], pooled[2][known]
+                        got, base = purity(account, taste, person)
+                        cells = [f"{got[np.bincount(account) > 0].mean():.3f}",
+                                 f"{base[np.bincount(account) > 0].mean():.3f}", ""]
+                        purities[(label, task, k)] = (got, base)
+                        if k == 2 and "pairs" in label:
+                            cells[2] = " / ".join(f"{v:.3f}" for v in separability(account, person, vectors[items]))
+                    table.append(f"| {label} | {task} | K={k} | {metric.upper()} {row[metric]:.4f} | {gain} | "
+                                 + " | ".join(cells) + " |")
+    lines = ["## Shared accounts: several people behind one account", "",
+             "Real ML-1M users pooled at random (seed 0) into accounts of two and of three people; a "
+             "movie two of them rated is kept once (the first rating in file order, counted as that "
+             "person's). Both tasks are trained with `train.py`'s defaults on the pooled accounts "
+             "(their own protocols: the rating task's 75/25 split, the ranking task's RecBole "
+             "protocol), with K = 1, 2 and 4 tastes, and on the same people unpooled.", "",
+             *table, "",
+             "**Purity**: each of an account's movies goes to its dominant taste (the largest mixture "
+             "weight); per account, the sum over tastes of the largest number of one person's movies "
+             "among them, over the account's movies; averaged over accounts. One taste holding "
+             "everything scores the largest person's share. **What the item vectors allow** (pairs, "
+             "K=2, 500 accounts at random): with two tastes the dominant one is the sign of "
+             "(A_1 - A_2) . e_j, a linear split of the run's item vectors without intercept. A "
+             "logistic regression per account fitted on the persons themselves and scored on the same "
+             "movies is the best any attention could do if it knew the persons; scored on held-out "
+             "movies (5-fold) it is what such a split carries beyond the movies it was fitted on; "
+             "2-means clusters of the account's movie vectors are what the movies' own grouping "
+             "gives without the persons. Test figures are the test MSE (rating) or test NDCG@10 (ranking) of the "
+             "best-by-validation epoch; against K=1: the MSE difference, or the relative NDCG@10 "
+             "gain.", "",
+             machine_lines(f"python benchmark.py --shared-accounts --data_dir={args.data_dir_given}")]
+    if purities:
+        import pictures
+        picture = Path(args.output).parent / "shared_accounts.svg"
+        pictures.purity_histograms(picture, purities)
+        lines[-1:-1] = [f"![purity per account]({picture.name})", ""]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    write_section(Path(args.output), "shared-accounts", report)
 
 
 # ----------------------------------------------------------------------------- scaling
@@ -667,6 +833,8 @@ def main():
     parser.add_argument("--only", default="", help=f"comma-separated rows of: {', '.join(ROWS)}")
     parser.add_argument("--output", default=str(ROOT / "results" / "benchmark.md"))
     parser.add_argument("--scaling", action="store_true", help="time/memory versus size instead")
+    parser.add_argument("--shared-accounts", dest="shared_accounts", action="store_true",
+                        help="real users pooled into shared accounts: gains over K=1 and purity")
     parser.add_argument("--sizes", action="store_true",
                         help="the defaults on ML-1M and on small sets cut from it, against the peers")
     parser.add_argument("--scaling_dir", default=os.path.join(tempfile.gettempdir(),
@@ -688,6 +856,8 @@ def main():
             scaling(args)
         elif args.sizes:
             sizes(args)
+        elif args.shared_accounts:
+            shared_accounts(args)
         elif args.task == "ranking":
             ranking_peers(args)
         else:

@@ -128,3 +128,26 @@ def run_pictures(folder, model, seen, genres, dataset):
     taste_weights(folder / "taste_weights.svg", mean_weights(model, *seen, model.n_users), title)
     coordinates, _ = item_map(model.item_factors.detach().numpy())
     movie_map(folder / "item_map.svg", coordinates, genres, f"Item embeddings (PCA): {title}")
+
+
+def purity_histograms(path, purities):
+    """Per-account purity of shared accounts' tastes (benchmark.py --shared-accounts): one panel
+    per (accounts, task), the mixtures' purities beside the largest person's share (what one
+    taste scores). purities: {(accounts, task, K): (per-account purity, per-account largest
+    share)}."""
+    plt = _pyplot()
+    panels = sorted({(label, task) for label, task, _ in purities}, key=lambda p: (p[0], p[1] != "rating"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (label, task) in zip(axes[0], panels):
+        curves = [(key[2], values) for key, values in purities.items() if key[:2] == (label, task)]
+        base = curves[0][1][1]
+        ax.hist(base, bins=40, range=(0.3, 1), histtype="stepfilled", color="lightgrey",
+                label=f"largest person's share, mean {base.mean():.2f}")
+        for k, (got, _) in curves:
+            ax.hist(got, bins=40, range=(0.3, 1), histtype="step", lw=2, label=f"K={k} tastes, mean {got.mean():.2f}")
+        ax.set(xlabel="purity of the account's tastes against its people", ylabel="accounts",
+               title=f"{task}: {label.split(' (')[0]}")
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -12,7 +12,9 @@ From Python, every answer is plain data (a pandas DataFrame, or lists of dicts):
     run = Recommender.load("runs/<run>")
     run.recommend(42, n=10)      # DataFrame: rank, movie_id, title, year, genres, score, taste, taste_weight
                                  # (score is called rating in rating runs: a predicted rating)
-    run.tastes(42)               # [{"taste": 1, "share": 0.61, "top_movies": [...], "genres": [...]}, ...]
+    run.tastes(42)               # [{"taste": 1, "share": 0.61, "top_movies": [...], "genres": [...],
+                                 #   "rated_movies": [...]}, ...]
+    run.rated_tastes(42)         # DataFrame: movie_id, title, taste, weight, for each movie user 42 rated
     run.similar(1)               # DataFrame: rank, movie_id, title, year, genres, cosine
     run.recommend_all(n=10)      # DataFrame: user_id, rank, movie_id, score (or rating), every user
 
@@ -106,10 +108,12 @@ class Recommender:
 
     def tastes(self, user_id, n=5):
         """Each of the user's tastes: its share of the user's rated movies (the mean mixture
-        weight over them), the n movies it scores highest among all, and its dominant genres
-        (most frequent among its top 20 movies)."""
+        weight over them), the n movies it scores highest among all, its dominant genres (most
+        frequent among its top 20 movies), and the n of the user's own movies it speaks for
+        most (those where it has the largest mixture weight, highest weight first)."""
         row, n = self.user_row(user_id), _count(n)
         rated = torch.from_numpy(self.rated(row))
+        own = self.rated_tastes(user_id)
         with torch.no_grad():
             shares = self._mixture(row, rated)[0].mean(1) if len(rated) else None     # (K,)
             taste_scores = self.model.tastes[row] @ self.model.item_factors.T           # (K, n_items)
@@ -117,10 +121,24 @@ class Recommender:
         for k in range(self.model.n_tastes):
             top = torch.topk(taste_scores[k], min(max(n, 20), self.model.n_items)).indices.numpy()
             genres = pd.Series([g for names in self.movies["genres"].iloc[top[:20]] for g in names])
+            mine = own[own["taste"] == k + 1].head(n)
             answer.append({"taste": k + 1, "share": None if shares is None else round(float(shares[k]), 3),
                            "top_movies": self._movie_frame(top[:n]).to_dict("records"),
-                           "genres": genres.value_counts().head(3).index.tolist()})
+                           "genres": genres.value_counts().head(3).index.tolist(),
+                           "rated_movies": mine.to_dict("records")})
         return answer
+
+    def rated_tastes(self, user_id):
+        """One row per movie the user rated: movie_id, title, taste (1..K, the taste of the
+        largest mixture weight on it) and weight (that weight); by taste, highest weight first."""
+        rated = self.rated(self.user_row(user_id))
+        with torch.no_grad():
+            weights = self.model.mixture_weights(torch.full((len(rated),), self.user_row(user_id)),
+                                                 torch.from_numpy(rated))               # (m, K)
+        best = weights.max(1)
+        frame = pd.DataFrame({"movie_id": self.item_ids[rated], "title": self.movies["title"].iloc[rated].to_numpy(),
+                              "taste": best.indices.numpy() + 1, "weight": best.values.double().numpy().round(3)})
+        return frame.sort_values(["taste", "weight"], ascending=[True, False], kind="stable").reset_index(drop=True)
 
     def similar(self, movie_id, n=10):
         """The n movies whose embeddings are nearest by cosine to the movie's."""
@@ -266,6 +284,9 @@ def main(argv):
             genres = f"; genres: {', '.join(taste['genres'])}" if taste["genres"] else ""
             print(f"taste {taste['taste']}{share}{genres}")
             print("\n".join(f"     {_title(m)}" for m in taste["top_movies"]))
+            if taste["rated_movies"]:
+                print("   of the user's own movies, it speaks most for:")
+                print("\n".join(f"     {m['title']}  (weight {m['weight']:.2f})" for m in taste["rated_movies"]))
     if args.plot:
         print(f"map written to {args.plot}", file=sys.stderr)
     return 0

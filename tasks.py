@@ -47,7 +47,7 @@ class RatingTask:
         self.free_train_metrics = not cfg["eval_train"]  # from the epoch's own batches
         # The loss: squared error, and the implicit term on which movies each user rated
         # (MFMixTaste's docstring) against implicit_negatives sampled movies per rating.
-        self.term_weights = {"mse": 1.0}
+        self.term_weights, self.implicit_temperature = {"mse": 1.0}, cfg["implicit_temperature"]
         self.plots = [("train_mse.svg", "Training MSE", [("train_mse", "train")], "MSE"),
                       ("test_mse.svg", "Test MSE", [("test_mse", "test")], "MSE")]
         self.batch_size = batch_size_for(cfg, len(rows[0]))
@@ -71,7 +71,8 @@ class RatingTask:
         term_weights."""
         users, items, targets, global_batch, *negatives = batch
         outputs = model(users, items, return_prior=True, prior_scale=self.prior_scale,
-                        negatives=negatives[0] if negatives else None)
+                        negatives=negatives[0] if negatives else None,
+                        implicit_temperature=self.implicit_temperature)
         predictions, squared_norms = outputs[:2]
         # A rank's share of a short last batch can be empty: its loss is then 0, not NaN.
         terms = {"mse": (predictions - targets).pow(2).sum() / max(len(targets), 1)}

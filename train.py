@@ -73,12 +73,13 @@ init_std = 0.01            # std of the factors at start (see MFMixTaste.__init_
 # across data sizes"); the per-rating weighting ("pair") needed a weight per dataset.
 prior_per = "row"          # "row": each row counted once per epoch; "pair": once per rating that uses it (SGD-MF's weighting)
 prior_tastes = 5.0         # on the users' taste vectors U
-prior_attention = 2.0      # on the attention vectors A (without the implicit term, 0.5: at 5 they stayed at 0)
+prior_attention = 0.5      # on the attention vectors A: they only pick among the tastes (at 5 they stayed at 0)
 prior_items = 10.0         # on the item vectors e
 prior_biases = 3.0         # on user and item biases
 # implicit feedback in the rating task: which movies a user chose to rate (MFMixTaste's docstring)
 implicit_weight = 2.0      # weight of the BPR term on the attention vectors, beside the MSE (0 = off)
 implicit_negatives = 3     # movies drawn uniformly per rating for that term
+implicit_temperature = 0.1 # t of its claim t*logsumexp_k(A_k.e/t): small = the best taste claims the movie alone
 # optimisation
 lr = 1e-2                  # Adam learning rate (its peak, see lr_decay)
 lr_decay = 0.5             # share of the run, at its end, over which lr falls linearly to 0 (0 = constant lr)

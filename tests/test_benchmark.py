@@ -144,3 +144,40 @@ def test_the_sizes_report_runs_every_row_on_every_set(tmp_path):
             row = next(line for line in report.splitlines()
                        if line.startswith(f"| {data} | {model}"))
             assert 0 < float(row.split("|")[3]) < 5, row
+
+
+def test_pooled_accounts_keep_every_movie_once_and_record_its_person():
+    import loader
+    # Users 1-6 in file order; users 1 and 2 both rated movie 10 (user 1 first).
+    users = np.array([1, 2, 1, 3, 4, 2, 5, 6, 6, 3])
+    items = np.array([10, 10, 11, 12, 12, 13, 10, 10, 11, 14])
+    ratings = loader.encode(users, items, np.arange(1.0, 11.0) % 5 + 1)
+    rows, account = benchmark.pool_accounts(ratings, 2, seed=0)
+    assert np.all(np.diff(rows) > 0)  # file order
+    assert len(np.unique(account)) == 3
+    persons = ratings.user_ids[ratings.users[rows]]
+    # Each account is two persons; each (account, movie) once; every rating of a person is kept
+    # unless an earlier rating of the same movie by the account's other person was.
+    members = {a: set(persons[account == a]) for a in np.unique(account)}
+    assert all(len(m) <= 2 for m in members.values())
+    pairs = list(zip(account.tolist(), ratings.items[rows].tolist()))
+    assert len(pairs) == len(set(pairs))
+    account_of = {p: a for a, m in members.items() for p in m}
+    for row in range(len(users)):
+        a = account_of.get(users[row])
+        kept = row in rows
+        earlier = any(account_of.get(users[r]) == a and items[r] == items[row] for r in range(row))
+        assert kept != earlier or a is None, row
+    assert benchmark.pool_accounts(ratings, 2, seed=0)[0].tolist() == rows.tolist()  # seeded
+
+
+def test_purity_on_a_hand_made_account():
+    # Account 0: persons 7,7,7,8,8 with tastes 0,0,1,1,1 -> taste 0 {7: 2}, taste 1 {7: 1, 8: 2}:
+    # (2 + 2) / 5; the largest person holds 3 of 5. Account 1: two persons, one taste: 1 / 2.
+    account = np.array([0, 0, 0, 0, 0, 1, 1])
+    taste = np.array([0, 0, 1, 1, 1, 0, 0])
+    person = np.array([7, 7, 7, 8, 8, 2, 3])
+    got, base = benchmark.purity(account, taste, person)
+    assert got.tolist() == [0.8, 0.5] and base.tolist() == [0.6, 0.5]
+    # Tastes that match the persons exactly score 1.
+    assert benchmark.purity(account, np.array([0, 0, 0, 1, 1, 0, 1]), person)[0].tolist() == [1.0, 1.0]

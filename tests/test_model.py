@@ -72,15 +72,16 @@ def test_hand_written_backward_matches_autograd():
     for negatives in (torch.randint(0, 5, (20, 3), generator=torch.Generator().manual_seed(1)),
                       torch.empty(20, 0, dtype=torch.long)):
         assert torch.autograd.gradcheck(
-            lambda *p, sampled=negatives: _MixtureOfTastes.apply(users, items, *p, *scales, sampled), params)
+            lambda *p, sampled=negatives: _MixtureOfTastes.apply(users, items, *p, *scales, sampled, 0.3), params)
 
 
-def reference_implicit(model, users, items, negatives):
+def reference_implicit(model, users, items, negatives, t=1.0):
     """The implicit term written from its definition, with autograd: mean over the (rated,
-    sampled) pairs of -log sigmoid(logsumexp_k A_k.e_j - logsumexp_k A_k.e_j')."""
+    sampled) pairs of -log sigmoid(claim_j - claim_j'), claim_j = t logsumexp_k (A_k.e_j / t)."""
     attention = model.attention[users]                                       # (B, K, d)
+
     def claim(item_vectors):                                                 # (B, m, d) -> (B, m)
-        return torch.logsumexp(torch.einsum("bkd,bmd->bmk", attention, item_vectors), -1)
+        return t * torch.logsumexp(torch.einsum("bkd,bmd->bmk", attention, item_vectors) / t, -1)
     rated, sampled = claim(model.item_factors[items].unsqueeze(1)), claim(model.item_factors[negatives])
     return -torch.nn.functional.logsigmoid(rated - sampled).mean()
 
@@ -89,8 +90,10 @@ def test_the_implicit_term_matches_its_definition_and_leaves_the_rest_alone():
     model = randomised(MFMixTaste(10, 7, dim=5, n_tastes=3))
     users, items = batch(10, 7)
     negatives = torch.randint(0, 7, (64, 4), generator=torch.Generator().manual_seed(2))
+    for t in (0.2, 1.0):
+        _, _, implicit = model(users, items, return_prior=True, negatives=negatives, implicit_temperature=t)
+        torch.testing.assert_close(implicit, reference_implicit(model, users, items, negatives, t))
     prediction, norms, implicit = model(users, items, return_prior=True, negatives=negatives)
-    torch.testing.assert_close(implicit, reference_implicit(model, users, items, negatives))
     plain_prediction, plain_norms = model(users, items, return_prior=True)
     torch.testing.assert_close(prediction, plain_prediction, rtol=0, atol=0)
     torch.testing.assert_close(norms, plain_norms, rtol=0, atol=0)

@@ -307,3 +307,25 @@ def test_the_best_model_is_chosen_by_its_score_not_by_its_name(tmp_path):
     (tmp_path / "best_model_3_val_ndcg_at_10=0.1000.pt").unlink()
     assert best_model_file(tmp_path).name == "best_model_12_neg_val_mse=-0.7000.pt"
     assert best_model_file(tmp_path / "nothing") is None
+
+
+def test_rated_tastes_split_a_both_groups_users_movies_by_group(runs):
+    """Users 121-160 rated 10 Action and 10 Romance movies: each rated movie is listed with the
+    taste that carries it, and the two tastes split the two groups (purity against the group)."""
+    import benchmark
+    run = Recommender.load(runs["mixture"])
+    purities = []
+    for user in range(121, 161):
+        frame = run.rated_tastes(user)
+        assert list(frame.columns) == ["movie_id", "title", "taste", "weight"] and len(frame) == 20
+        assert set(frame["movie_id"]) == set(run.item_ids[run.rated(run.user_row(user))])
+        assert frame["taste"].isin([1, 2]).all() and frame["weight"].between(0.5, 1).all()  # K=2
+        groups = (frame["movie_id"].to_numpy() - 1) // 20
+        purities.append(benchmark.purity(np.zeros(20, dtype=int), frame["taste"].to_numpy(), groups)[0][0])
+    print("mean purity", np.mean(purities))
+    assert np.mean(purities) >= 0.9, purities  # one group per taste (0.5 if both held both)
+    tastes = json.loads(cli(runs["mixture"], "--user=121", "--tastes", "--n=3", "--json").stdout)
+    assert all(len(t["rated_movies"]) <= 3 for t in tastes)
+    assert {m["movie_id"] for t in tastes for m in t["rated_movies"]} <= set(run.rated_tastes(121)["movie_id"])
+    text = cli(runs["mixture"], "--user=121", "--tastes", "--n=3").stdout
+    assert "of the user's own movies, it speaks most for:" in text
