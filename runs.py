@@ -43,7 +43,7 @@ PRIOR_PER = ("row", "pair")  # train.py's prior_per
 # What a resumed run may change; the rest is fixed by its checkpoint and saved config.
 CHANGEABLE_ON_RESUME = {"resume", "epochs", "patience", "data_dir", "download", "device",
                         "threads", "log_interval", "progress", "eval_train", "eval_batch_size",
-                        "results_dir"}
+                        "results_dir", "test_curve"}
 
 
 def check(cfg):

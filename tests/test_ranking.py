@@ -148,7 +148,8 @@ def run_ranking(tmp_path, data_dir, *overrides, check=True):
 
 def test_a_ranking_run_logs_and_writes_the_rank_metrics(tmp_path, synthetic_ml100k):
     from test_train import read_csv
-    done = run_ranking(tmp_path, synthetic_ml100k, "--epochs=3", "--patience=0", "--run_name=rk")
+    done = run_ranking(tmp_path, synthetic_ml100k, "--epochs=3", "--patience=0", "--run_name=rk",
+                       "--test_curve=True")
     assert "test NDCG@10" in done.stdout and "Recall@10" in done.stdout
     summary = json.loads((tmp_path / "results" / "rk" / "summary.json").read_text())
     assert summary["task"] == "ranking" and summary["hyperparameters"]["lr"] == train.RANKING_DEFAULTS["lr"]
@@ -174,12 +175,17 @@ def test_the_sampled_losses_train(tmp_path, synthetic_ml100k, loss):
                 "--n_negatives=5", "--batch_size=256", "--lr=0.02", "--run_name=s")
     rows = read_csv(tmp_path / "results" / "s" / "metrics.csv")
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    # Ranking scores the test set once, for the chosen model: no per-epoch test curve by default.
+    assert "val_ndcg@10" in rows[0] and "test_ndcg@10" not in rows[0]
+    assert 0 < json.loads((tmp_path / "results" / "s" / "summary.json").read_text())["test_ndcg@10"] <= 1
 
 
 def test_a_ranking_run_resumes_to_the_same_model(tmp_path, synthetic_ml100k):
     from test_train import read_csv
-    run_ranking(tmp_path, synthetic_ml100k, "--epochs=3", "--patience=0", "--run_name=straight")
-    run_ranking(tmp_path, synthetic_ml100k, "--epochs=1", "--patience=0", "--run_name=split")
+    # A constant lr: a run stopped at --epochs=1 and resumed with --epochs=3 re-plans a decaying
+    # lr over the longer run (tests/test_train.py resumes a decaying lr after an interruption).
+    run_ranking(tmp_path, synthetic_ml100k, "--epochs=3", "--patience=0", "--run_name=straight", "--lr_decay=0")
+    run_ranking(tmp_path, synthetic_ml100k, "--epochs=1", "--patience=0", "--run_name=split", "--lr_decay=0")
     run_ranking(tmp_path, synthetic_ml100k, f"--resume={tmp_path / 'runs' / 'split'}", "--epochs=3")
     straight = read_csv(tmp_path / "results" / "straight" / "metrics.csv")
     split = read_csv(tmp_path / "results" / "split" / "metrics.csv")
