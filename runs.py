@@ -1,5 +1,5 @@
-"""What a run is on disk: its settings (the command line, config.json), its folders, checkpoints
-and results, and what a finished run leaves for recommend.py.
+"""What a run is on disk: its settings (the command line, config.json), its folders, checkpoints,
+TensorBoard events and results, and what a finished run leaves for recommend.py.
 
     runs/<run_name>/     TensorBoard events, config.json, last_checkpoint_<epoch>.pt, best_model_*.pt,
                          dataset.npz (raw ids, each user's rated movies), movies.json
@@ -23,6 +23,9 @@ from pathlib import Path
 import ignite.distributed as idist
 import numpy as np
 import torch
+from ignite.engine import Events
+from ignite.handlers import global_step_from_engine
+from ignite.handlers.tensorboard_logger import TensorboardLogger
 
 import loader
 import pictures
@@ -295,6 +298,30 @@ def write_results(folder, summary, rows, plots):
     pictures.metric_curves(folder, rows, plots, summary["best_epoch"],
                            f"{summary['dataset']}, K={summary['hyperparameters']['n_tastes']}")
     write_atomically(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def attach_tensorboard(run_dir, trainer, evaluators, optimizer, task, cfg):
+    """tensorboardX through Ignite's TensorboardLogger: loss, data term and each prior term every
+    log_interval iterations, the metrics of every split each epoch, the hyperparameters."""
+    tb_logger = TensorboardLogger(log_dir=str(run_dir))
+
+    def scalars(out):
+        values = {"loss": float(out["loss"]), **{name: float(v) for name, v in out["terms"].items()}}
+        values.update({f"prior_{n}": float(v) for n, v in zip(PRIOR_TERMS, out["prior"])})
+        return values
+
+    tb_logger.attach_output_handler(trainer, Events.ITERATION_COMPLETED(every=cfg["log_interval"]),
+                                    tag="train_step", output_transform=scalars)
+    tb_logger.attach_opt_params_handler(trainer, Events.EPOCH_STARTED, optimizer)
+    if task.free_train_metrics:
+        tb_logger.attach_output_handler(trainer, Events.EPOCH_COMPLETED, tag="train",
+                                        metric_names=list(task.metric_names))
+    for split, evaluator in evaluators.items():
+        tb_logger.attach_output_handler(evaluator, Events.COMPLETED, tag=split,
+                                        metric_names=list(task.metric_names),
+                                        global_step_transform=global_step_from_engine(trainer))
+    tb_logger.writer.add_text("config", "    " + json.dumps(cfg, indent=2).replace("\n", "\n    "))
+    return tb_logger
 
 
 def describe(cfg, task, model):

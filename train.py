@@ -36,7 +36,6 @@ from ignite.handlers import (
     TerminateOnNan,
     global_step_from_engine,
 )
-from ignite.handlers.tensorboard_logger import TensorboardLogger
 from ignite.metrics import Average
 
 import loader
@@ -180,7 +179,7 @@ def training(local_rank, cfg, attach=None):
     tb_logger = None
     if rank == 0:
         (run_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        tb_logger = attach_tensorboard(run_dir, trainer, evaluators, optimizer, task, cfg)
+        tb_logger = runs.attach_tensorboard(run_dir, trainer, evaluators, optimizer, task, cfg)
         if cfg["progress"] and left is None:
             ProgressBar(persist=False).attach(
                 trainer, output_transform=lambda out: {"loss": out["loss"]})
@@ -387,30 +386,6 @@ def diverged(trainer):
     """Whether the last training step's loss is NaN or infinite (TerminateOnNan then stopped)."""
     output = trainer.state.output
     return output is not None and not math.isfinite(float(output["loss"]))
-
-
-def attach_tensorboard(run_dir, trainer, evaluators, optimizer, task, cfg):
-    """tensorboardX through Ignite's TensorboardLogger: loss, data term and each prior term every
-    log_interval iterations, the metrics of every split each epoch, the hyperparameters."""
-    tb_logger = TensorboardLogger(log_dir=str(run_dir))
-
-    def scalars(out):
-        values = {"loss": float(out["loss"]), **{name: float(v) for name, v in out["terms"].items()}}
-        values.update({f"prior_{n}": float(v) for n, v in zip(PRIOR_TERMS, out["prior"])})
-        return values
-
-    tb_logger.attach_output_handler(trainer, Events.ITERATION_COMPLETED(every=cfg["log_interval"]),
-                                    tag="train_step", output_transform=scalars)
-    tb_logger.attach_opt_params_handler(trainer, Events.EPOCH_STARTED, optimizer)
-    if task.free_train_metrics:
-        tb_logger.attach_output_handler(trainer, Events.EPOCH_COMPLETED, tag="train",
-                                        metric_names=list(task.metric_names))
-    for split, evaluator in evaluators.items():
-        tb_logger.attach_output_handler(evaluator, Events.COMPLETED, tag=split,
-                                        metric_names=list(task.metric_names),
-                                        global_step_transform=global_step_from_engine(trainer))
-    tb_logger.writer.add_text("config", "    " + json.dumps(cfg, indent=2).replace("\n", "\n    "))
-    return tb_logger
 
 
 def main(argv):
