@@ -110,6 +110,8 @@ RANKING_DEFAULTS = dict(test_fraction=0.1, val_fraction=0.1, split_seed=2020, di
                         prior_per="pair", prior_tastes=0.03, prior_attention=0.03,
                         prior_items=0.03, prior_biases=0.0, lr=0.03, lr_decay=0.7, batch_size=256,
                         epochs=15, patience=3, test_curve=False)
+
+
 def resolve_config(argv):
     """Defaults, then the resumed run's saved config, then the command line, checked."""
     return runs.resolve_config(argv, DEFAULTS, RANKING_DEFAULTS)
