@@ -669,7 +669,8 @@ def separability(account, person, vectors, sample=500, seed=0):
 
 def dominant_tastes(run_dir, raw_accounts, raw_items):
     """For (raw account, raw movie) pairs, the run's dominant taste (largest mixture weight) of
-    each pair it knows, and which pairs those are: -> (taste (M,), known (N,) bool, item rows)."""
+    each pair it knows: -> (taste (M,), known (N,) bool: the pairs it knows, their item rows
+    (M,), the run's item vectors (n_items, d))."""
     import torch
 
     from recommend import Recommender

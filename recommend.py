@@ -131,10 +131,10 @@ class Recommender:
     def rated_tastes(self, user_id):
         """One row per movie the user rated: movie_id, title, taste (1..K, the taste of the
         largest mixture weight on it) and weight (that weight); by taste, highest weight first."""
-        rated = self.rated(self.user_row(user_id))
+        row = self.user_row(user_id)
+        rated = self.rated(row)
         with torch.no_grad():
-            weights = self.model.mixture_weights(torch.full((len(rated),), self.user_row(user_id)),
-                                                 torch.from_numpy(rated))               # (m, K)
+            weights = self.model.mixture_weights(torch.full((len(rated),), row), torch.from_numpy(rated))  # (m, K)
         best = weights.max(1)
         frame = pd.DataFrame({"movie_id": self.item_ids[rated], "title": self.movies["title"].iloc[rated].to_numpy(),
                               "taste": best.indices.numpy() + 1, "weight": best.values.double().numpy().round(3)})
