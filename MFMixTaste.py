@@ -84,8 +84,9 @@ class _MixtureOfTastes(torch.autograd.Function):
             negative_rows = item_factors.index_select(0, negatives.reshape(-1)).view(*negatives.shape, dim)
             negative_logits = torch.bmm(rows[:, n_tastes:], negative_rows.transpose(1, 2)) / temperature  # (B, K, n)
             negative_weights = torch.softmax(negative_logits, dim=1)             # over the K tastes
-            claim_weights = torch.softmax(logits / temperature, dim=-1)          # (B, K)
-            margins = temperature * (torch.logsumexp(logits / temperature, -1).unsqueeze(1)
+            claim_logits = logits / temperature                                  # (B, K)
+            claim_weights = torch.softmax(claim_logits, dim=-1)
+            margins = temperature * (torch.logsumexp(claim_logits, -1).unsqueeze(1)
                                      - torch.logsumexp(negative_logits, 1))      # (B, n)
             implicit = nn.functional.softplus(-margins).sum() / max(margins.numel(), 1)  # -log sigmoid
 
@@ -200,8 +201,8 @@ class MFMixTaste(nn.Module):
         over the pairs a row has in an epoch, each row is counted once per epoch, a fixed
         Gaussian prior (train.py's prior_per). negatives: (B, n) sampled items, with items (B,)
         and return_prior: then also the implicit term (a scalar, see the module's docstring, with
-        t = implicit_temperature) as a third output. Everything a training step needs comes out of one forward call, which
-        is what DistributedDataParallel's hooks watch."""
+        t = implicit_temperature) as a third output. Everything a training step needs comes out
+        of one forward call, which is what DistributedDataParallel's hooks watch."""
         user_scale, item_scale = prior_scale or (self.user_bias.new_ones(self.n_users),
                                                  self.item_bias.new_ones(self.n_items))
         if items is None:

@@ -675,9 +675,9 @@ def dominant_tastes(run_dir, raw_accounts, raw_items):
 
     from recommend import Recommender
     run = Recommender.load(run_dir, quiet=True)
-    users = np.searchsorted(run.user_ids, raw_accounts).clip(max=len(run.user_ids) - 1)
-    items = np.searchsorted(run.item_ids, raw_items).clip(max=len(run.item_ids) - 1)
-    known = (run.user_ids[users] == raw_accounts) & (run.item_ids[items] == raw_items)
+    (users, known_users), (items, known_items) = (loader.positions(run.user_ids, raw_accounts),
+                                                  loader.positions(run.item_ids, raw_items))
+    known = known_users & known_items
     with torch.no_grad():
         taste = torch.cat([run.model.mixture_weights(torch.from_numpy(u), torch.from_numpy(i)).argmax(1)
                            for u, i in zip(np.array_split(users[known], 16), np.array_split(items[known], 16))])

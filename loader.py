@@ -116,22 +116,27 @@ class Ratings(_IdMaps):
                      for a in (self.users, self.items, self.ratings))
 
 
+def positions(ids, raw):
+    """Raw ids -> (their indices in the sorted id array ids, whether each is there at all): the
+    index of an absent id is meaningless, so read it only where known is True."""
+    raw = np.atleast_1d(np.asarray(raw, dtype=np.int64))
+    index = np.searchsorted(ids, raw).clip(max=len(ids) - 1)
+    return index.astype(np.int64), ids[index] == raw
+
+
 def pairs_within(ratings, user_ids, item_ids):
     """(users, items) index arrays, in the index space of the sorted raw ids user_ids and
     item_ids, of every rating whose user and item are both there (the others are dropped)."""
-    raw_users, raw_items = ratings.user_ids[ratings.users], ratings.item_ids[ratings.items]
-    users = np.searchsorted(user_ids, raw_users).clip(max=len(user_ids) - 1)
-    items = np.searchsorted(item_ids, raw_items).clip(max=len(item_ids) - 1)
-    known = (user_ids[users] == raw_users) & (item_ids[items] == raw_items)
-    return users[known].astype(np.int64), items[known].astype(np.int64)
+    users, known_users = positions(user_ids, ratings.user_ids[ratings.users])
+    items, known_items = positions(item_ids, ratings.item_ids[ratings.items])
+    known = known_users & known_items
+    return users[known], items[known]
 
 
 def _lookup(ids, raw, kind):
-    raw = np.atleast_1d(np.asarray(raw, dtype=np.int64))
-    pos = np.searchsorted(ids, raw).clip(max=len(ids) - 1)
-    missing = ids[pos] != raw
-    if missing.any():
-        raise KeyError(f"unknown {kind} id {int(raw[missing][0])}")
+    pos, known = positions(ids, raw)
+    if not known.all():
+        raise KeyError(f"unknown {kind} id {int(np.atleast_1d(raw)[~known][0])}")
     return pos
 
 

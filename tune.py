@@ -88,7 +88,7 @@ def settle_fixed(found, fixed, study_name):
     if stored is None:
         found.set_user_attr("fixed", fixed)
         return fixed
-    changed = sorted(k for k in set(stored) | set(fixed) if k in fixed and fixed[k] != stored.get(k))
+    changed = sorted(k for k in fixed if fixed[k] != stored.get(k))
     if changed:
         key = changed[0]
         was = f"--{key}={stored[key]}" if key in stored else f"--{key} left at its default"
@@ -119,7 +119,7 @@ def suggest(trial, fixed, base):
 
 
 def command_line(params):
-    return "python train.py " + " ".join(f"--{k}={v}" for k, v in params.items())
+    return "python train.py " + " ".join(arguments(params))
 
 
 def run_trial(trial, fixed, base, runs_dir, results_dir):
