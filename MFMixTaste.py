@@ -72,7 +72,7 @@ class _MixtureOfTastes(torch.autograd.Function):
         # Batch means of scaled squared norms, in the order of PRIOR_TERMS.
         user_w, item_w = user_scale.index_select(0, users), item_scale.index_select(0, items)
         halves = rows.view(batch, 2, n_tastes * dim)                              # (B, 2, K*d)
-        row_norms = user_w @ (halves * halves).sum(-1)                            # (2,)
+        row_norms = user_w @ torch.linalg.vector_norm(halves, dim=-1).square()     # (2,): one read of the rows
         squared_norms = torch.stack([
             row_norms[0], row_norms[1], item_w @ item_rows.pow(2).sum(1),
             user_w @ user_b.pow(2) + item_w @ item_b.pow(2)]) / max(batch, 1)
@@ -81,13 +81,13 @@ class _MixtureOfTastes(torch.autograd.Function):
         # item's. d claim / d logits = softmax(logits / t), the claim's weights over the tastes.
         implicit = negative_rows = negative_weights = claim_weights = margins = rows.new_zeros(())
         if negatives.shape[1]:
+            # (B, n, K): the tastes last, so that the reductions over them run on contiguous rows
+            # (logsumexp and softmax over a middle dimension took 2-3x longer).
             negative_rows = item_factors.index_select(0, negatives.reshape(-1)).view(*negatives.shape, dim)
-            negative_logits = torch.bmm(rows[:, n_tastes:], negative_rows.transpose(1, 2)) / temperature  # (B, K, n)
-            negative_weights = torch.softmax(negative_logits, dim=1)             # over the K tastes
-            claim_logits = logits / temperature                                  # (B, K)
-            claim_weights = torch.softmax(claim_logits, dim=-1)
-            margins = temperature * (torch.logsumexp(claim_logits, -1).unsqueeze(1)
-                                     - torch.logsumexp(negative_logits, 1))      # (B, n)
+            negative_logits = torch.bmm(negative_rows, rows[:, n_tastes:].transpose(1, 2))  # (B, n, K)
+            negative_claims, negative_weights = _claim(negative_logits.div_(temperature))  # (B, n), (B, n, K)
+            claims, claim_weights = _claim(logits / temperature)                 # (B,), (B, K)
+            margins = temperature * (claims.unsqueeze(1) - negative_claims)      # (B, n)
             implicit = nn.functional.softplus(-margins).sum() / max(margins.numel(), 1)  # -log sigmoid
 
         ctx.save_for_backward(users, items, rows, item_rows, weights, taste_scores, mixed,
@@ -113,17 +113,16 @@ class _MixtureOfTastes(torch.autograd.Function):
         if negatives.shape[1]:  # the implicit term: d softplus(-m) / d m = -sigmoid(-m)
             grad_margins = torch.sigmoid(-margins).mul_(-grad_implicit / max(margins.numel(), 1))  # (B, n)
             grad_logits.addcmul_(grad_margins.sum(1, keepdim=True), claim_weights)  # the rated item's side
-            grad_negative_logits = -grad_margins.unsqueeze(1) * negative_weights  # (B, K, n)
+            grad_negative_logits = negative_weights * -grad_margins.unsqueeze(2)  # (B, n, K)
         grad_products = torch.cat([grad_scores, grad_logits], dim=1)              # (B, 2K)
-        grad_rows = grad_products.unsqueeze(-1) * item_rows.unsqueeze(1)          # (B, 2K, d)
         row_coef = torch.cat([norm_coef[0].expand(n_tastes), norm_coef[1].expand(n_tastes)])
-        grad_rows.addcmul_(rows, row_coef.view(1, two_k, 1) * user_w.view(batch, 1, 1))
+        grad_rows = _outer_plus(grad_products, item_rows, rows, row_coef.view(1, two_k) * user_w.view(batch, 1))  # (B, 2K, d)
         if negatives.shape[1]:  # the sampled items' side, on the attention rows and those items
-            grad_rows[:, n_tastes:] += _sum_of_outer(grad_negative_logits, negative_rows)  # (B, K, d)
-            grad_negative_rows = _sum_of_outer(grad_negative_logits.transpose(1, 2), rows[:, n_tastes:])  # (B, n, d)
+            _sum_of_outer(grad_negative_logits.transpose(1, 2), negative_rows, out=grad_rows[:, n_tastes:])  # (B, K, d)
+            grad_negative_rows = _sum_of_outer(grad_negative_logits, rows[:, n_tastes:])  # (B, n, d)
         # sum_k grad_products_k * rows_k: a broadcast product and a sum run ~2x faster on CPU
         # than einsum or bmm for these shapes (B x 2K x d with small K).
-        grad_item_rows = (grad_products.unsqueeze(-1) * rows).sum(1)              # (B, d)
+        grad_item_rows = _sum_of_outer(grad_products.unsqueeze(1), rows).squeeze(1)  # (B, d)
         grad_item_rows.addcmul_(item_rows, (norm_coef[2] * item_w).unsqueeze(1))
         grad_user_b = grad_prediction + norm_coef[3] * user_w * user_b            # (B,)
         grad_item_b = grad_prediction + norm_coef[3] * item_w * item_b
@@ -142,12 +141,35 @@ class _MixtureOfTastes(torch.autograd.Function):
                 grad_item_bias, grad_prediction.sum(), None, None, None, None)
 
 
-def _sum_of_outer(coefficients, vectors):
+def _claim(logits):
+    """logsumexp and softmax over the last dimension (the K tastes) in one pass: (..., K) ->
+    (...), (..., K). torch.logsumexp and torch.softmax each exponentiate again; for a few tastes
+    this is about half their time together."""
+    peak = logits.amax(-1, keepdim=True)
+    weights = (logits - peak).exp_()
+    total = weights.sum(-1, keepdim=True)
+    return (peak + total.log()).squeeze(-1), weights.div_(total)
+
+
+def _outer_plus(coefficients, vector, rows, row_coefficients):
+    """(B, P) coefficients, (B, d) vector, (B, P, d) rows and (B, P) row_coefficients ->
+    (B, P, d): coefficient[p] * vector + row_coefficient[p] * rows[p]. Written per p into one
+    output: batch-sized temporaries cost more in memory traffic than in arithmetic here."""
+    out = rows * row_coefficients.unsqueeze(-1)
+    for p in range(rows.shape[1]):
+        out[:, p].addcmul_(vector, coefficients[:, p, None])
+    return out
+
+
+def _sum_of_outer(coefficients, vectors, out=None):
     """(B, P, Q) coefficients and (B, Q, d) vectors -> (B, P, d): sum over q of coefficient[p, q]
-    times vector q, i.e. bmm(coefficients, vectors). With Q and P a few (the tastes K, the sampled
-    items n), bmm runs 2-3x slower on CPU than this loop of broadcast multiply-adds over q."""
-    out = coefficients[:, :, 0, None] * vectors[:, 0, None, :]
-    for q in range(1, vectors.shape[1]):
+    times vector q, i.e. bmm(coefficients, vectors), added to out (B, P, d) in place when given.
+    With Q and P a few (the tastes K, the sampled items n), bmm runs 2-3x slower on CPU than this
+    loop of broadcast multiply-adds over q."""
+    first = 0
+    if out is None:
+        out, first = coefficients[:, :, 0, None] * vectors[:, 0, None, :], 1
+    for q in range(first, vectors.shape[1]):
         out.addcmul_(coefficients[:, :, q, None], vectors[:, q, None, :])
     return out
 

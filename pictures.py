@@ -10,17 +10,23 @@ import numpy as np
 import torch
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on its SVG backend, imported on first use (a third of a second)."""
     import matplotlib
     matplotlib.use("svg")
     import matplotlib.pyplot as plt
     return plt
 
 
+# The pictures of every run have fixed margins (fractions of the figure) where tight_layout
+# measured every label first: that measuring was a third of the drawing time.
+MARGINS = dict(left=0.12, right=0.97, bottom=0.13, top=0.9)
+
+
 def metric_curves(folder, rows, plots, best_epoch, title):
     """One SVG per (filename, name, [(column, label), ...], ylabel) of plots: the columns of the
     per-epoch rows against the epoch, with the best epoch (by validation) marked."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs_axis = [r["epoch"] for r in rows]
     for filename, name, curves, ylabel in plots:
         curves = [(column, label) for column, label in curves if any(column in r for r in rows)]
@@ -34,7 +40,7 @@ def metric_curves(folder, rows, plots, best_epoch, title):
         ax.set(xlabel="epoch", ylabel=ylabel, title=f"{name}: {title}")
         ax.legend()
         ax.grid(alpha=0.3)
-        fig.tight_layout()
+        fig.subplots_adjust(**MARGINS)
         fig.savefig(folder / filename)
         plt.close(fig)
 
@@ -42,13 +48,13 @@ def metric_curves(folder, rows, plots, best_epoch, title):
 def mean_weights(model, users, items, n_users):
     """(n_users, K): each user's mixture weights averaged over the given (user, item) pairs
     (numpy index arrays: the movies each user rated)."""
-    out = np.zeros((n_users, model.n_tastes))
+    out = torch.zeros(n_users, model.n_tastes, dtype=torch.float64)
     with torch.no_grad():
-        for start in range(0, len(items), 1 << 18):
-            u = torch.from_numpy(users[start:start + (1 << 18)])
-            weights = model.mixture_weights(u, torch.from_numpy(items[start:start + (1 << 18)]))  # (m, K)
-            np.add.at(out, u.numpy(), weights.double().numpy())
-    return out / np.maximum(np.bincount(users, minlength=n_users), 1)[:, None]
+        for start in range(0, len(items), 1 << 16):
+            u = torch.from_numpy(users[start:start + (1 << 16)])
+            weights = model.mixture_weights(u, torch.from_numpy(items[start:start + (1 << 16)]))  # (m, K)
+            out.index_add_(0, u, weights.double())  # 2x faster than np.add.at
+    return out.numpy() / np.maximum(np.bincount(users, minlength=n_users), 1)[:, None]
 
 
 def item_map(vectors):
@@ -74,18 +80,19 @@ def item_map(vectors):
 def taste_weights(path, mean, title):
     """Over users: the entropy of their mean mixture weights, and the share of their top taste;
     a mixture whose users all collapse onto one taste shows at a glance."""
-    plt = _pyplot()
+    plt = pyplot()
     entropy = -(mean * np.log(np.clip(mean, 1e-12, None))).sum(1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     k = mean.shape[1]
-    axes[0].hist(entropy, bins=40, range=(0, max(np.log(k), 1e-6)), color="tab:blue")
+    # Filled outlines: one path per histogram instead of one rectangle per bar.
+    axes[0].hist(entropy, bins=40, range=(0, max(np.log(k), 1e-6)), color="tab:blue", histtype="stepfilled")
     axes[0].set(xlabel=f"entropy of the user's mean mixture weights (max log K = {np.log(k):.2f})",
                 ylabel="users", title="How evenly users use their tastes")
-    axes[1].hist(mean.max(1), bins=40, range=(1 / k, 1), color="tab:orange")
+    axes[1].hist(mean.max(1), bins=40, range=(1 / k, 1), color="tab:orange", histtype="stepfilled")
     axes[1].set(xlabel="share of the user's top taste", ylabel="users",
                 title="1/K: all tastes used; 1: collapsed onto one")
     fig.suptitle(f"{title}: users' mean mixture weights over their movies")
-    fig.tight_layout()
+    fig.subplots_adjust(**{**MARGINS, "left": 0.07, "top": 0.85, "wspace": 0.25})
     fig.savefig(path)
     plt.close(fig)
 
@@ -95,7 +102,7 @@ def movie_map(path, coordinates, genres, title, rated=None, tastes=None, user_la
     list of name lists); with rated (item rows) and tastes ((K, 2) directions on the same map),
     one user's movies circled and the user's tastes as arrows from the centre."""
     from collections import Counter
-    plt = _pyplot()
+    plt = pyplot()
     first = [g[0] if len(g) else "(none)" for g in genres]
     common = [genre for genre, _ in Counter(first).most_common(8)]
     fig, ax = plt.subplots(figsize=(8, 7))
@@ -115,7 +122,7 @@ def movie_map(path, coordinates, genres, title, rated=None, tastes=None, user_la
             ax.text(x, y, f" taste {k + 1}", color="red", fontsize=11)
     ax.set(title=title, xlabel="first principal component", ylabel="second principal component")
     ax.legend(markerscale=3, fontsize=8, loc="best")
-    fig.tight_layout()
+    fig.subplots_adjust(**{**MARGINS, "left": 0.1, "bottom": 0.08, "top": 0.94})
     fig.savefig(path)
     plt.close(fig)
 
@@ -135,7 +142,7 @@ def purity_histograms(path, purities):
     per (accounts, task), the mixtures' purities beside the largest person's share (what one
     taste scores). purities: {(accounts, task, K): (per-account purity, per-account largest
     share)}."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = sorted({(label, task) for label, task, _ in purities}, key=lambda p: (p[0], p[1] != "rating"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (label, task) in zip(axes[0], panels):

@@ -214,6 +214,6 @@ def test_a_row_prior_weight_counts_like_that_many_examples_for_every_loss(tmp_pa
     for batch in task.batches:
         _, norms, _, _ = task.loss(model, batch)
         examples = len(batch[2]) if loss == "softmax" else len(batch[0])
-        total += examples * float(norms[0])  # the tastes' term
+        total += examples * float(norms[0].detach())  # the tastes' term
     expected = float(model.tastes.detach().pow(2).sum((1, 2)).sum())  # every user trains
     assert total == pytest.approx(expected, rel=1e-4)

@@ -106,6 +106,8 @@ def test_the_space_leaves_out_what_a_trial_cannot_use():
         assert list(trial.distributions["batch_size"].choices) == sizes
 
 
+# The test drives trials by ask/tell, where Optuna warns that heartbeats are meant for optimize().
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_second_worker_does_not_fail_the_running_trials_of_the_first(tmp_path, monkeypatch):
     base = train.resolve_config([])
     settings = {"study": "shared", "seed": 0, "prune_warmup": 2}
