@@ -91,10 +91,10 @@ implicit_negatives = 3     # movies drawn uniformly per rating for that term
 implicit_temperature = 0.1 # t of its claim t*logsumexp_k(A_k.e/t): small = the best taste claims the movie alone
 # optimisation
 lr = 1e-2                  # Adam learning rate (its peak, see lr_decay)
-lr_decay = 0.5             # share of the run, at its end, over which lr falls linearly to 0 (0 = constant lr)
+lr_decay = 0.4             # share of the run, at its end, over which lr falls linearly to 0 (0 = constant lr)
 batch_size = 0             # per step (the global batch): ratings; for ranking, users (softmax) or interactions;
                            # 0 = n_train / 64 up to 8192 (ML-1M: 8192, ML-100K: ~1100), see batch_size_for
-epochs = 6                 # epochs to run, the length of the lr schedule (early stopping may end it sooner)
+epochs = 5                 # epochs to run, the length of the lr schedule (early stopping may end it sooner)
 patience = 2               # early stopping: epochs without a better validation MSE (NDCG@k) before stopping
 clip_predictions = True    # clamp evaluated predictions to the training set's rating range
 eval_train = False         # training-set metrics from a full pass after each epoch (else, free, from the epoch's own batches)
@@ -264,7 +264,7 @@ def build_trainer(cfg, task, device):
 
 def attach_lr_schedule(cfg, trainer, optimizer, steps_per_epoch):
     """lr held at its peak, then falling linearly to 0 over the last lr_decay share of the
-    epochs' steps (a warm-down): on ML-1M the run then ends in 6 epochs where a constant lr
+    epochs' steps (a warm-down): on ML-1M the run then ends in 5 epochs where a constant lr
     needed 12 and early stopping, at the same validation MSE (docs/rating.md). Ignite's
     LRScheduler around torch's LambdaLR: its step count is checkpointed, its shape follows the
     current --epochs (a run resumed with more epochs falls over the longer run)."""
