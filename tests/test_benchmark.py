@@ -181,3 +181,18 @@ def test_purity_on_a_hand_made_account():
     assert got.tolist() == [0.8, 0.5] and base.tolist() == [0.6, 0.5]
     # Tastes that match the persons exactly score 1.
     assert benchmark.purity(account, np.array([0, 0, 0, 1, 1, 0, 1]), person)[0].tolist() == [1.0, 1.0]
+
+
+def test_admm_slim_weights_are_sparse_non_negative_and_follow_co_occurrence():
+    import scipy.sparse as sp
+    rng = np.random.default_rng(0)
+    X = (rng.random((400, 30)) < 0.15).astype(np.float32)
+    X[:, 1] = X[:, 0]                      # item 1 is seen exactly with item 0
+    X = sp.csr_matrix(X)
+    weights = benchmark.admm_slim(X, l1=1.0, l2=10.0, rho=50.0)
+    assert weights.shape == (30, 30) and (weights >= 0).all()
+    assert np.all(np.diag(weights) == 0)   # no item explains itself
+    # Item 0 predicts item 1 better than any other item does.
+    assert weights[0, 1] == weights[:, 1].max() > 0
+    sparser = benchmark.admm_slim(X, l1=20.0, l2=10.0, rho=50.0)
+    assert np.count_nonzero(sparser) < np.count_nonzero(weights)
