@@ -36,14 +36,14 @@ def metric_curves(folder, rows, plots, best_epoch, title):
     """One SVG per (filename, name, [(column, label), ...], ylabel) of plots: the columns of the
     per-epoch rows against the epoch, with the best epoch (by validation) marked."""
     plt = pyplot()
-    epochs_axis = [r["epoch"] for r in rows]
     for filename, name, curves, ylabel in plots:
         curves = [(column, label) for column, label in curves if any(column in r for r in rows)]
         if not curves:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for column, label in curves:
-            ax.plot(epochs_axis, [r.get(column, np.nan) for r in rows], marker="o", markersize=3,
+            measured = [r for r in rows if column in r]  # with eval_every > 1, not every epoch
+            ax.plot([r["epoch"] for r in measured], [r[column] for r in measured], marker="o", markersize=3,
                     label=label)
         ax.axvline(best_epoch, color="grey", linestyle=":", label="best epoch (val)")
         ax.set(xlabel="epoch", ylabel=ylabel, title=f"{name}: {title}")

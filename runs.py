@@ -46,12 +46,13 @@ PRIOR_PER = ("row", "pair")  # train.py's prior_per
 # What a resumed run may change; the rest is fixed by its checkpoint and saved config.
 CHANGEABLE_ON_RESUME = {"resume", "epochs", "patience", "data_dir", "download", "device",
                         "threads", "log_interval", "progress", "eval_train", "eval_batch_size",
-                        "results_dir", "test_curve"}
+                        "results_dir", "test_curve", "eval_every"}
 
 
 def check(cfg):
     """Values that would fail later, refused before anything runs."""
-    positive = ("dim", "n_tastes", "epochs", "eval_batch_size", "log_interval", "lr", "implicit_temperature")
+    positive = ("dim", "n_tastes", "epochs", "eval_batch_size", "eval_every", "log_interval", "lr",
+                "implicit_temperature")
     for key in positive:
         if cfg[key] <= 0:
             raise ConfigError(f"--{key} must be positive, got {cfg[key]}")
@@ -256,7 +257,7 @@ def epochs_left(trainer, stopper, cfg, metric_label):
                 "--epochs to train further")
     if stopper and done and stopper.counter >= stopper.patience:
         return (f"stopped early after epoch {done} (no better validation {metric_label} in "
-                f"{stopper.patience} epochs): pass a larger --patience to train further")
+                f"{stopper.patience} evaluations): pass a larger --patience to train further")
     return None
 
 

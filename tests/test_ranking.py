@@ -149,7 +149,7 @@ def run_ranking(tmp_path, data_dir, *overrides, check=True):
 def test_a_ranking_run_logs_and_writes_the_rank_metrics(tmp_path, synthetic_ml100k):
     from test_train import read_csv
     done = run_ranking(tmp_path, synthetic_ml100k, "--epochs=3", "--patience=0", "--run_name=rk",
-                       "--test_curve=True")
+                       "--test_curve=True", "--eval_every=1")
     assert "test NDCG@10" in done.stdout and "Recall@10" in done.stdout
     summary = json.loads((tmp_path / "results" / "rk" / "summary.json").read_text())
     assert summary["task"] == "ranking" and summary["hyperparameters"]["lr"] == train.RANKING_DEFAULTS["lr"]
@@ -184,8 +184,11 @@ def test_a_ranking_run_resumes_to_the_same_model(tmp_path, synthetic_ml100k):
     from test_train import read_csv
     # A constant lr: a run stopped at --epochs=1 and resumed with --epochs=3 re-plans a decaying
     # lr over the longer run (tests/test_train.py resumes a decaying lr after an interruption).
-    run_ranking(tmp_path, synthetic_ml100k, "--epochs=3", "--patience=0", "--run_name=straight", "--lr_decay=0")
-    run_ranking(tmp_path, synthetic_ml100k, "--epochs=1", "--patience=0", "--run_name=split", "--lr_decay=0")
+    # Every epoch evaluated: with eval_every=3, the stopped run's last epoch (1) is evaluated too.
+    run_ranking(tmp_path, synthetic_ml100k, "--epochs=3", "--patience=0", "--run_name=straight", "--lr_decay=0",
+                "--eval_every=1")
+    run_ranking(tmp_path, synthetic_ml100k, "--epochs=1", "--patience=0", "--run_name=split", "--lr_decay=0",
+                "--eval_every=1")
     run_ranking(tmp_path, synthetic_ml100k, f"--resume={tmp_path / 'runs' / 'split'}", "--epochs=3")
     straight = read_csv(tmp_path / "results" / "straight" / "metrics.csv")
     split = read_csv(tmp_path / "results" / "split" / "metrics.csv")

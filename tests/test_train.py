@@ -66,6 +66,21 @@ def test_run_writes_events_checkpoints_and_results(tmp_path, synthetic_ml100k):
         assert "<svg" in text and "</svg>" in text
 
 
+def test_eval_every_evaluates_every_nth_epoch_and_the_last_and_chooses_among_them(tmp_path, synthetic_ml100k):
+    run_train(tmp_path, synthetic_ml100k, "--epochs=5", "--eval_every=2", "--patience=0", "--run_name=sparse")
+    rows = read_csv(tmp_path / "results" / "sparse" / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5] and all(r["train_loss"] for r in rows)
+    evaluated = [r for r in rows if r["val_mse"]]
+    assert [int(r["epoch"]) for r in evaluated] == [2, 4, 5]
+    assert all(r["test_mse"] for r in evaluated)
+    summary = json.loads((tmp_path / "results" / "sparse" / "summary.json").read_text())
+    best = min(evaluated, key=lambda r: float(r["val_mse"]))
+    assert summary["best_epoch"] == int(best["epoch"])
+    assert abs(summary["val_mse"] - float(best["val_mse"])) < 1e-6
+    [best_file] = (tmp_path / "runs" / "sparse").glob("best_model_*.pt")
+    assert best_file.name.startswith(f"best_model_{best['epoch']}_")
+
+
 def test_resume_continues_to_the_same_model_as_an_uninterrupted_run(tmp_path, synthetic_ml100k, monkeypatch):
     """Interrupted after epoch 2 of 4 and resumed: the same curves as 4 straight epochs, the
     learning-rate schedule, the implicit term's negatives and the shuffling included."""
@@ -304,7 +319,7 @@ def test_an_early_stopped_run_names_the_metric_that_stopped_it():
     trainer = SimpleNamespace(state=SimpleNamespace(epoch=7))
     stopper = SimpleNamespace(counter=3, patience=3)
     said = runs.epochs_left(trainer, stopper, {"epochs": 60}, "NDCG@10")
-    assert "no better validation NDCG@10 in 3 epochs" in said
+    assert "no better validation NDCG@10 in 3 evaluations" in said
 
 
 def test_the_implicit_term_is_logged_and_can_be_turned_off(tmp_path, synthetic_ml100k):
