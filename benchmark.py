@@ -375,6 +375,22 @@ def ranking_baseline(name, dataset, data_dir):
 ADMMSLIM_L1, ADMMSLIM_L2 = (1.0, 3.0, 10.0), (500.0, 1000.0, 2000.0)
 
 
+def gram_matrix(X):
+    """X'X (n_items, n_items) in float64, the co-occurrence counts both item-item models start from."""
+    return (X.T @ X).toarray().astype(np.float64)
+
+
+def ease(X, l2):
+    """EASE's item-item weights (Steck 2019): B = I - P diagMat(1 / diag(P)), P = (X'X + l2 I)^-1,
+    the zero diagonal in closed form. -> (n_items, n_items) float32."""
+    gram = gram_matrix(X)
+    gram[np.diag_indices_from(gram)] += l2
+    inverse = np.linalg.inv(gram)
+    weights = -inverse / np.diag(inverse)
+    weights[np.diag_indices_from(weights)] = 0.0
+    return weights.astype(np.float32)
+
+
 def admm_slim(X, l1, l2, alpha=0.5, rho=4000.0, iterations=50):
     """SLIM's item-item weights by ADMM (Steck, Dimakopoulou, Riabov, Jebara 2020, "ADMM SLIM:
     Sparse Recommendations for Many Users"): minimise |X - X B|^2 + l1 |B|_1 + l2 |D B|^2 with
@@ -382,7 +398,7 @@ def admm_slim(X, l1, l2, alpha=0.5, rho=4000.0, iterations=50):
     with the zero diagonal (closed form through one inverse, P) and the L1 step (a threshold);
     Gamma holds the scaled multipliers of B = C. RecBole runs 100 iterations; on ML-1M validation
     NDCG@10 is 0.2307 / 0.2304 / 0.2303 after 25 / 50 / 100. -> C (n_items, n_items) float32."""
-    gram = (X.T @ X).toarray().astype(np.float64)                                 # (n, n)
+    gram = gram_matrix(X)                                                         # (n, n)
     popularity = np.asarray(X.mean(0)).ravel()
     inverse = np.linalg.inv(gram + np.diag(l2 * popularity ** alpha + rho))
     P = inverse.astype(np.float32)
@@ -401,16 +417,8 @@ def fit_ranking_baseline(name, X, setting):
     if name == "pop":
         counts = np.asarray(X.sum(0)).ravel()
         return Scorer(lambda users: np.broadcast_to(counts, (len(users), len(counts))))
-    if name in ("ease", "ease_single"):  # Steck 2019: B = I - P diagMat(1 / diag(P)), P = (X'X + l2 I)^-1
-        gram = (X.T @ X).toarray().astype(np.float64)
-        gram[np.diag_indices_from(gram)] += setting["l2"]
-        inverse = np.linalg.inv(gram)
-        weights = -inverse / np.diag(inverse)
-        weights[np.diag_indices_from(weights)] = 0.0
-        weights = weights.astype(np.float32)
-        return Scorer(lambda users: X[users].toarray() @ weights)
-    if name == "admmslim":
-        weights = admm_slim(X, setting["l1"], setting["l2"])
+    if name in ("ease", "ease_single", "admmslim"):  # item-item models: a user's scores are X_u B
+        weights = admm_slim(X, setting["l1"], setting["l2"]) if name == "admmslim" else ease(X, setting["l2"])
         return Scorer(lambda users: X[users].toarray() @ weights)
     import implicit
     from threadpoolctl import threadpool_limits

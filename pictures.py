@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 
-def pyplot():
+def _pyplot():
     """matplotlib's pyplot on its SVG backend, imported on first use (a quarter of a second; with
     the collector off while its objects are built, as train.py's imports, 15% less)."""
     collecting = gc.isenabled()
@@ -35,7 +35,7 @@ MARGINS = dict(left=0.12, right=0.97, bottom=0.13, top=0.9)
 def metric_curves(folder, rows, plots, best_epoch, title):
     """One SVG per (filename, name, [(column, label), ...], ylabel) of plots: the columns of the
     per-epoch rows against the epoch, with the best epoch (by validation) marked."""
-    plt = pyplot()
+    plt = _pyplot()
     for filename, name, curves, ylabel in plots:
         curves = [(column, label) for column, label in curves if any(column in r for r in rows)]
         if not curves:
@@ -89,7 +89,7 @@ def item_map(vectors):
 def taste_weights(path, mean, title):
     """Over users: the entropy of their mean mixture weights, and the share of their top taste;
     a mixture whose users all collapse onto one taste shows at a glance."""
-    plt = pyplot()
+    plt = _pyplot()
     entropy = -(mean * np.log(np.clip(mean, 1e-12, None))).sum(1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     k = mean.shape[1]
@@ -111,7 +111,7 @@ def movie_map(path, coordinates, genres, title, rated=None, tastes=None, user_la
     list of name lists); with rated (item rows) and tastes ((K, 2) directions on the same map),
     one user's movies circled and the user's tastes as arrows from the centre."""
     from collections import Counter
-    plt = pyplot()
+    plt = _pyplot()
     first = [g[0] if len(g) else "(none)" for g in genres]
     common = [genre for genre, _ in Counter(first).most_common(8)]
     fig, ax = plt.subplots(figsize=(8, 7))
@@ -151,7 +151,7 @@ def purity_histograms(path, purities):
     per (accounts, task), the mixtures' purities beside the largest person's share (what one
     taste scores). purities: {(accounts, task, K): (per-account purity, per-account largest
     share)}."""
-    plt = pyplot()
+    plt = _pyplot()
     panels = sorted({(label, task) for label, task, _ in purities}, key=lambda p: (p[0], p[1] != "rating"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (label, task) in zip(axes[0], panels):

@@ -11,6 +11,7 @@ import ast
 import csv
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -40,6 +41,18 @@ class ConfigError(Exception):
 class TrainingError(Exception):
     """Training itself failed (the loss diverged): the message says when and what was kept."""
 
+
+class _QuietEngineExceptions(logging.Filter):
+    """Drops Ignite's "Engine run is terminating due to exception: ..." notices. Every exception
+    that ends a run reaches train.py's main(), which reports it once (a line, or a traceback for a
+    bug); the notice said it again, once per engine it passed through (Ctrl-C in an evaluation, a
+    tune.py trial pruned from the validation evaluator inside the trainer)."""
+
+    def filter(self, record):
+        return "terminating due to exception" not in record.getMessage()
+
+
+QUIET_ENGINE_EXCEPTIONS = _QuietEngineExceptions()  # on train.py's trainer (its evaluators share the logger)
 
 PRIOR_PER = ("row", "pair")  # train.py's prior_per
 

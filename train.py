@@ -256,7 +256,7 @@ def build_trainer(cfg, task, device):
                 "prior": prior_by_term.detach(), **extra}
 
     trainer = Engine(train_step)
-    trainer.logger.addFilter(QUIET_ENGINE_EXCEPTIONS)  # the evaluators share this logger
+    trainer.logger.addFilter(runs.QUIET_ENGINE_EXCEPTIONS)  # the evaluators share this logger
     trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(lambda out: out["loss"]))
     Average(output_transform=lambda out: out["loss"], device=device).attach(trainer, "loss")
     task.attach_train_metrics(trainer)
@@ -382,19 +382,6 @@ def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, t
     runs.write_results(results, summary, history.rows, task.plots)
     print(f"{task.headline(final)} (best epoch {best_epoch} of {epochs_run}, "
           f"val {task.choose_by} {final[choose]:.4f}); results in {results}/")
-
-
-class _QuietEngineExceptions(logging.Filter):
-    """Drops Ignite's "Engine run is terminating due to exception: ..." notices. Every exception
-    that ends a run reaches main(), which reports it once (a line, or a traceback for a bug); the
-    notice said it again, once per engine it passed through (Ctrl-C in an evaluation, a tune.py
-    trial pruned from the validation evaluator inside the trainer)."""
-
-    def filter(self, record):
-        return "terminating due to exception" not in record.getMessage()
-
-
-QUIET_ENGINE_EXCEPTIONS = _QuietEngineExceptions()
 
 
 def diverged(trainer):
