@@ -196,3 +196,25 @@ def test_admm_slim_weights_are_sparse_non_negative_and_follow_co_occurrence():
     assert weights[0, 1] == weights[:, 1].max() > 0
     sparser = benchmark.admm_slim(X, l1=20.0, l2=10.0, rho=50.0)
     assert np.count_nonzero(sparser) < np.count_nonzero(weights)
+
+
+def test_the_speed_bar_is_the_median_of_interleaved_pairs(monkeypatch, tmp_path):
+    # Our run and the peer's alternate, so that a drift of the machine's speed reaches both
+    # sides of a pair; the figure is the median ratio, not the best one.
+    calls, seconds = [], iter([9.0, 3.0, 5.0, 2.0])  # pairs 2 and 3: ours 9 / 3, 5 / 2
+
+    def measure_row(name, *args):
+        calls.append(name)
+        return {"row": name, "wall": next(seconds)} if name == "mfmixtaste" else \
+            {"row": name, "wall": 0.0, "fit_seconds": next(seconds)}
+
+    monkeypatch.setattr(benchmark, "measure_row", measure_row)
+    first = [{"row": "mfmixtaste", "wall": 4.0}, {"row": "svd", "wall": 7.0, "fit_seconds": 2.0}]
+    args = type("Args", (), {"speed_pairs": 3})()
+    ratios = benchmark.speed_pairs(first, "svd", lambda r: r["fit_seconds"], args, tmp_path)
+    assert calls == ["mfmixtaste", "svd", "mfmixtaste", "svd"]
+    assert ratios == [2.0, 3.0, 2.5]
+    line = benchmark.speed_line(ratios, "python train.py", 4.0, "SVD's fit", 2.0, 2.5)
+    assert "2.00 to 3.00, median **2.50**" in line and "over 3 pairs" in line
+    # A missing peer row: no speed bar at all, rather than a ratio of nothing.
+    assert benchmark.speed_pairs(first[:1], "svd", lambda r: r["fit_seconds"], args, tmp_path) == []
