@@ -658,8 +658,12 @@ class NegativeBatches(BatchIterator):
     def __init__(self, tensors, batch_size, n_items, n_negatives, **kwargs):
         super().__init__(tensors, batch_size, **kwargs)
         self.n_items, self.n_negatives = n_items, n_negatives
+        self.drawing = True  # False: BatchIterator's batches, without negatives (set per epoch)
 
     def __iter__(self):
+        if not self.drawing:
+            yield from super().__iter__()
+            return
         for batch in super().__iter__():
             negatives = torch.randint(self.n_items, (batch[3], self.n_negatives), generator=self.generator)
             yield *batch, negatives[self.rank::self.world_size].to(batch[0].device)

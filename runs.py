@@ -73,6 +73,8 @@ def check(cfg):
             + tuple(f"prior_{name}" for name in PRIOR_TERMS):
         if cfg[key] < 0:
             raise ConfigError(f"--{key} must not be negative, got {cfg[key]}")
+    if not 0 <= cfg["implicit_share"] <= 1:
+        raise ConfigError(f"--implicit_share is a share of the epochs, from 0 to 1, got {cfg['implicit_share']}")
     if not 0 <= cfg["lr_decay"] <= 1:
         raise ConfigError(f"--lr_decay is a share of the run, from 0 to 1, got {cfg['lr_decay']}")
     if not 0 < cfg["test_fraction"] < 1 or not 0 < cfg["val_fraction"] < 1:

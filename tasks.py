@@ -3,6 +3,7 @@ interface that train.py's training() uses: the data and its batches, the loss of
 evaluators and their metrics, and which validation metric chooses the epoch.
 
     task = TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)
+    task.attach(trainer)                                                # its own handlers
     terms, squared_norms, share, extra = task.loss(model, batch)       # for batch in task.batches
     evaluator = task.evaluator(model, "val")                            # runs over task.eval_batches["val"]
 
@@ -16,7 +17,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from ignite.exceptions import NotComputableError
 from ignite.metrics import MeanAbsoluteError, MeanSquaredError, Metric, MetricsLambda
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
@@ -52,6 +53,7 @@ class RatingTask:
                       ("test_mse.svg", "Test MSE", [("test_mse", "test")], "MSE")]
         self.batch_size = batch_size_for(cfg, len(rows[0]))
         common = dict(seed=cfg["seed"], rank=rank, world_size=world_size)
+        self.implicit_share = cfg["implicit_share"]
         if cfg["implicit_weight"] and cfg["implicit_negatives"]:
             self.term_weights["implicit"] = cfg["implicit_weight"]
             self.batches = loader.NegativeBatches(tensors["train"], self.batch_size, self.n_items,
@@ -81,8 +83,16 @@ class RatingTask:
         share = len(targets) * self.world_size / global_batch
         return terms, squared_norms, share, {"predictions": predictions.detach(), "targets": targets}
 
-    def attach_train_metrics(self, trainer):
+    def attach(self, trainer):
+        """The free training metrics, and the epochs that carry the implicit term: the first
+        implicit_share of the run's epochs (rounded), read from the trainer's state when each
+        epoch starts, so that a resumed run, or one given more epochs, follows its own length."""
         attach_rating_metrics(trainer, lambda out: (out["predictions"], out["targets"]), self.device)
+        if isinstance(self.batches, loader.NegativeBatches):
+            @trainer.on(Events.EPOCH_STARTED)
+            def draw_negatives(engine):
+                carried = int(self.implicit_share * engine.state.max_epochs + 0.5)
+                self.batches.drawing = engine.state.epoch <= carried
 
     def evaluator(self, model, split):
         low, high = self.rating_range or (None, None)
@@ -203,8 +213,8 @@ class RankingTask:
         data_term = terms.sum() / max(len(terms), 1)
         return {self.loss_name: data_term}, squared_norms, len(terms) * self.world_size / global_batch, {}
 
-    def attach_train_metrics(self, trainer):
-        pass
+    def attach(self, trainer):
+        """Nothing: the ranking task's training metrics are its evaluations."""
 
     def evaluator(self, model, split):
         """An engine over blocks of users, each step giving scores_and_relevant."""

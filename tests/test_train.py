@@ -136,6 +136,7 @@ def test_resume_refuses_settings_its_checkpoint_fixes(tmp_path, synthetic_ml100k
     ("--prior_per=rows", "--prior_per=rows is not one of row, pair"),
     ("--prior_biases=-1.0", "--prior_biases must not be negative"),
     ("--val_fraction=0.00001", "too few to split"),
+    ("--implicit_share=1.5", "--implicit_share is a share of the epochs, from 0 to 1"),
 ])
 def test_bad_overrides_fail_with_one_clear_message(tmp_path, synthetic_ml100k, override, message):
     result = run_train(tmp_path, synthetic_ml100k, "--epochs=1", override, check=False)
@@ -341,3 +342,19 @@ def test_the_implicit_term_is_logged_and_can_be_turned_off(tmp_path, synthetic_m
     cfg = train.resolve_config(["--implicit_weight=0"])
     task = tasks.RatingTask(cfg, loader.load("ml-100k", synthetic_ml100k, allow_download=False), "cpu", 0, 1)
     assert type(task.batches) is loader.BatchIterator and list(task.term_weights) == ["mse"]
+
+
+def test_the_implicit_term_stops_after_its_share_of_the_epochs(tmp_path, synthetic_ml100k):
+    """implicit_share=0.5 of 4 epochs: the term is logged in epochs 1 and 2 only, the squared
+    error in all four; with 0.75 of 4, through epoch 3."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for share, carried in ((0.5, 2), (0.75, 3)):
+        name = f"share{carried}"
+        run_train(tmp_path, synthetic_ml100k, "--epochs=4", "--patience=0", "--log_interval=1",
+                  f"--implicit_share={share}", f"--run_name={name}")
+        events = EventAccumulator(str(tmp_path / "runs" / name)).Reload()
+        steps = {tag: [e.step for e in events.Scalars(tag)] for tag in ("train_step/implicit", "train_step/mse")}
+        per_epoch = len(steps["train_step/mse"]) // 4
+        assert max(steps["train_step/mse"]) == 4 * per_epoch
+        assert max(steps["train_step/implicit"]) == carried * per_epoch
