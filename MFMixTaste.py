@@ -227,11 +227,14 @@ class MFMixTaste(nn.Module):
         user_scale, item_scale = prior_scale or (self.user_bias.new_ones(self.n_users),
                                                  self.item_bias.new_ones(self.n_items))
         if items is None:
-            scores = self.score_all(users)
+            # The batch's user rows gathered once for the scores and the prior: each gather's
+            # backward zeroes a gradient the size of the whole user table.
+            rows, user_b = self.user_factors.index_select(0, users), self.user_bias.index_select(0, users)
+            scores = self._scores_of_all_items(rows, user_b)
             if not return_prior:
                 return scores
-            return scores, self.weighted_squared_norms(
-                users, user_counts * user_scale[users], item_counts * item_scale,
+            return scores, self._weighted_squared_norms(
+                rows, user_b, user_counts * user_scale[users], item_counts * item_scale,
                 total=user_counts.sum())
         pair_users = users if items.dim() == 1 else users.unsqueeze(1).expand_as(items).reshape(-1)
         if not return_prior and not torch.is_grad_enabled():  # evaluation: no norms, no saved tensors
@@ -260,26 +263,37 @@ class MFMixTaste(nn.Module):
         forward, for all items at once with plain autograd ops:
             weights (B, K, n) = softmax over K of A_u e_j,  scores = sum_k weights * U_u e_j + biases
         One matrix product serves tastes and attention (their rows sit side by side in
-        user_factors). Temporaries are B x 2K x n_items floats: score users in blocks."""
-        batch, n_items = len(users), self.n_items
-        rows = self.user_factors[users].view(-1, self.dim)                         # (B*2K, d)
-        products = (rows @ self.item_factors.T).view(batch, 2, self.n_tastes, n_items)
+        user_factors). Temporaries are B x 2K x n_items floats: score users in blocks. Under
+        bfloat16 autocast the product and the mixture are bfloat16, the biases' sum float32."""
+        return self._scores_of_all_items(self.user_factors[users], self.user_bias[users])
+
+    def _scores_of_all_items(self, rows, user_b):
+        """score_all from the users' rows (B, 2, K, d) of user_factors and biases (B,)."""
+        batch, n_items = len(rows), self.n_items
+        products = (rows.view(-1, self.dim) @ self.item_factors.T).view(batch, 2, self.n_tastes, n_items)
         taste_scores, logits = products.unbind(1)                                  # (B, K, n)
         # softmax over K of a contiguous copy: on the strided view, softmax and its backward
         # take 2-4x longer (measured at B=1024, K=2, ML-1M's 3123 items).
         mixed = (torch.softmax(logits.contiguous(), dim=1) * taste_scores).sum(1)  # (B, n)
-        return mixed + self.item_bias + (self.user_bias[users] + self.global_bias).unsqueeze(1)
+        return mixed + self.item_bias + (user_b + self.global_bias).unsqueeze(1)
 
     def weighted_squared_norms(self, users, user_counts, item_counts, total=None):
         """The (4,) squared norms of forward(..., return_prior=True) for a set of pairs given by
         counts: users (B,) with user_counts (B,) pairs each, and item_counts (n_items,) pairs per
         item, divided by total (default: the number of pairs, user_counts.sum()). Equal to
         forward's on those pairs, at O(B + n_items) cost instead of O(pairs)."""
+        return self._weighted_squared_norms(self.user_factors[users], self.user_bias[users],
+                                            user_counts, item_counts, total)
+
+    def _weighted_squared_norms(self, rows, user_b, user_counts, item_counts, total=None):
+        """weighted_squared_norms from the users' rows (B, 2, K, d) and biases (B,). Products and
+        sums written elementwise, not as matrix products: under bfloat16 autocast (train.py's
+        mixed_precision) they stay in float32."""
         total = (user_counts.sum() if total is None else total).clamp(min=1)
-        user_rows = self.user_factors[users].pow(2).sum((2, 3))                    # (B, 2)
+        user_rows = rows.pow(2).sum((2, 3))                                        # (B, 2)
         tastes, attention = (user_counts.unsqueeze(1) * user_rows).sum(0)
-        items = item_counts @ self.item_factors.pow(2).sum(1)
-        biases = user_counts @ self.user_bias[users].pow(2) + item_counts @ self.item_bias.pow(2)
+        items = (item_counts * self.item_factors.pow(2).sum(1)).sum()
+        biases = (user_counts * user_b.pow(2)).sum() + (item_counts * self.item_bias.pow(2)).sum()
         return torch.stack([tastes, attention, items, biases]) / total
 
     def prior_terms(self, users, items):

@@ -55,6 +55,7 @@ class _QuietEngineExceptions(logging.Filter):
 QUIET_ENGINE_EXCEPTIONS = _QuietEngineExceptions()  # on train.py's trainer (its evaluators share the logger)
 
 PRIOR_PER = ("row", "pair")  # train.py's prior_per
+MIXED_PRECISION = ("auto", "bfloat16", "off")  # train.py's mixed_precision
 
 # What a resumed run may change; the rest is fixed by its checkpoint and saved config.
 CHANGEABLE_ON_RESUME = {"resume", "epochs", "patience", "data_dir", "download", "device",
@@ -79,9 +80,14 @@ def check(cfg):
         raise ConfigError(f"--lr_decay is a share of the run, from 0 to 1, got {cfg['lr_decay']}")
     if not 0 < cfg["test_fraction"] < 1 or not 0 < cfg["val_fraction"] < 1:
         raise ConfigError("--test_fraction and --val_fraction must lie strictly between 0 and 1")
-    for key, valid in (("task", ("rating", "ranking")), ("loss", LOSSES), ("prior_per", PRIOR_PER)):
+    for key, valid in (("task", ("rating", "ranking")), ("loss", LOSSES), ("prior_per", PRIOR_PER),
+                       ("mixed_precision", MIXED_PRECISION)):
         if cfg[key] not in valid:
             raise ConfigError(f"--{key}={cfg[key]} is not one of {', '.join(valid)}")
+    if cfg["mixed_precision"] == "bfloat16" and (cfg["task"], cfg["loss"]) != ("ranking", "softmax"):
+        raise ConfigError("--mixed_precision=bfloat16 serves the ranking task's softmax loss (matrix "
+                          "products of every user with every item); the rating task and the sampled "
+                          "losses run through the fused node, in float32: use --mixed_precision=off")
     if cfg["top_k"] < 1 or cfg["n_negatives"] < 1 or cfg["ranking_core"] < 1:
         raise ConfigError("--top_k, --n_negatives and --ranking_core must be positive")
     if cfg["task"] == "ranking" and cfg["test_fraction"] + cfg["val_fraction"] >= 1:
@@ -348,7 +354,8 @@ def describe(cfg, task, model):
     return {"task": cfg["task"], "dataset": cfg["dataset"], "n_users": task.n_users,
             "n_items": task.n_items, **task.counts, "batch_size_used": task.batch_size,
             "world_size": idist.get_world_size(), "backend": idist.backend() or "none",
-            "device": str(next(model.parameters()).device), "torch": torch.__version__,
+            "device": str(next(model.parameters()).device),
+            "training_products": "bfloat16" if task.bfloat16 else "float32", "torch": torch.__version__,
             "ignite": ignite.__version__, "hyperparameters": cfg}
 
 

@@ -102,6 +102,9 @@ clip_predictions = True    # clamp evaluated predictions to the training set's r
 eval_train = False         # training-set metrics from a full pass after each epoch (else, free, from the epoch's own batches)
 test_curve = True          # also score the test set after every epoch, for its curve (False: only the chosen model, at the end)
 eval_every = 1             # evaluate every this many epochs, and after the last; the model is chosen among those
+mixed_precision = "auto"   # "bfloat16": the training forward under torch.autocast (matrix products in bf16, weights,
+                           # optimiser and evaluation in fp32); "off"; "auto": bfloat16 for the full-softmax ranking
+                           # loss where the device computes bf16 natively (CPU with AVX512-BF16 or AMX, CUDA)
 eval_batch_size = 16384    # ratings per evaluation batch (temporaries under 32 MB, see keep_freed_memory); ranking: /16 users
 # system
 seed = 0                   # seeds initialisation and shuffling; the same seed gives the same run
@@ -246,7 +249,8 @@ def build_trainer(cfg, task, device):
 
     def train_step(engine, batch):
         model.train()
-        terms, squared_norms, share, extra = task.loss(model, batch)
+        with torch.autocast(device.type, torch.bfloat16, enabled=task.bfloat16):
+            terms, squared_norms, share, extra = task.loss(model, batch)
         prior_by_term = squared_norms * prior_weights                   # (4,), as in PRIOR_TERMS
         loss = sum(task.term_weights[name] * value for name, value in terms.items()) + prior_by_term.sum()
         optimizer.zero_grad(set_to_none=True)

@@ -195,14 +195,46 @@ def test_a_ranking_run_resumes_to_the_same_model(tmp_path, synthetic_ml100k):
     assert [r["val_ndcg@10"] for r in straight] == [r["val_ndcg@10"] for r in split]
 
 
+def test_bfloat16_training_products_are_recorded_and_stay_close_to_float32(tmp_path, synthetic_ml100k):
+    """mixed_precision=bfloat16 trains the softmax loss with its matrix products in bfloat16:
+    summary.json says so, the weights stay float32, and the figures stay near float32's (the
+    same data, seed and steps); off is float32 throughout."""
+    figures = {}
+    for mode in ("bfloat16", "off"):
+        run_ranking(tmp_path, synthetic_ml100k, "--epochs=3", "--patience=0", f"--run_name={mode}",
+                    f"--mixed_precision={mode}")
+        summary = json.loads((tmp_path / "results" / mode / "summary.json").read_text())
+        assert summary["training_products"] == ("bfloat16" if mode == "bfloat16" else "float32")
+        figures[mode] = summary["val_ndcg@10"]
+        [best] = (tmp_path / "runs" / mode).glob("best_model_*.pt")
+        assert all(t.dtype == torch.float32 for t in torch.load(best).values() if t.is_floating_point())
+    assert figures["bfloat16"] != figures["off"] and abs(figures["bfloat16"] - figures["off"]) < 0.05
+
+
+def test_under_bfloat16_autocast_the_scores_are_close_and_the_prior_exact():
+    torch.manual_seed(0)
+    model = MFMixTaste(50, 40, dim=16, n_tastes=3, init_std=0.5)
+    users = torch.arange(0, 50, 3)
+    user_counts, item_counts = torch.rand(len(users)) * 400, torch.rand(40) * 900
+    exact_scores, exact_norms = model(users, return_prior=True, user_counts=user_counts, item_counts=item_counts)
+    with torch.autocast("cpu", torch.bfloat16):
+        scores, norms = model(users, return_prior=True, user_counts=user_counts, item_counts=item_counts)
+    assert scores.dtype == torch.float32 and norms.dtype == torch.float32
+    torch.testing.assert_close(norms, exact_norms)                      # no product cast to bfloat16
+    assert (scores - exact_scores).abs().max() < 0.05 * exact_scores.abs().max()
+    assert not torch.equal(scores, exact_scores)                        # the products did run in bfloat16
+
+
 @pytest.mark.parametrize("override,message", [
     ("--top_k=100000", "--top_k=100000 is larger than the number of items"),
+    ("--mixed_precision=bfloat16 --loss=bpr", "--mixed_precision=bfloat16 serves the ranking task's softmax loss"),
+    ("--mixed_precision=fp8", "--mixed_precision=fp8 is not one of auto, bfloat16, off"),
     ("--loss=hinge", "--loss=hinge is not one of softmax, sampled_softmax, bpr, adaptive_hinge"),
     ("--task=rank", "--task=rank is not one of rating, ranking"),
     ("--ranking_core=1000", "no interactions are left"),
 ])
 def test_bad_ranking_input_from_the_command_line(tmp_path, synthetic_ml100k, override, message):
-    result = run_ranking(tmp_path, synthetic_ml100k, "--epochs=1", override, check=False)
+    result = run_ranking(tmp_path, synthetic_ml100k, "--epochs=1", *override.split(), check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 

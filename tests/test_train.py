@@ -137,6 +137,7 @@ def test_resume_refuses_settings_its_checkpoint_fixes(tmp_path, synthetic_ml100k
     ("--prior_biases=-1.0", "--prior_biases must not be negative"),
     ("--val_fraction=0.00001", "too few to split"),
     ("--implicit_share=1.5", "--implicit_share is a share of the epochs, from 0 to 1"),
+    ("--mixed_precision=bfloat16", "the rating task and the sampled losses run through the fused node"),
 ])
 def test_bad_overrides_fail_with_one_clear_message(tmp_path, synthetic_ml100k, override, message):
     result = run_train(tmp_path, synthetic_ml100k, "--epochs=1", override, check=False)
