@@ -559,8 +559,8 @@ def ranking_table(results, args, task, speed=()):
     by_row = {r["row"]: r for r in results if "error" not in r}
     if speed:  # below the table, not inside it
         lines += ["", speed_line(speed, "python train.py --task=ranking", by_row["mfmixtaste"]["wall"],
-                                 "a whole EASE process with one fit (read, filter, split, fit, score and "
-                                 "rank every user)", by_row["ease_single"]["wall"], 2)]
+                                 "a whole EASE process with one fit, that reads, filters, splits, fits, "
+                                 "scores and ranks every user", by_row["ease_single"]["wall"], 2)]
     if published:
         lines += ["", "Published rows: RecBole's ml-1m general-recommendation benchmark table (test "
                   "NDCG@10 and Recall@10, as published). Differences of protocol: RecBole splits with "
