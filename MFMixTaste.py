@@ -208,7 +208,7 @@ class MFMixTaste(nn.Module):
         return self.user_factors[:, 1]
 
     def forward(self, users, items=None, return_prior=False, user_counts=None, item_counts=None,
-                prior_scale=None, negatives=None, implicit_temperature=1.0):
+                prior_scale=None, negatives=None, implicit_temperature=1.0, positives=None):
         """Scores of (user, item) pairs, or of all items.
 
         users: (B,) int64. items: (B,) -> scores (B,); (B, m) -> scores (B, m) of m items per
@@ -222,20 +222,31 @@ class MFMixTaste(nn.Module):
         over the pairs a row has in an epoch, each row is counted once per epoch, a fixed
         Gaussian prior (train.py's prior_per). negatives: (B, n) sampled items, with items (B,)
         and return_prior: then also the implicit term (a scalar, see the module's docstring, with
-        t = implicit_temperature) as a third output. Everything a training step needs comes out
-        of one forward call, which is what DistributedDataParallel's hooks watch."""
+        t = implicit_temperature) as a third output. positives: None, or with items None the
+        pairs user_counts counts, (position in users (P,), item (P,)): then each pair's prior on the
+        tastes is shared among them by its mixture weights (taste k is held by the pairs it
+        serves, sum over j of w_ijk |U_ik|^2) instead of counted in full for every taste; the
+        weights enter as constants (no gradient through the prior to the attention). With K=1
+        the two are equal. Everything a training step needs comes out of one forward call,
+        which is what DistributedDataParallel's hooks watch."""
         user_scale, item_scale = prior_scale or (self.user_bias.new_ones(self.n_users),
                                                  self.item_bias.new_ones(self.n_items))
         if items is None:
             # The batch's user rows gathered once for the scores and the prior: each gather's
             # backward zeroes a gradient the size of the whole user table.
             rows, user_b = self.user_factors.index_select(0, users), self.user_bias.index_select(0, users)
-            scores = self._scores_of_all_items(rows, user_b)
+            scores, weights = self._scores_of_all_items(rows, user_b, return_weights=True)
             if not return_prior:
                 return scores
+            taste_counts = None
+            if positives is not None:  # the pairs' shares of each taste, summed per user: (B, K)
+                position, pair_items = positives
+                shares = weights.detach()[position, :, pair_items].float()              # (P, K)
+                taste_counts = shares.new_zeros(len(users), self.n_tastes).index_add_(0, position, shares) \
+                    * user_scale[users].unsqueeze(1)
             return scores, self._weighted_squared_norms(
                 rows, user_b, user_counts * user_scale[users], item_counts * item_scale,
-                total=user_counts.sum())
+                total=user_counts.sum(), taste_counts=taste_counts)
         pair_users = users if items.dim() == 1 else users.unsqueeze(1).expand_as(items).reshape(-1)
         if not return_prior and not torch.is_grad_enabled():  # evaluation: no norms, no saved tensors
             return self._pair_scores(pair_users, items.reshape(-1)).view(items.shape)
@@ -267,15 +278,17 @@ class MFMixTaste(nn.Module):
         bfloat16 autocast the product and the mixture are bfloat16, the biases' sum float32."""
         return self._scores_of_all_items(self.user_factors[users], self.user_bias[users])
 
-    def _scores_of_all_items(self, rows, user_b):
-        """score_all from the users' rows (B, 2, K, d) of user_factors and biases (B,)."""
+    def _scores_of_all_items(self, rows, user_b, return_weights=False):
+        """score_all from the users' rows (B, 2, K, d) of user_factors and biases (B,); with
+        return_weights, also the mixture weights (B, K, n_items)."""
         batch, n_items = len(rows), self.n_items
         products = (rows.view(-1, self.dim) @ self.item_factors.T).view(batch, 2, self.n_tastes, n_items)
         taste_scores, logits = products.unbind(1)                                  # (B, K, n)
         # softmax over K of a contiguous copy: on the strided view, softmax and its backward
         # take 2-4x longer (measured at B=1024, K=2, ML-1M's 3123 items).
-        mixed = (torch.softmax(logits.contiguous(), dim=1) * taste_scores).sum(1)  # (B, n)
-        return mixed + self.item_bias + (user_b + self.global_bias).unsqueeze(1)
+        weights = torch.softmax(logits.contiguous(), dim=1)                        # (B, K, n)
+        scores = (weights * taste_scores).sum(1) + self.item_bias + (user_b + self.global_bias).unsqueeze(1)
+        return (scores, weights) if return_weights else scores
 
     def weighted_squared_norms(self, users, user_counts, item_counts, total=None):
         """The (4,) squared norms of forward(..., return_prior=True) for a set of pairs given by
@@ -285,13 +298,16 @@ class MFMixTaste(nn.Module):
         return self._weighted_squared_norms(self.user_factors[users], self.user_bias[users],
                                             user_counts, item_counts, total)
 
-    def _weighted_squared_norms(self, rows, user_b, user_counts, item_counts, total=None):
-        """weighted_squared_norms from the users' rows (B, 2, K, d) and biases (B,). Products and
+    def _weighted_squared_norms(self, rows, user_b, user_counts, item_counts, total=None, taste_counts=None):
+        """weighted_squared_norms from the users' rows (B, 2, K, d) and biases (B,); taste_counts
+        (B, K), if given, count the pairs of each taste apart (forward's positives). Products and
         sums written elementwise, not as matrix products: under bfloat16 autocast (train.py's
         mixed_precision) they stay in float32."""
         total = (user_counts.sum() if total is None else total).clamp(min=1)
         user_rows = rows.pow(2).sum((2, 3))                                        # (B, 2)
         tastes, attention = (user_counts.unsqueeze(1) * user_rows).sum(0)
+        if taste_counts is not None:
+            tastes = (taste_counts * rows[:, 0].pow(2).sum(-1)).sum()
         items = (item_counts * self.item_factors.pow(2).sum(1)).sum()
         biases = (user_counts * user_b.pow(2)).sum() + (item_counts * self.item_bias.pow(2)).sum()
         return torch.stack([tastes, attention, items, biases]) / total

@@ -186,6 +186,8 @@ class RankingTask:
         self.device, self.world_size = device, world_size
         self.n_interactions = len(data)
         self.bfloat16 = bfloat16_products(cfg, torch.device(device))
+        # The sampled losses count a pair's prior in the fused node, in full for every taste.
+        self.share_taste_prior = cfg["share_taste_prior"] and self.loss_name == "softmax"
 
     def loss(self, model, batch):
         if self.loss_name == "softmax":
@@ -196,7 +198,8 @@ class RankingTask:
                 users, return_prior=True,
                 user_counts=torch.bincount(position, minlength=len(users)).float(),
                 item_counts=torch.bincount(items, minlength=self.n_items).float(),
-                prior_scale=self.prior_scale)                                   # (B, n_items)
+                prior_scale=self.prior_scale,
+                positives=(position, items) if self.share_taste_prior else None)  # (B, n_items)
             log_probabilities = torch.log_softmax(scores, dim=1)
             data_term = -log_probabilities[position, items].sum() / max(len(items), 1)
             return {self.loss_name: data_term}, squared_norms, len(items) * self.world_size / global_pairs, {}

@@ -85,6 +85,8 @@ prior_tastes = 5.0         # on the users' taste vectors U
 prior_attention = 0.5      # on the attention vectors A: they only pick among the tastes (at 5 they stayed at 0)
 prior_items = 10.0         # on the item vectors e
 prior_biases = 3.0         # on user and item biases
+share_taste_prior = False  # ranking's softmax loss: a pair's prior on the tastes is shared among them by its
+                           # mixture weights (a taste held by the pairs it serves), not counted for every taste
 # implicit feedback in the rating task: which movies a user chose to rate (MFMixTaste's docstring)
 implicit_weight = 2.0      # weight of the BPR term on the attention vectors, beside the MSE (0 = off)
 implicit_negatives = 3     # movies drawn uniformly per rating for that term
@@ -123,7 +125,7 @@ DEFAULTS = {k: v for k, v in globals().items()
 # What --task=ranking changes in the defaults above (an explicit --key=value still wins): chosen
 # on ML-1M's validation NDCG@10 (docs/ranking.md).
 RANKING_DEFAULTS = dict(test_fraction=0.1, val_fraction=0.1, split_seed=2020, dim=160, n_tastes=2,
-                        prior_per="pair", prior_tastes=0.04, prior_attention=0.05,
+                        prior_per="pair", prior_tastes=0.07, share_taste_prior=True, prior_attention=0.05,
                         prior_items=0.03, prior_biases=0.0, lr=0.03, lr_decay=0.7, batch_size=256,
                         epochs=15, patience=3, test_curve=False, eval_every=5)
 

@@ -211,6 +211,32 @@ def test_bfloat16_training_products_are_recorded_and_stay_close_to_float32(tmp_p
     assert figures["bfloat16"] != figures["off"] and abs(figures["bfloat16"] - figures["off"]) < 0.05
 
 
+def test_a_shared_taste_prior_holds_each_taste_by_the_pairs_it_serves():
+    """positives=(position, items): the tastes' term is sum over pairs and tastes of the pair's
+    mixture weight times |U_ik|^2, over the pairs (by hand below); the other terms are unchanged;
+    the weights are constants (the term sends no gradient to the attention vectors); with K=1
+    it equals the full per-pair prior."""
+    torch.manual_seed(0)
+    users = torch.tensor([3, 7, 1])
+    position, items = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([4, 9, 2, 0, 4, 11])
+    counts = dict(user_counts=torch.bincount(position, minlength=3).float(),
+                  item_counts=torch.bincount(items, minlength=12).float())
+    model = MFMixTaste(10, 12, dim=5, n_tastes=3, init_std=0.7)
+    _, full = model(users, return_prior=True, **counts)
+    _, shared = model(users, return_prior=True, positives=(position, items), **counts)
+    weights = model.mixture_weights(users[position], items)                        # (P, K)
+    by_hand = (weights * model.tastes[users[position]].pow(2).sum(-1)).sum() / len(items)
+    torch.testing.assert_close(shared[0], by_hand)
+    torch.testing.assert_close(shared[1:], full[1:])
+    assert shared[0] < full[0]  # each pair holds its tastes by shares summing to one, not by K
+    model.zero_grad()
+    shared[0].backward()
+    assert model.user_factors.grad[:, 1].abs().sum() == 0 and model.user_factors.grad[:, 0].abs().sum() > 0
+    one = MFMixTaste(10, 12, dim=5, n_tastes=1, init_std=0.7)
+    torch.testing.assert_close(one(users, return_prior=True, positives=(position, items), **counts)[1],
+                               one(users, return_prior=True, **counts)[1])
+
+
 def test_under_bfloat16_autocast_the_scores_are_close_and_the_prior_exact():
     torch.manual_seed(0)
     model = MFMixTaste(50, 40, dim=16, n_tastes=3, init_std=0.5)
@@ -229,6 +255,7 @@ def test_under_bfloat16_autocast_the_scores_are_close_and_the_prior_exact():
     ("--top_k=100000", "--top_k=100000 is larger than the number of items"),
     ("--mixed_precision=bfloat16 --loss=bpr", "--mixed_precision=bfloat16 serves the ranking task's softmax loss"),
     ("--mixed_precision=fp8", "--mixed_precision=fp8 is not one of auto, bfloat16, off"),
+    ("--task=rating --share_taste_prior=True", "--share_taste_prior=True serves the ranking task's softmax loss"),
     ("--loss=hinge", "--loss=hinge is not one of softmax, sampled_softmax, bpr, adaptive_hinge"),
     ("--task=rank", "--task=rank is not one of rating, ranking"),
     ("--ranking_core=1000", "no interactions are left"),
@@ -243,7 +270,10 @@ def test_a_row_prior_weight_counts_like_that_many_examples_for_every_loss(tmp_pa
     """Over an epoch, each batch's prior weighted by its examples (the count its data term is a
     mean over) sums to the rows' squared norms: the same for every loss. With sampled losses a
     batch scores 1 + n_negatives pairs per example; the prior must not be that much weaker."""
-    task = _ranking_task(tmp_path, loss=loss, n_negatives=9, prior_per="row", batch_size=64)
+    # The taste prior counted in full for every taste (shared by mixture weight, the tastes' term
+    # is not the rows' squared norms: test_a_shared_taste_prior_... covers it).
+    task = _ranking_task(tmp_path, loss=loss, n_negatives=9, prior_per="row", batch_size=64,
+                         share_taste_prior=False)
     model = MFMixTaste(task.n_users, task.n_items, dim=4, n_tastes=2, init_std=1.0)
     total = 0.0
     for batch in task.batches:
