@@ -215,7 +215,7 @@ class MFMixTaste(nn.Module):
         user (a positive and its sampled negatives); None -> scores (B, n_items) of every item
         (score_all). With return_prior, also the (4,) batch means over the pairs of |U_i|^2,
         |A_i|^2, |e_j|^2 and b_i^2 + b_j^2, in the order of PRIOR_TERMS; for all items, over
-        the pairs given by user_counts (B,) and item_counts (n_items,) (weighted_squared_norms).
+        the pairs given by user_counts (B,) and item_counts (n_items,) (_weighted_squared_norms).
         prior_scale: None, or (user_scale (n_users,), item_scale (n_items,)) weighting each
         pair's user-side and item-side terms. Unscaled, a row is counted once per pair that uses
         it (the classic SGD-MF regulariser: a row's prior grows with its data); scaled by one
@@ -238,14 +238,14 @@ class MFMixTaste(nn.Module):
             scores, weights = self._scores_of_all_items(rows, user_b, return_weights=True)
             if not return_prior:
                 return scores
-            taste_counts = None
+            batch_scale, taste_counts = user_scale[users], None                       # (B,)
             if positives is not None:  # the pairs' shares of each taste, summed per user: (B, K)
                 position, pair_items = positives
                 shares = weights.detach()[position, :, pair_items].float()              # (P, K)
                 taste_counts = shares.new_zeros(len(users), self.n_tastes).index_add_(0, position, shares) \
-                    * user_scale[users].unsqueeze(1)
+                    * batch_scale.unsqueeze(1)
             return scores, self._weighted_squared_norms(
-                rows, user_b, user_counts * user_scale[users], item_counts * item_scale,
+                rows, user_b, user_counts * batch_scale, item_counts * item_scale,
                 total=user_counts.sum(), taste_counts=taste_counts)
         pair_users = users if items.dim() == 1 else users.unsqueeze(1).expand_as(items).reshape(-1)
         if not return_prior and not torch.is_grad_enabled():  # evaluation: no norms, no saved tensors
@@ -290,19 +290,14 @@ class MFMixTaste(nn.Module):
         scores = (weights * taste_scores).sum(1) + self.item_bias + (user_b + self.global_bias).unsqueeze(1)
         return (scores, weights) if return_weights else scores
 
-    def weighted_squared_norms(self, users, user_counts, item_counts, total=None):
-        """The (4,) squared norms of forward(..., return_prior=True) for a set of pairs given by
-        counts: users (B,) with user_counts (B,) pairs each, and item_counts (n_items,) pairs per
-        item, divided by total (default: the number of pairs, user_counts.sum()). Equal to
-        forward's on those pairs, at O(B + n_items) cost instead of O(pairs)."""
-        return self._weighted_squared_norms(self.user_factors[users], self.user_bias[users],
-                                            user_counts, item_counts, total)
-
     def _weighted_squared_norms(self, rows, user_b, user_counts, item_counts, total=None, taste_counts=None):
-        """weighted_squared_norms from the users' rows (B, 2, K, d) and biases (B,); taste_counts
-        (B, K), if given, count the pairs of each taste apart (forward's positives). Products and
-        sums written elementwise, not as matrix products: under bfloat16 autocast (train.py's
-        mixed_precision) they stay in float32."""
+        """The (4,) squared norms of forward(..., return_prior=True) for a set of pairs given by
+        counts: the users' rows (B, 2, K, d) of user_factors and biases (B,) with user_counts (B,)
+        pairs each, and item_counts (n_items,) pairs per item, divided by total (default: the
+        number of pairs, user_counts.sum()); taste_counts (B, K), if given, count the pairs of
+        each taste apart (forward's positives). Equal to forward's on those pairs, at O(B +
+        n_items) cost instead of O(pairs). Products and sums written elementwise, not as matrix
+        products: under bfloat16 autocast (train.py's mixed_precision) they stay in float32."""
         total = (user_counts.sum() if total is None else total).clamp(min=1)
         user_rows = rows.pow(2).sum((2, 3))                                        # (B, 2)
         tastes, attention = (user_counts.unsqueeze(1) * user_rows).sum(0)
