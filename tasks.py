@@ -125,6 +125,16 @@ def attach_rating_metrics(engine, output_transform, device):
     MeanAbsoluteError(output_transform, device=device).attach(engine, "mae")
 
 
+def ranking_interactions(cfg, ratings):
+    """The ranking task's data: ratings -> loader.Interactions, the positives (implicit_feedback)
+    split within each user (split_per_user) as cfg asks. benchmark.py's shared accounts replace
+    it in their own process, to train persons on the split of the accounts they pool into."""
+    return loader.split_per_user(
+        *loader.implicit_feedback(ratings, cfg["ranking_min_rating"], cfg["ranking_core"]),
+        fractions=(1 - cfg["val_fraction"] - cfg["test_fraction"], cfg["val_fraction"],
+                   cfg["test_fraction"]), seed=cfg["split_seed"])
+
+
 class RankingTask:
     """Implicit feedback, every item ranked for every user (RecBole's ml-1m protocol): ratings
     >= ranking_min_rating are positives, a ranking_core-core filter, each user's interactions
@@ -132,10 +142,7 @@ class RankingTask:
     not met in training (nor in validation, when ranking for the test set)."""
 
     def __init__(self, cfg, ratings, device, rank, world_size):
-        data = loader.split_per_user(
-            *loader.implicit_feedback(ratings, cfg["ranking_min_rating"], cfg["ranking_core"]),
-            fractions=(1 - cfg["val_fraction"] - cfg["test_fraction"], cfg["val_fraction"],
-                       cfg["test_fraction"]), seed=cfg["split_seed"])
+        data = ranking_interactions(cfg, ratings)
         if cfg["top_k"] > data.n_items:
             raise loader.DataError(f"--top_k={cfg['top_k']} is larger than the number of items "
                               f"({data.n_items}) left by the filter")

@@ -183,6 +183,45 @@ def test_purity_on_a_hand_made_account():
     assert benchmark.purity(account, np.array([0, 0, 0, 1, 1, 0, 1]), person)[0].tolist() == [1.0, 1.0]
 
 
+def test_told_apart_gives_each_account_interaction_back_to_its_person():
+    import loader
+    rng = np.random.default_rng(0)
+    # 8 persons, 12 movies each (drawn from 30), pooled in pairs; the accounts' ranking split.
+    users = np.repeat(np.arange(1, 9), 12)
+    items = np.concatenate([rng.choice(30, 12, replace=False) + 1 for _ in range(8)])
+    full = loader.encode(users, items, np.full(len(users), 4.0))
+    rows, account = benchmark.pool_accounts(full, 2, seed=0)
+    pooled = loader.encode(account + 101, full.item_ids[full.items[rows]], full.ratings[rows])
+    persons = loader.encode(full.user_ids[full.users[rows]], full.item_ids[full.items[rows]], full.ratings[rows])
+    accounts = loader.split_per_user(*loader.implicit_feedback(pooled, 3.0, core=1), seed=1)
+    told = benchmark.told_apart(accounts, pooled, persons)
+    assert np.array_equal(told.items, accounts.items) and np.array_equal(told.part, accounts.part)
+    # Each interaction's person is the one whose rating the account kept for that movie.
+    kept = dict(zip(zip((account + 101).tolist(), full.item_ids[full.items[rows]].tolist()),
+                    full.user_ids[full.users[rows]].tolist()))
+    expected = [kept[(a, i)] for a, i in zip(accounts.user_ids[accounts.users].tolist(),
+                                             accounts.item_ids[accounts.items].tolist())]
+    assert told.user_ids[told.users].tolist() == expected
+    assert sorted(told.user_ids.tolist()) == list(range(1, 9))
+
+
+def test_cooccurrence_split_finds_persons_who_watch_apart():
+    rng = np.random.default_rng(0)
+    # Two kinds of viewers: of movies 0-9 and of movies 10-19, 6 movies each. Accounts 0-19 pool
+    # one person of each kind; accounts 20-59 two persons of one kind, so that the kinds' movies
+    # are watched together elsewhere. The split by co-occurrence finds the mixed accounts' persons.
+    account, items, person = [], [], []
+    for a in range(60):
+        for n, kind in enumerate((0, 1) if a < 20 else (a % 2, a % 2)):
+            account += [a] * 6
+            items += (rng.choice(10, 6, replace=False) + 10 * kind).tolist()
+            person += [2 * a + n] * 6
+    account, items, person = np.array(account), np.array(items), np.array(person)
+    assert benchmark.cooccurrence_split(account, items, person, chosen=range(20)) == 1.0
+    scrambled = 2 * account + rng.integers(0, 2, len(account))  # persons no co-occurrence can tell apart
+    assert benchmark.cooccurrence_split(account, items, scrambled, chosen=range(20)) < 0.8
+
+
 def test_admm_slim_weights_are_sparse_non_negative_and_follow_co_occurrence():
     import scipy.sparse as sp
     rng = np.random.default_rng(0)
