@@ -81,7 +81,7 @@ init_std = 0.01            # std of the factors at start (see MFMixTaste.__init_
 # are not. One setting serves ML-1M and sets a tenth its size (results/benchmark.md, "Defaults
 # across data sizes"); the per-rating weighting ("pair") needed a weight per dataset.
 prior_per = "row"          # "row": each row counted once per epoch; "pair": once per rating that uses it (SGD-MF's weighting)
-prior_tastes = 5.0         # on the users' taste vectors U
+prior_tastes = 10.0        # on the users' taste vectors U (with t=0.02 and lr 0.015; docs/rating.md, the tastes round)
 prior_attention = 0.5      # on the attention vectors A: they only pick among the tastes (at 5 they stayed at 0)
 prior_items = 10.0         # on the item vectors e
 prior_biases = 3.0         # on user and item biases
@@ -90,11 +90,11 @@ share_taste_prior = False  # ranking's softmax loss: a pair's prior on the taste
 # implicit feedback in the rating task: which movies a user chose to rate (MFMixTaste's docstring)
 implicit_weight = 2.0      # weight of the BPR term on the attention vectors, beside the MSE (0 = off)
 implicit_negatives = 3     # movies drawn uniformly per rating for that term
-implicit_temperature = 0.1 # t of its claim t*logsumexp_k(A_k.e/t): small = the best taste claims the movie alone
+implicit_temperature = 0.02 # t of its claim t*logsumexp_k(A_k.e/t): small = the best taste claims the movie alone
 implicit_share = 0.8       # share of the epochs, from the first, that carry the term; the last fit the MSE alone
                            # (5 epochs: the fifth is 40% faster, validation MSE +0.0003; docs/rating.md)
 # optimisation
-lr = 1e-2                  # Adam learning rate (its peak, see lr_decay)
+lr = 1.5e-2                # Adam learning rate (its peak, see lr_decay)
 lr_decay = 0.4             # share of the run, at its end, over which lr falls linearly to 0 (0 = constant lr)
 batch_size = 0             # per step (the global batch): ratings; for ranking, users (softmax) or interactions;
                            # 0 = n_train / 64 up to 8192 (ML-1M: 8192, ML-100K: ~1100), see batch_size_for
