@@ -141,7 +141,10 @@ def test_an_interrupted_search_says_one_line(tmp_path, synthetic_ml100k):
     import signal
     command = [sys.executable, str(ROOT / "tune.py"), "--dataset=ml-100k", f"--data_dir={synthetic_ml100k}",
                "--download=False", "--study=cut", "--trials=3", "--epochs=500", "--patience=0", "--dim=8"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path) as tuning:
+    # SIGINT back at its default in the child: under a shell that started the tests in the
+    # background (`pytest &`), it is ignored and the child would never see the Ctrl-C.
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as tuning:
         for line in tuning.stdout:  # the first trial has started
             if line.startswith("trial 0: python train.py"):
                 break
