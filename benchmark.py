@@ -861,6 +861,24 @@ def dominant_tastes(run_dir, raw_accounts, raw_items):
     return taste.numpy(), known, items[known], run.model.item_factors.detach().numpy()
 
 
+def account_picture(folder, account, person, taste, items, vectors, got, base):
+    """results/shared_account_map.svg: one pair account's movies on the rating run's movie map,
+    by person and by taste. The account shown: among those of at least 100 movies whose larger
+    person holds at most 60% of them, the one whose purity is nearest the mean purity (a typical
+    account where both people count). -> the picture's file name."""
+    import pictures
+    n = np.bincount(account)
+    eligible = np.flatnonzero((n >= 100) & (base <= 0.6))
+    chosen = eligible[np.argmin(np.abs(got[eligible] - got[n > 0].mean()))]
+    rows = np.flatnonzero(account == chosen)
+    coordinates, _ = pictures.item_map(vectors)
+    name = "shared_account_map.svg"
+    pictures.account_map(folder / name, coordinates, items[rows], person[rows], taste[rows],
+                         f"One account of two real people ({len(rows)} movies), the rating run's K=2 tastes: "
+                         f"purity {got[chosen]:.2f}, the larger person's share {base[chosen]:.2f}")
+    return name
+
+
 def told_persons_row(label, task, metric, here, scratch, one):
     """The table row of a model told who is who in each pooled account: rating, train.py's
     defaults on the same ratings under the persons' own ids (the same 75/25 split: it is drawn
@@ -887,7 +905,7 @@ def shared_accounts(args):
     movies = Path(args.data_dir) / "ml-1m" / "movies.dat"
     table = ["| accounts | task | model | test figure | against K=1 | purity | largest person's share "
              "| the run's item vectors: linear split fitted / held out / 2-means |", "|---|---|---|---|---|---|---|---|"]
-    purities = {}
+    purities, maps = {}, []
     with tempfile.TemporaryDirectory(prefix="mfmixtaste-accounts-") as scratch:
         scratch = Path(scratch)
         sets = [("the same people, unpooled", args.data_dir, None)]
@@ -927,6 +945,8 @@ def shared_accounts(args):
                             cells[2] = " / ".join(f"{v:.3f}" for v in separability(account, person, vectors[items]))
                             if task == "rating":  # the same for both tasks: no model in it
                                 cells[2] += f"; co-occurrence {cooccurrence_split(*cooccurring):.3f}"
+                                maps.append(account_picture(Path(args.output).parent, account, person, taste,
+                                                            items, vectors, got, base))
                     table.append(f"| {label} | {task} | K={k} | {metric.upper()} {row[metric]:.4f} | {gain} | "
                                  + " | ".join(cells) + " |")
                 if pooled is not None:
@@ -963,7 +983,8 @@ def shared_accounts(args):
         import pictures
         picture = Path(args.output).parent / "shared_accounts.svg"
         pictures.purity_histograms(picture, purities)
-        lines[-1:-1] = [f"![purity per account]({picture.name})", ""]
+        lines[-1:-1] = [f"![purity per account]({picture.name})", "",
+                        *(f"![one shared account's movies by person and by taste]({name})" for name in maps), ""]
     report = "\n".join(lines) + "\n"
     print(report)
     write_section(Path(args.output), "shared-accounts", report)

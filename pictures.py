@@ -167,3 +167,30 @@ def purity_histograms(path, purities):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def account_map(path, coordinates, rated, person, taste, title):
+    """One shared account's movies on the movie map, twice: coloured by the real person who rated
+    each (left) and by its dominant taste (right), every other movie in grey. coordinates
+    (n_items, 2): item_map of the run's item vectors; rated, person, taste: (m,) the account's
+    movie rows, their persons and dominant tastes."""
+    plt = _pyplot()
+    persons = np.unique(person)
+    which = np.searchsorted(persons, person)                      # (m,) 0..n_persons-1
+    # The tastes in the order of the person each mostly holds, so that a taste that found a
+    # person wears that person's colour.
+    tastes = sorted(np.unique(taste), key=lambda k: np.bincount(which[taste == k], minlength=len(persons)).argmax())
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharex=True, sharey=True)
+    for ax, (groups, order, name) in zip(axes, ((person, persons, "person"), (taste, tastes, "taste"))):
+        ax.scatter(*coordinates.T, s=3, color="lightgrey", rasterized=True)  # 3,700 points: one image
+        for n, group in enumerate(order):
+            members = rated[groups == group]
+            ax.scatter(*coordinates[members].T, s=12, color=("tab:blue", "tab:orange", "tab:green", "tab:red")[n % 4],
+                       label=f"{name} {group + 1 if name == 'taste' else n + 1}: {len(members)} movies")
+        ax.set(title=f"coloured by {name}", xlabel="first principal component")
+        ax.legend(markerscale=2, fontsize=9, loc="best")
+    axes[0].set(ylabel="second principal component")
+    fig.suptitle(title)
+    fig.subplots_adjust(**{**MARGINS, "left": 0.07, "bottom": 0.1, "top": 0.88, "wspace": 0.08})
+    fig.savefig(path)
+    plt.close(fig)
