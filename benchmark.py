@@ -896,6 +896,30 @@ def told_persons_row(label, task, metric, here, scratch, one):
     return f"| {label} | {task} | told the persons | {metric.upper()} {row[metric]:.4f} | {gain} | | | |"
 
 
+# What the shared-accounts table's columns mean (its report's closing paragraph).
+SHARED_ACCOUNTS_NOTES = (
+    "**Purity**: each of an account's movies goes to its dominant taste (the largest mixture "
+    "weight); per account, the sum over tastes of the largest number of one person's movies "
+    "among them, over the account's movies; averaged over accounts. One taste holding "
+    "everything scores the largest person's share. **What the item vectors allow** (pairs, "
+    "K=2, 500 accounts at random): with two tastes the dominant one is the sign of "
+    "(A_1 - A_2) . e_j, a linear split of the run's item vectors without intercept. A "
+    "logistic regression per account fitted on the persons themselves and scored on the same "
+    "movies is the best any attention could do if it knew the persons; scored on held-out "
+    "movies (5-fold) it is what such a split carries beyond the movies it was fitted on; "
+    "2-means clusters of the account's movie vectors are what the movies' own grouping "
+    "gives without the persons; co-occurrence: the same without any model, a spectral "
+    "2-way split of the account's movies by their cosine co-occurrence among the other "
+    "accounts (who watches what). **Told the persons**: the defaults trained with every "
+    "training rating under its real person (rating: the same rows and split under the "
+    "persons' ids, each test rating predicted for its person; ranking: the accounts' own "
+    "split, each account ranking by the mixture of its persons' distributions, weighted "
+    "by their shares of its training movies): what a model that knew who is who reaches, "
+    "the reference for the gains of the tastes. Test figures are the test MSE (rating) or test NDCG@10 (ranking) of the "
+    "best-by-validation epoch; against K=1: the MSE difference, or the relative NDCG@10 "
+    "gain.")
+
+
 def shared_accounts(args):
     """Kula's first case, measured: real ML-1M users pooled into accounts of two and of three,
     both tasks trained on the pooled accounts with K = 1, 2 and 4, and the same people
@@ -958,26 +982,7 @@ def shared_accounts(args):
              "(their own protocols: the rating task's 75/25 split, the ranking task's RecBole "
              "protocol), with K = 1, 2 and 4 tastes, and on the same people unpooled.", "",
              *table, "",
-             "**Purity**: each of an account's movies goes to its dominant taste (the largest mixture "
-             "weight); per account, the sum over tastes of the largest number of one person's movies "
-             "among them, over the account's movies; averaged over accounts. One taste holding "
-             "everything scores the largest person's share. **What the item vectors allow** (pairs, "
-             "K=2, 500 accounts at random): with two tastes the dominant one is the sign of "
-             "(A_1 - A_2) . e_j, a linear split of the run's item vectors without intercept. A "
-             "logistic regression per account fitted on the persons themselves and scored on the same "
-             "movies is the best any attention could do if it knew the persons; scored on held-out "
-             "movies (5-fold) it is what such a split carries beyond the movies it was fitted on; "
-             "2-means clusters of the account's movie vectors are what the movies' own grouping "
-             "gives without the persons; co-occurrence: the same without any model, a spectral "
-             "2-way split of the account's movies by their cosine co-occurrence among the other "
-             "accounts (who watches what). **Told the persons**: the defaults trained with every "
-             "training rating under its real person (rating: the same rows and split under the "
-             "persons' ids, each test rating predicted for its person; ranking: the accounts' own "
-             "split, each account ranking by the mixture of its persons' distributions, weighted "
-             "by their shares of its training movies): what a model that knew who is who reaches, "
-             "the reference for the gains of the tastes. Test figures are the test MSE (rating) or test NDCG@10 (ranking) of the "
-             "best-by-validation epoch; against K=1: the MSE difference, or the relative NDCG@10 "
-             "gain.", "",
+             SHARED_ACCOUNTS_NOTES, "",
              machine_lines(f"python benchmark.py --shared-accounts --data_dir={args.data_dir_given}")]
     if purities:
         import pictures
