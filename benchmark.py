@@ -861,6 +861,18 @@ def dominant_tastes(run_dir, raw_accounts, raw_items):
     return taste.numpy(), known, items[known], run.model.item_factors.detach().numpy()
 
 
+def top_overlap(model, n_users=200, k=10, seed=0):
+    """How alike a model's tastes are: each of a user's first two tastes ranks every movie by
+    U_k . e_j; -> the mean number of movies their two top-k lists share, over n_users users drawn
+    with numpy's seed (all of them when there are fewer)."""
+    import torch
+    users = np.random.default_rng(seed).choice(model.n_users, min(n_users, model.n_users), replace=False)
+    with torch.no_grad():
+        top = torch.einsum("ukd,nd->ukn", model.tastes[torch.from_numpy(users), :2],
+                           model.item_factors).topk(k, dim=2).indices.numpy()           # (users, 2, k)
+    return float(np.mean([len(np.intersect1d(first, second)) for first, second in top]))
+
+
 def account_picture(folder, account, person, taste, items, vectors, got, base):
     """results/shared_account_map.svg: one pair account's movies on the rating run's movie map,
     by person and by taste. The account shown: among those of at least 100 movies whose larger
@@ -929,7 +941,7 @@ def shared_accounts(args):
     movies = Path(args.data_dir) / "ml-1m" / "movies.dat"
     table = ["| accounts | task | model | test figure | against K=1 | purity | largest person's share "
              "| the run's item vectors: linear split fitted / held out / 2-means |", "|---|---|---|---|---|---|---|---|"]
-    purities, maps = {}, []
+    purities, maps, overlaps = {}, [], {}
     with tempfile.TemporaryDirectory(prefix="mfmixtaste-accounts-") as scratch:
         scratch = Path(scratch)
         sets = [("the same people, unpooled", args.data_dir, None)]
@@ -958,6 +970,9 @@ def shared_accounts(args):
                     gain = "" if k == 1 or one is None else (
                         f"{row[metric] - one:+.4f}" if task == "rating" else f"{row[metric] / one - 1:+.1%}")
                     cells = ["", "", ""]
+                    if pooled is None and k == 2:
+                        from recommend import Recommender
+                        overlaps[task] = top_overlap(Recommender.load(row["run_dir"], quiet=True).model)
                     if pooled is not None and k > 1:
                         taste, known, items, vectors = dominant_tastes(row["run_dir"], pooled[0], pooled[1])
                         account, person = pooled[0][known], pooled[2][known]
@@ -983,6 +998,9 @@ def shared_accounts(args):
              "protocol), with K = 1, 2 and 4 tastes, and on the same people unpooled.", "",
              *table, "",
              SHARED_ACCOUNTS_NOTES, "",
+             "How alike the unpooled runs' two tastes are (`top_overlap`: each taste ranks every movie "
+             "by U_k . e_j; 200 users, numpy seed 0): their top-10 lists share "
+             + " and ".join(f"{v:.2f} movies ({task})" for task, v in overlaps.items()) + ".", "",
              machine_lines(f"python benchmark.py --shared-accounts --data_dir={args.data_dir_given}")]
     if purities:
         import pictures

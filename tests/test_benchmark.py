@@ -222,6 +222,23 @@ def test_cooccurrence_split_finds_persons_who_watch_apart():
     assert benchmark.cooccurrence_split(account, items, scrambled, chosen=range(20)) < 0.8
 
 
+def test_top_overlap_counts_the_movies_two_tastes_share():
+    import torch
+
+    from MFMixTaste import MFMixTaste
+    model = MFMixTaste(30, 40, dim=4, n_tastes=2)
+    with torch.no_grad():
+        model.user_factors[:, 0, 1] = model.user_factors[:, 0, 0]   # the same taste twice
+    assert benchmark.top_overlap(model, n_users=20) == 10.0
+    with torch.no_grad():
+        model.user_factors[:, 0, 1] = -model.user_factors[:, 0, 0]  # opposite tastes: the 10 best against the 10 worst of 40
+    assert benchmark.top_overlap(model, n_users=20) == 0.0
+    with torch.no_grad():
+        model.user_factors[:, 0, 1] = model.user_factors[:, 0, 0]
+        model.user_factors[:5, 0, 1] *= -1                          # 5 users of 30 with opposite tastes
+    assert benchmark.top_overlap(model, n_users=30) == 10.0 * 25 / 30
+
+
 def test_admm_slim_weights_are_sparse_non_negative_and_follow_co_occurrence():
     import scipy.sparse as sp
     rng = np.random.default_rng(0)
