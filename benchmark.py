@@ -754,8 +754,7 @@ def cooccurrence_split(account, items, person, sample=500, seed=0, chosen=None):
 
     from scipy.sparse import csr_matrix
     from sklearn.cluster import SpectralClustering
-    watched = csr_matrix((np.ones(len(items)), (account, items)))          # accounts x items
-    counts = (watched.T @ watched).toarray()                               # (n_items, n_items)
+    counts = gram_matrix(csr_matrix((np.ones(len(items)), (account, items))))  # (n_items, n_items)
     if chosen is None:
         chosen = np.random.default_rng(seed).permutation(np.unique(account))[:sample]
     found = []
@@ -891,6 +890,14 @@ def account_picture(folder, account, person, taste, items, vectors, got, base):
     return name
 
 
+def gain_over_one(task, value, one):
+    """A shared-accounts row's figure against K=1's (one; None when K=1's run failed): the MSE
+    difference (rating) or the relative NDCG@10 gain (ranking)."""
+    if one is None:
+        return ""
+    return f"{value - one:+.4f}" if task == "rating" else f"{value / one - 1:+.1%}"
+
+
 def told_persons_row(label, task, metric, here, scratch, one):
     """The table row of a model told who is who in each pooled account: rating, train.py's
     defaults on the same ratings under the persons' own ids (the same 75/25 split: it is drawn
@@ -904,7 +911,7 @@ def told_persons_row(label, task, metric, here, scratch, one):
         row = baseline_row("told_persons", argparse.Namespace(**{**vars(here), "task": "ranking"}))
     if "error" in row:
         return f"| {label} | {task} | told the persons | - | - | - | - | {row['error']} |"
-    gain = "" if one is None else (f"{row[metric] - one:+.4f}" if task == "rating" else f"{row[metric] / one - 1:+.1%}")
+    gain = gain_over_one(task, row[metric], one)
     return f"| {label} | {task} | told the persons | {metric.upper()} {row[metric]:.4f} | {gain} | | | |"
 
 
@@ -967,8 +974,7 @@ def shared_accounts(args):
                         table.append(f"| {label} | {task} | K={k} | - | - | - | - | {row['error']} |")
                         continue
                     one = row[metric] if k == 1 else one
-                    gain = "" if k == 1 or one is None else (
-                        f"{row[metric] - one:+.4f}" if task == "rating" else f"{row[metric] / one - 1:+.1%}")
+                    gain = "" if k == 1 else gain_over_one(task, row[metric], one)
                     cells = ["", "", ""]
                     if pooled is None and k == 2:
                         from recommend import Recommender
