@@ -49,12 +49,13 @@ class _MixtureOfTastes(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, users, items, user_factors, item_factors, user_bias, item_bias, global_bias,
-                user_scale, item_scale, negatives, temperature):
+                user_scale, item_scale, negatives, temperature, share_tastes):
         # users, items: (B,) int64; user_factors: (n_users, 2, K, d) [tastes, attention];
         # item_factors: (n_items, d); user_bias: (n_users,); item_bias: (n_items,);
         # user_scale: (n_users,), item_scale: (n_items,): each pair's weight in the prior means;
         # negatives: (B, n) int64 items sampled for the implicit term (n = 0: no term);
-        # temperature: its t (a float).
+        # temperature: its t (a float); share_tastes: each pair's prior on the tastes is
+        # sum_k w_k |U_k|^2, shared by the mixture weights (constants), not sum_k |U_k|^2.
         batch, n_tastes, dim = users.shape[0], user_factors.shape[2], user_factors.shape[3]
         rows = user_factors.index_select(0, users).view(batch, 2 * n_tastes, dim)  # (B, 2K, d)
         item_rows = item_factors.index_select(0, items)                           # (B, d)
@@ -71,8 +72,13 @@ class _MixtureOfTastes(torch.autograd.Function):
 
         # Batch means of scaled squared norms, in the order of PRIOR_TERMS.
         user_w, item_w = user_scale.index_select(0, users), item_scale.index_select(0, items)
-        halves = rows.view(batch, 2, n_tastes * dim)                              # (B, 2, K*d)
-        row_norms = user_w @ torch.linalg.vector_norm(halves, dim=-1).square()     # (2,): one read of the rows
+        if share_tastes:  # (B, 2K): each row's squared norm, the tastes' weighted by w_k
+            row_weights = torch.cat([weights, torch.ones_like(weights)], dim=1)
+            row_norms = torch.linalg.vector_norm(rows, dim=-1).square() * row_weights
+            row_norms = user_w @ row_norms.view(batch, 2, n_tastes).sum(-1)              # (2,)
+        else:
+            halves = rows.view(batch, 2, n_tastes * dim)                          # (B, 2, K*d)
+            row_norms = user_w @ torch.linalg.vector_norm(halves, dim=-1).square()  # (2,): one read of the rows
         squared_norms = torch.stack([
             row_norms[0], row_norms[1], item_w @ item_rows.pow(2).sum(1),
             user_w @ user_b.pow(2) + item_w @ item_b.pow(2)]) / max(batch, 1)
@@ -95,6 +101,7 @@ class _MixtureOfTastes(torch.autograd.Function):
                               negative_weights, claim_weights, margins)
         ctx.table_shapes = (user_factors.shape, item_factors.shape, user_bias.shape,
                             item_bias.shape)
+        ctx.share_tastes = share_tastes
         return prediction, squared_norms, implicit
 
     @staticmethod
@@ -115,8 +122,10 @@ class _MixtureOfTastes(torch.autograd.Function):
             grad_logits.addcmul_(grad_margins.sum(1, keepdim=True), claim_weights)  # the rated item's side
             grad_negative_logits = negative_weights * -grad_margins.unsqueeze(2)  # (B, n, K)
         grad_products = torch.cat([grad_scores, grad_logits], dim=1)              # (B, 2K)
-        row_coef = torch.cat([norm_coef[0].expand(n_tastes), norm_coef[1].expand(n_tastes)])
-        grad_rows = _outer_plus(grad_products, item_rows, rows, row_coef.view(1, two_k) * user_w.view(batch, 1))  # (B, 2K, d)
+        row_coef = torch.cat([norm_coef[0].expand(n_tastes), norm_coef[1].expand(n_tastes)]).view(1, two_k)
+        if ctx.share_tastes:  # a taste's prior gradient scaled by its weight (no gradient to w)
+            row_coef = row_coef * torch.cat([weights, torch.ones_like(weights)], dim=1)
+        grad_rows = _outer_plus(grad_products, item_rows, rows, row_coef * user_w.view(batch, 1))  # (B, 2K, d)
         if negatives.shape[1]:  # the sampled items' side, on the attention rows and those items
             _sum_of_outer(grad_negative_logits.transpose(1, 2), negative_rows, out=grad_rows[:, n_tastes:])  # (B, K, d)
             grad_negative_rows = _sum_of_outer(grad_negative_logits, rows[:, n_tastes:])  # (B, n, d)
@@ -137,7 +146,7 @@ class _MixtureOfTastes(torch.autograd.Function):
         grad_user_bias = rows.new_zeros(user_b_shape).index_add_(0, users, grad_user_b)
         grad_item_bias = rows.new_zeros(item_b_shape).index_add_(0, items, grad_item_b)
         return (None, None, grad_user_factors, grad_item_factors, grad_user_bias,
-                grad_item_bias, grad_prediction.sum(), None, None, None, None)
+                grad_item_bias, grad_prediction.sum(), None, None, None, None, None)
 
 
 def _claim(logits):
@@ -208,7 +217,8 @@ class MFMixTaste(nn.Module):
         return self.user_factors[:, 1]
 
     def forward(self, users, items=None, return_prior=False, user_counts=None, item_counts=None,
-                prior_scale=None, negatives=None, implicit_temperature=1.0, positives=None):
+                prior_scale=None, negatives=None, implicit_temperature=1.0, positives=None,
+                share_taste_prior=False):
         """Scores of (user, item) pairs, or of all items.
 
         users: (B,) int64. items: (B,) -> scores (B,); (B, m) -> scores (B, m) of m items per
@@ -227,8 +237,11 @@ class MFMixTaste(nn.Module):
         tastes is shared among them by its mixture weights (taste k is held by the pairs it
         serves, sum over j of w_ijk |U_ik|^2) instead of counted in full for every taste; the
         weights enter as constants (no gradient through the prior to the attention). With K=1
-        the two are equal. Everything a training step needs comes out of one forward call,
-        which is what DistributedDataParallel's hooks watch."""
+        the two are equal. share_taste_prior: the same sharing for the pairs of items (B,), (B,
+        m). Shared, K tastes that agree cost what one taste costs; counted for every taste, two
+        equal tastes cost twice one: a K=2 whose tastes agree is K=1 under twice the prior.
+        Everything a training step needs comes out of one forward call, which is what
+        DistributedDataParallel's hooks watch."""
         user_scale, item_scale = prior_scale or (self.user_bias.new_ones(self.n_users),
                                                  self.item_bias.new_ones(self.n_items))
         if items is None:
@@ -254,7 +267,7 @@ class MFMixTaste(nn.Module):
         prediction, squared_norms, implicit = _MixtureOfTastes.apply(
             pair_users, items.reshape(-1), self.user_factors, self.item_factors, self.user_bias,
             self.item_bias, self.global_bias, user_scale, item_scale,
-            none if negatives is None else negatives, float(implicit_temperature))
+            none if negatives is None else negatives, float(implicit_temperature), share_taste_prior)
         prediction = prediction.view(items.shape)
         if negatives is not None:
             return prediction, squared_norms, implicit

@@ -84,10 +84,6 @@ def check(cfg):
                        ("mixed_precision", MIXED_PRECISION)):
         if cfg[key] not in valid:
             raise ConfigError(f"--{key}={cfg[key]} is not one of {', '.join(valid)}")
-    if cfg["share_taste_prior"] and cfg["task"] != "ranking":
-        raise ConfigError("--share_taste_prior=True serves the ranking task's softmax loss (its prior "
-                          "over the batch's pairs); the rating task counts a pair's prior in the "
-                          "fused node, for every taste")
     if cfg["mixed_precision"] == "bfloat16" and (cfg["task"], cfg["loss"]) != ("ranking", "softmax"):
         raise ConfigError("--mixed_precision=bfloat16 serves the ranking task's softmax loss (matrix "
                           "products of every user with every item); the rating task and the sampled "

@@ -67,6 +67,7 @@ class RatingTask:
                              for split in SPLITS}
         self.device, self.world_size = device, world_size
         self.bfloat16 = False  # train.py's mixed_precision: the fused node runs in float32
+        self.share_taste_prior = cfg["share_taste_prior"]
 
     def loss(self, model, batch):
         """-> ({term name: scalar}, (4,) prior squared norms, this rank's share of the global
@@ -75,7 +76,8 @@ class RatingTask:
         users, items, targets, global_batch, *negatives = batch
         outputs = model(users, items, return_prior=True, prior_scale=self.prior_scale,
                         negatives=negatives[0] if negatives else None,
-                        implicit_temperature=self.implicit_temperature)
+                        implicit_temperature=self.implicit_temperature,
+                        share_taste_prior=self.share_taste_prior)
         predictions, squared_norms = outputs[:2]
         # A rank's share of a short last batch can be empty: its loss is then 0, not NaN.
         terms = {"mse": (predictions - targets).pow(2).sum() / max(len(targets), 1)}
@@ -193,8 +195,7 @@ class RankingTask:
         self.device, self.world_size = device, world_size
         self.n_interactions = len(data)
         self.bfloat16 = bfloat16_products(cfg, torch.device(device))
-        # The sampled losses count a pair's prior in the fused node, in full for every taste.
-        self.share_taste_prior = cfg["share_taste_prior"] and self.loss_name == "softmax"
+        self.share_taste_prior = cfg["share_taste_prior"]
 
     def loss(self, model, batch):
         if self.loss_name == "softmax":
@@ -214,7 +215,8 @@ class RankingTask:
         # covers every row the batch uses, the negatives' too.
         users, items, _, global_batch, negatives = batch                          # negatives (B, n)
         scores, squared_norms = model(users, torch.cat([items.unsqueeze(1), negatives], dim=1),
-                                      return_prior=True, prior_scale=self.prior_scale)
+                                      return_prior=True, prior_scale=self.prior_scale,
+                                      share_taste_prior=self.share_taste_prior)
         positive, negative = scores[:, 0], scores[:, 1:]
         if self.loss_name == "sampled_softmax":
             terms = -torch.log_softmax(scores, dim=1)[:, 0]

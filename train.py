@@ -85,8 +85,8 @@ prior_tastes = 10.0        # on the users' taste vectors U (with t=0.02 and lr 0
 prior_attention = 0.5      # on the attention vectors A: they only pick among the tastes (at 5 they stayed at 0)
 prior_items = 10.0         # on the item vectors e
 prior_biases = 3.0         # on user and item biases
-share_taste_prior = False  # ranking's softmax loss: a pair's prior on the tastes is shared among them by its
-                           # mixture weights (a taste held by the pairs it serves), not counted for every taste
+share_taste_prior = False  # a pair's prior on the tastes shared among them by its mixture weights (a taste held
+                           # by the pairs it serves), not counted for every taste (docs/tastes.md, fourth round)
 # implicit feedback in the rating task: which movies a user chose to rate (MFMixTaste's docstring)
 implicit_weight = 2.0      # weight of the BPR term on the attention vectors, beside the MSE (0 = off)
 implicit_negatives = 3     # movies drawn uniformly per rating for that term

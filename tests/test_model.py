@@ -72,7 +72,47 @@ def test_hand_written_backward_matches_autograd():
     for negatives in (torch.randint(0, 5, (20, 3), generator=torch.Generator().manual_seed(1)),
                       torch.empty(20, 0, dtype=torch.long)):
         assert torch.autograd.gradcheck(
-            lambda *p, sampled=negatives: _MixtureOfTastes.apply(users, items, *p, *scales, sampled, 0.3), params)
+            lambda *p, sampled=negatives: _MixtureOfTastes.apply(users, items, *p, *scales, sampled, 0.3, False), params)
+
+
+def test_a_shared_taste_prior_in_the_fused_node_matches_its_definition():
+    """share_taste_prior=True: each pair holds its tastes by its mixture weights, sum_k w_k |U_k|^2
+    (weights as constants), the other terms as before; forward and the hand-written backward
+    agree with that definition written with autograd; with K=1 it is the unshared prior."""
+    torch.manual_seed(0)
+    model = randomised(MFMixTaste(6, 5, dim=3, n_tastes=3)).double()
+    users, items = batch(6, 5, size=20)
+    negatives = torch.randint(0, 5, (20, 2), generator=torch.Generator().manual_seed(1))
+    user_w, item_w = torch.rand(6, dtype=torch.double) + 0.1, torch.rand(5, dtype=torch.double) + 0.1
+    coefficients = torch.rand(20, dtype=torch.double), torch.tensor([0.7, 1.3, 0.4, 2.0], dtype=torch.double)
+
+    def loss(predictions, norms, implicit):
+        return predictions @ coefficients[0] + norms @ coefficients[1] + implicit
+
+    fused = model(users, items, return_prior=True, prior_scale=(user_w, item_w), negatives=negatives,
+                  implicit_temperature=0.3, share_taste_prior=True)
+    loss(*fused).backward()
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    weights = model.mixture_weights(users, items).detach()                       # (B, K)
+    uw, iw = user_w[users], item_w[items]
+    norms = torch.stack([uw @ (weights * model.tastes[users].pow(2).sum(-1)).sum(1),
+                         uw @ model.attention[users].pow(2).sum((1, 2)),
+                         iw @ model.item_factors[items].pow(2).sum(1),
+                         uw @ model.user_bias[users].pow(2) + iw @ model.item_bias[items].pow(2)]) / len(users)
+    reference = (reference_scores(model, users, items), norms,
+                 reference_implicit(model, users, items, negatives, t=0.3))
+    for got, expected in zip(fused, reference):
+        torch.testing.assert_close(got, expected)
+    loss(*reference).backward()
+    for got, p in zip(fused_grads, model.parameters()):
+        torch.testing.assert_close(got, p.grad)
+    unshared = model(users, items, return_prior=True, prior_scale=(user_w, item_w))[1]
+    assert fused[1][0] < unshared[0]
+    torch.testing.assert_close(fused[1][1:], unshared[1:])
+    one = randomised(MFMixTaste(6, 5, dim=3, n_tastes=1))
+    torch.testing.assert_close(one(users, items, return_prior=True, share_taste_prior=True)[1],
+                               one(users, items, return_prior=True)[1])
 
 
 def reference_implicit(model, users, items, negatives, t=1.0):

@@ -255,7 +255,6 @@ def test_under_bfloat16_autocast_the_scores_are_close_and_the_prior_exact():
     ("--top_k=100000", "--top_k=100000 is larger than the number of items"),
     ("--mixed_precision=bfloat16 --loss=bpr", "--mixed_precision=bfloat16 serves the ranking task's softmax loss"),
     ("--mixed_precision=fp8", "--mixed_precision=fp8 is not one of auto, bfloat16, off"),
-    ("--task=rating --share_taste_prior=True", "--share_taste_prior=True serves the ranking task's softmax loss"),
     ("--loss=hinge", "--loss=hinge is not one of softmax, sampled_softmax, bpr, adaptive_hinge"),
     ("--task=rank", "--task=rank is not one of rating, ranking"),
     ("--ranking_core=1000", "no interactions are left"),
