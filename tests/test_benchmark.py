@@ -239,6 +239,29 @@ def test_top_overlap_counts_the_movies_two_tastes_share():
     assert benchmark.top_overlap(model, n_users=30) == 10.0 * 25 / 30
 
 
+def test_one_taste_row_chooses_its_prior_on_validation_and_skips_failed_runs(monkeypatch):
+    """K=1 at its own taste prior: the prior with the best validation MSE, whatever the test
+    figures say; a failed run is left out; K=2's gain is measured against the chosen run."""
+    val_test = {10.0: (0.80, 0.70), 15.0: (0.78, 0.75), 20.0: (0.79, 0.60), 25.0: (0.81, 0.61)}
+    asked = []
+
+    def fake_train_row(name, args, scratch, overrides):
+        prior = float(overrides[-1].split("=")[1])
+        asked.append(prior)
+        if prior not in val_test:
+            return {"row": name, "error": "failed"}
+        val, test = val_test[prior]
+        return {"row": name, "mse": test, "val": {"mse": val}}
+
+    monkeypatch.setattr(benchmark, "train_row", fake_train_row)
+    line = benchmark.one_taste_row("pairs", None, None, two=0.74)
+    assert asked == list(benchmark.ONE_TASTE_PRIORS)
+    assert "prior_tastes 15 (the best of 4 on validation)" in line and "MSE 0.7500" in line
+    assert "K=2 -0.0100 against it" in line
+    monkeypatch.setattr(benchmark, "ONE_TASTE_PRIORS", (30.0,))
+    assert "every run failed" in benchmark.one_taste_row("pairs", None, None, two=0.74)
+
+
 def test_admm_slim_weights_are_sparse_non_negative_and_follow_co_occurrence():
     import scipy.sparse as sp
     rng = np.random.default_rng(0)
