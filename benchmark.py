@@ -4,6 +4,8 @@
     python benchmark.py --data_dir=../shared/data --only=mfmixtaste,svd # a quick look
     python benchmark.py --scaling                                       # time/memory vs size
     python benchmark.py --sizes --data_dir=../shared/data               # defaults on small sets
+    python benchmark.py --shared-accounts --data_dir=../shared/data     # real users pooled into accounts
+    python benchmark.py --shared-accounts --accounts_seed=1 ...         # another draw of the accounts
 
 Each row runs in its own process, timed from start to finish by this script, with that process's
 peak resident memory. Rows: this project with train.py's defaults (`python train.py`, start to
@@ -978,7 +980,7 @@ def shared_accounts(args):
         scratch = Path(scratch)
         sets = [("the same people, unpooled", args.data_dir, None)]
         for name, size in GROUPS:
-            rows, account = pool_accounts(full, size)
+            rows, account = pool_accounts(full, size, seed=args.accounts_seed)
             write_ratings_dat(scratch / name / "ml-1m", full, rows, user_ids=account + 1)
             write_ratings_dat(scratch / (name + PERSONS) / "ml-1m", full, rows)  # the persons told apart
             for folder in (name, name + PERSONS):
@@ -1024,7 +1026,7 @@ def shared_accounts(args):
                 if pooled is not None:
                     table.append(told_persons_row(label, task, metric, here, scratch, one))
     lines = ["## Shared accounts: several people behind one account", "",
-             "Real ML-1M users pooled at random (seed 0) into accounts of two and of three people; a "
+             f"Real ML-1M users pooled at random (seed {args.accounts_seed}) into accounts of two and of three people; a "
              "movie two of them rated is kept once (the first rating in file order, counted as that "
              "person's). Both tasks are trained with `train.py`'s defaults on the pooled accounts "
              "(their own protocols: the rating task's 75/25 split, the ranking task's RecBole "
@@ -1034,7 +1036,8 @@ def shared_accounts(args):
              "How alike the unpooled runs' two tastes are (`top_overlap`: each taste ranks every movie "
              "by U_k . e_j; 200 users, numpy seed 0): their top-10 lists share "
              + " and ".join(f"{v:.2f} movies ({task})" for task, v in overlaps.items()) + ".", "",
-             machine_lines(f"python benchmark.py --shared-accounts --data_dir={args.data_dir_given}")]
+             machine_lines(f"python benchmark.py --shared-accounts --data_dir={args.data_dir_given}"
+                           + (f" --accounts_seed={args.accounts_seed}" if args.accounts_seed else ""))]
     if purities:
         import pictures
         picture = Path(args.output).parent / "shared_accounts.svg"
@@ -1137,6 +1140,8 @@ def main():
     parser.add_argument("--scaling", action="store_true", help="time/memory versus size instead")
     parser.add_argument("--shared-accounts", dest="shared_accounts", action="store_true",
                         help="real users pooled into shared accounts: gains over K=1 and purity")
+    parser.add_argument("--accounts_seed", type=int, default=0,
+                        help="--shared-accounts: the seed of the random pooling of users into accounts")
     parser.add_argument("--sizes", action="store_true",
                         help="the defaults on ML-1M and on small sets cut from it, against the peers")
     parser.add_argument("--scaling_dir", default=os.path.join(tempfile.gettempdir(),
