@@ -345,6 +345,30 @@ def test_the_implicit_term_is_logged_and_can_be_turned_off(tmp_path, synthetic_m
     assert type(task.batches) is loader.BatchIterator and list(task.term_weights) == ["mse"]
 
 
+def test_the_rating_task_can_share_the_taste_prior(synthetic_ml100k):
+    """--share_taste_prior reaches the rating task's loss: a batch's taste prior is sum over its
+    pairs of the user's row weight times sum_k w_k |U_k|^2 (shared) or sum_k |U_k|^2 (not)."""
+    import torch
+
+    import loader
+    import tasks
+    import train
+    from MFMixTaste import MFMixTaste
+    data = loader.load("ml-100k", synthetic_ml100k, allow_download=False)
+    for shared in (True, False):
+        cfg = train.resolve_config([f"--share_taste_prior={shared}", "--n_tastes=3", "--dim=8"])
+        task = tasks.RatingTask(cfg, data, "cpu", 0, 1)
+        torch.manual_seed(0)
+        model = MFMixTaste(task.n_users, task.n_items, dim=8, n_tastes=3, init_std=0.5)
+        batch = next(iter(task.batches))
+        users, items = batch[:2]
+        taste_norms = model.tastes[users].pow(2).sum(-1)                          # (B, K)
+        if shared:
+            taste_norms = taste_norms * model.mixture_weights(users, items)
+        expected = task.prior_scale[0][users] @ taste_norms.sum(1) / len(users)
+        torch.testing.assert_close(task.loss(model, batch)[1][0], expected)
+
+
 def test_the_implicit_term_stops_after_its_share_of_the_epochs(tmp_path, synthetic_ml100k):
     """implicit_share=0.5 of 4 epochs: the term is logged in epochs 1 and 2 only, the squared
     error in all four; with 0.75 of 4, through epoch 3."""
