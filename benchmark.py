@@ -750,6 +750,25 @@ def separability(account, person, vectors, sample=500, seed=0):
     return np.mean(fitted), np.mean(held_out), np.mean(clusters)
 
 
+def time_split(account, times, size):
+    """A split of each account's movies by when they were rated, with no model: the account's
+    ratings in time order, cut at its size - 1 largest gaps between consecutive times (people who
+    share an account rate at different times). account, times: (N,) arrays; -> (N,) groups
+    0..size-1, in the input order. The paper's score has no time in it: this is information the
+    tastes cannot use."""
+    order = np.lexsort((times, account))
+    ordered_account, ordered_times = account[order], times[order]
+    starts = np.flatnonzero(np.r_[True, ordered_account[1:] != ordered_account[:-1]])
+    group = np.zeros(len(account), dtype=np.int64)
+    for start, end in zip(starts, np.r_[starts[1:], len(account)]):
+        gaps = np.diff(ordered_times[start:end])                                  # (n - 1,)
+        cuts = np.sort(np.argsort(gaps, kind="stable")[len(gaps) - (size - 1):]) + 1 if len(gaps) >= size else []
+        group[start:end] = np.searchsorted(cuts, np.arange(end - start), side="right")
+    in_input_order = np.empty_like(group)
+    in_input_order[order] = group
+    return in_input_order
+
+
 def cooccurrence_split(account, items, person, sample=500, seed=0, chosen=None):
     """What an account's movies' own grouping by who watches what gives, without the persons and
     without any model: per account (`sample` at random, or those `chosen`), a spectral 2-way
@@ -952,7 +971,9 @@ SHARED_ACCOUNTS_NOTES = (
     "2-means clusters of the account's movie vectors are what the movies' own grouping "
     "gives without the persons; co-occurrence: the same without any model, a spectral "
     "2-way split of the account's movies by their cosine co-occurrence among the other "
-    "accounts (who watches what). **Told the persons**: the defaults trained with every "
+    "accounts (who watches what); cut in time (rating K=2 rows): no model either, each "
+    "account's ratings in time order cut at its largest gap (two for triples): information "
+    "the paper's score, without time, cannot use. **Told the persons**: the defaults trained with every "
     "training rating under its real person (rating: the same rows and split under the "
     "persons' ids, each test rating predicted for its person; ranking: the accounts' own "
     "split, each account ranking by the mixture of its persons' distributions, weighted "
@@ -979,6 +1000,7 @@ def shared_accounts(args):
     with tempfile.TemporaryDirectory(prefix="mfmixtaste-accounts-") as scratch:
         scratch = Path(scratch)
         sets = [("the same people, unpooled", args.data_dir, None)]
+        times, time_purity = loader.timestamps("ml-1m", args.data_dir), {}
         for name, size in GROUPS:
             rows, account = pool_accounts(full, size, seed=args.accounts_seed)
             write_ratings_dat(scratch / name / "ml-1m", full, rows, user_ids=account + 1)
@@ -988,6 +1010,8 @@ def shared_accounts(args):
                     shutil.copy(movies, scratch / folder / "ml-1m" / "movies.dat")
             sets.append((f"{len(np.unique(account)):,} {name} ({len(rows):,} ratings)", str(scratch / name),
                          (account + 1, full.item_ids[full.items[rows]], full.user_ids[full.users[rows]])))
+            by_time = purity(account, time_split(account, times[rows], size), full.users[rows])[0]
+            time_purity[sets[-1][0]] = by_time[np.bincount(account) > 0].mean()
             if size == 2:
                 cooccurring = (account, full.items[rows], full.users[rows])
         for label, data_dir, pooled in sets:
@@ -1019,6 +1043,8 @@ def shared_accounts(args):
                                 cells[2] += f"; co-occurrence {cooccurrence_split(*cooccurring):.3f}"
                                 maps.append(account_picture(Path(args.output).parent, account, person, taste,
                                                             items, vectors, got, base))
+                        if k == 2 and task == "rating":  # no model either: the account's ratings cut in time
+                            cells[2] += ("; " if cells[2] else "") + f"cut in time {time_purity[label]:.3f}"
                     table.append(f"| {label} | {task} | K={k} | {metric.upper()} {row[metric]:.4f} | {gain} | "
                                  + " | ".join(cells) + " |")
                 if task == "rating":

@@ -222,6 +222,24 @@ def test_cooccurrence_split_finds_persons_who_watch_apart():
     assert benchmark.cooccurrence_split(account, items, scrambled, chosen=range(20)) < 0.8
 
 
+def test_time_split_cuts_each_account_at_its_largest_gaps():
+    # Account 0: person 7 rates at times 1-3, person 8 at 100-101 (given in a shuffled order);
+    # account 1: three persons at 0-1, 50-51, 200; account 2: one rating, left whole.
+    account = np.array([0, 0, 1, 0, 1, 0, 1, 0, 1, 1, 2])
+    times = np.array([3, 100, 51, 1, 0, 101, 200, 2, 50, 1, 7])
+    person = np.array([7, 8, 2, 7, 1, 8, 3, 7, 2, 1, 9])
+    pairs = benchmark.time_split(account, times, 2)
+    assert len(set(pairs[person == 7])) == 1 and len(set(pairs[person == 8])) == 1
+    assert pairs[person == 7][0] != pairs[person == 8][0] and pairs[account == 2].tolist() == [0]
+    assert benchmark.purity(account[account == 0], pairs[account == 0], person[account == 0])[0][0] == 1.0
+    triples = benchmark.time_split(account, times, 3)
+    assert benchmark.purity(account, triples, person)[0].tolist() == [1.0, 1.0, 1.0]
+    # Interleaved in time, persons are not found: no better than the larger person's share.
+    account, times, person = np.zeros(6, dtype=int), np.arange(6), np.array([7, 8, 7, 8, 7, 8])
+    got, base = benchmark.purity(account, benchmark.time_split(account, times, 2), person)
+    assert got[0] <= 4 / 6 and base[0] == 0.5
+
+
 def test_top_overlap_counts_the_movies_two_tastes_share():
     import torch
 

@@ -18,6 +18,15 @@ def small(n=50, seed=1):
 
 # ----------------------------------------------------------------------------- layouts
 
+
+def test_timestamps_come_in_the_order_of_the_loaded_rows(tmp_path):
+    users, items, ratings = small()
+    write_ratings(tmp_path / "ml-1m" / "ratings.dat", users, items, ratings)  # time 978300000 + line
+    times, loaded = loader.timestamps("ml-1m", tmp_path), loader.load("ml-1m", tmp_path, allow_download=False)
+    assert times.tolist() == [978300000 + k for k in range(len(users))]
+    assert loaded.user_ids[loaded.users].tolist() == users.tolist()
+
+
 @pytest.mark.parametrize("name,folder,filename,sep,header", [
     ("ml-100k", "ml-100k", "u.data", "\t", None),
     ("ml-1m", "ml-1m", "ratings.dat", "::", None),
