@@ -217,8 +217,8 @@ class MFMixTaste(nn.Module):
         return self.user_factors[:, 1]
 
     def forward(self, users, items=None, return_prior=False, user_counts=None, item_counts=None,
-                prior_scale=None, negatives=None, implicit_temperature=1.0, positives=None,
-                share_taste_prior=False):
+                prior_scale=None, negatives=None, implicit_temperature=1.0, share_taste_prior=False,
+                positives=None):
         """Scores of (user, item) pairs, or of all items.
 
         users: (B,) int64. items: (B,) -> scores (B,); (B, m) -> scores (B, m) of m items per
@@ -232,14 +232,14 @@ class MFMixTaste(nn.Module):
         over the pairs a row has in an epoch, each row is counted once per epoch, a fixed
         Gaussian prior (train.py's prior_per). negatives: (B, n) sampled items, with items (B,)
         and return_prior: then also the implicit term (a scalar, see the module's docstring, with
-        t = implicit_temperature) as a third output. positives: None, or with items None the
-        pairs user_counts counts, (position in users (P,), item (P,)): then each pair's prior on the
+        t = implicit_temperature) as a third output. share_taste_prior: each pair's prior on the
         tastes is shared among them by its mixture weights (taste k is held by the pairs it
         serves, sum over j of w_ijk |U_ik|^2) instead of counted in full for every taste; the
         weights enter as constants (no gradient through the prior to the attention). With K=1
-        the two are equal. share_taste_prior: the same sharing for the pairs of items (B,), (B,
-        m). Shared, K tastes that agree cost what one taste costs; counted for every taste, two
-        equal tastes cost twice one: a K=2 whose tastes agree is K=1 under twice the prior.
+        the two are equal. Shared, K tastes that agree cost what one taste costs; counted for
+        every taste, two equal tastes cost twice one: a K=2 whose tastes agree is K=1 under
+        twice the prior. With items None, sharing needs the pairs user_counts counts as
+        positives, (position in users (P,), item (P,)).
         Everything a training step needs comes out of one forward call, which is what
         DistributedDataParallel's hooks watch."""
         user_scale, item_scale = prior_scale or (self.user_bias.new_ones(self.n_users),
@@ -252,7 +252,7 @@ class MFMixTaste(nn.Module):
             if not return_prior:
                 return scores
             batch_scale, taste_counts = user_scale[users], None                       # (B,)
-            if positives is not None:  # the pairs' shares of each taste, summed per user: (B, K)
+            if share_taste_prior:  # the pairs' shares of each taste, summed per user: (B, K)
                 position, pair_items = positives
                 shares = weights.detach()[position, :, pair_items].float()              # (P, K)
                 taste_counts = shares.new_zeros(len(users), self.n_tastes).index_add_(0, position, shares) \

@@ -207,7 +207,7 @@ class RankingTask:
                 user_counts=torch.bincount(position, minlength=len(users)).float(),
                 item_counts=torch.bincount(items, minlength=self.n_items).float(),
                 prior_scale=self.prior_scale,
-                positives=(position, items) if self.share_taste_prior else None)  # (B, n_items)
+                share_taste_prior=self.share_taste_prior, positives=(position, items))  # (B, n_items)
             log_probabilities = torch.log_softmax(scores, dim=1)
             data_term = -log_probabilities[position, items].sum() / max(len(items), 1)
             return {self.loss_name: data_term}, squared_norms, len(items) * self.world_size / global_pairs, {}

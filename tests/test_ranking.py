@@ -212,7 +212,7 @@ def test_bfloat16_training_products_are_recorded_and_stay_close_to_float32(tmp_p
 
 
 def test_a_shared_taste_prior_holds_each_taste_by_the_pairs_it_serves():
-    """positives=(position, items): the tastes' term is sum over pairs and tastes of the pair's
+    """share_taste_prior with positives=(position, items): the tastes' term is sum over pairs and tastes of the pair's
     mixture weight times |U_ik|^2, over the pairs (by hand below); the other terms are unchanged;
     the weights are constants (the term sends no gradient to the attention vectors); with K=1
     it equals the full per-pair prior."""
@@ -223,7 +223,7 @@ def test_a_shared_taste_prior_holds_each_taste_by_the_pairs_it_serves():
                   item_counts=torch.bincount(items, minlength=12).float())
     model = MFMixTaste(10, 12, dim=5, n_tastes=3, init_std=0.7)
     _, full = model(users, return_prior=True, **counts)
-    _, shared = model(users, return_prior=True, positives=(position, items), **counts)
+    _, shared = model(users, return_prior=True, share_taste_prior=True, positives=(position, items), **counts)
     weights = model.mixture_weights(users[position], items)                        # (P, K)
     by_hand = (weights * model.tastes[users[position]].pow(2).sum(-1)).sum() / len(items)
     torch.testing.assert_close(shared[0], by_hand)
@@ -233,7 +233,8 @@ def test_a_shared_taste_prior_holds_each_taste_by_the_pairs_it_serves():
     shared[0].backward()
     assert model.user_factors.grad[:, 1].abs().sum() == 0 and model.user_factors.grad[:, 0].abs().sum() > 0
     one = MFMixTaste(10, 12, dim=5, n_tastes=1, init_std=0.7)
-    torch.testing.assert_close(one(users, return_prior=True, positives=(position, items), **counts)[1],
+    torch.testing.assert_close(one(users, return_prior=True, share_taste_prior=True, positives=(position, items),
+                                   **counts)[1],
                                one(users, return_prior=True, **counts)[1])
 
 
