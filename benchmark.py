@@ -719,6 +719,12 @@ def purity(account, taste, person):
     return majority(taste), majority(np.zeros_like(account))
 
 
+def mean_over_accounts(per_account, account):
+    """The mean of one of purity's per-account figures over the accounts that have movies among
+    the (account, movie) entries given (purity scores the others 0)."""
+    return per_account[np.bincount(account) > 0].mean()
+
+
 def separability(account, person, vectors, sample=500, seed=0):
     """How far the item vectors (one row per (account, movie)) can tell an account's persons
     apart, on `sample` accounts drawn at random: -> (linear split fitted on the persons, scored
@@ -904,7 +910,7 @@ def account_picture(folder, account, person, taste, items, vectors, got, base):
     import pictures
     n = np.bincount(account)
     eligible = np.flatnonzero((n >= 100) & (base <= 0.6))
-    chosen = eligible[np.argmin(np.abs(got[eligible] - got[n > 0].mean()))]
+    chosen = eligible[np.argmin(np.abs(got[eligible] - mean_over_accounts(got, account)))]
     rows = np.flatnonzero(account == chosen)
     coordinates, _ = pictures.item_map(vectors)
     name = "shared_account_map.svg"
@@ -1011,7 +1017,7 @@ def shared_accounts(args):
             sets.append((f"{len(np.unique(account)):,} {name} ({len(rows):,} ratings)", str(scratch / name),
                          (account + 1, full.item_ids[full.items[rows]], full.user_ids[full.users[rows]])))
             by_time = purity(account, time_split(account, times[rows], size), full.users[rows])[0]
-            time_purity[sets[-1][0]] = by_time[np.bincount(account) > 0].mean()
+            time_purity[sets[-1][0]] = mean_over_accounts(by_time, account)
             if size == 2:
                 cooccurring = (account, full.items[rows], full.users[rows])
         for label, data_dir, pooled in sets:
@@ -1034,8 +1040,7 @@ def shared_accounts(args):
                         taste, known, items, vectors = dominant_tastes(row["run_dir"], pooled[0], pooled[1])
                         account, person = pooled[0][known], pooled[2][known]
                         got, base = purity(account, taste, person)
-                        cells = [f"{got[np.bincount(account) > 0].mean():.3f}",
-                                 f"{base[np.bincount(account) > 0].mean():.3f}", ""]
+                        cells = [f"{mean_over_accounts(got, account):.3f}", f"{mean_over_accounts(base, account):.3f}", ""]
                         purities[(label, task, k)] = (got, base)
                         if k == 2 and "pairs" in label:
                             cells[2] = " / ".join(f"{v:.3f}" for v in separability(account, person, vectors[items]))
