@@ -94,8 +94,14 @@ class RatingTask:
         if isinstance(self.batches, loader.NegativeBatches):
             @trainer.on(Events.EPOCH_STARTED)
             def draw_negatives(engine):
-                carried = int(self.implicit_share * engine.state.max_epochs + 0.5)
-                self.batches.drawing = engine.state.epoch <= carried
+                self.batches.drawing = engine.state.epoch <= self.implicit_epochs(engine.state.max_epochs)
+
+    def implicit_epochs(self, epochs):
+        """How many epochs, from the first, of an epochs-long run carry the implicit term (None
+        without the term)."""
+        if not isinstance(self.batches, loader.NegativeBatches):
+            return None
+        return int(self.implicit_share * epochs + 0.5)
 
     def evaluator(self, model, split):
         low, high = self.rating_range or (None, None)
@@ -230,6 +236,9 @@ class RankingTask:
     def attach(self, trainer):
         """Nothing: the ranking task's training metrics are its evaluations."""
 
+    def implicit_epochs(self, epochs):
+        """None: the ranking task's losses do not change with the run's length."""
+
     def evaluator(self, model, split):
         """An engine over blocks of users, each step giving scores_and_relevant."""
         def evaluate_step(engine, users):
@@ -293,13 +302,17 @@ def bfloat16_products(cfg, device):
     every item (ML-1M: 1024 x 128 by 128 x 3123, forward and backward): on this project's 2-core
     CPU with AVX512-BF16 they take a fifth of their float32 time, and a whole run 30% less, at
     the same validation NDCG@10 (docs/ranking.md). Where bfloat16 is emulated it is slower than
-    float32, so "auto" asks the hardware."""
+    float32, so "auto" asks the hardware of the run's own device."""
     if cfg["mixed_precision"] != "auto":
         return cfg["mixed_precision"] == "bfloat16"
     if cfg["loss"] != "softmax":  # the sampled losses run through the fused node, in float32
         return False
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # Native bfloat16 matrix units from compute capability 8 (Ampere) on. torch's
+        # is_bf16_supported() also says yes where bfloat16 is emulated (V100, T4), and asks the
+        # current device, which need not be the run's; on ROCm it says yes for every GPU, so
+        # there "auto" keeps float32 (--mixed_precision=bfloat16 asks for it).
+        return not torch.version.hip and torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":  # torch's own CPU feature probes (private, hence the defaults)
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)

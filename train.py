@@ -22,7 +22,6 @@ import gc
 # of its sight and it is switched back on.
 gc.disable()
 
-import ctypes
 import json
 import logging
 import math
@@ -36,7 +35,6 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import (
     Checkpoint,
-    DiskSaver,
     EarlyStopping,
     LRScheduler,
     ProgressBar,
@@ -135,30 +133,11 @@ def resolve_config(argv):
     return runs.resolve_config(argv, DEFAULTS, RANKING_DEFAULTS)
 
 
-def keep_freed_memory():
-    """Ask glibc to keep freed memory in the heap instead of returning it to the OS at once.
-
-    Each step allocates and frees batch-sized temporaries of several MB. By default glibc
-    hands those back to the kernel and the next step faults them in again, page by page:
-    on ML-1M that was 24 s of system time in a 40 s run; with this, 1.8 s in a 25 s run.
-    Only process-local allocator settings change; elsewhere than glibc it does nothing."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed: blocks < 32 MB from the heap
-    mallopt(m_trim_threshold, 1 << 30)   # shrink the heap only past 1 GB of free top
-    mallopt(m_top_pad, 64 << 20)         # grow it 64 MB at a time
-
-
 def pick_device(name):
+    """The run's device (runs.check_device has checked that this machine has it)."""
     if name == "auto" or (name == "cuda" and idist.get_world_size() > 1):
         return idist.device()  # cuda:<local rank> when CUDA is there, else cpu
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device={name}: CUDA is not available on this machine")
-    return device
+    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -169,14 +148,17 @@ def training(local_rank, cfg, attach=None):
     if given, is called as attach(trainer, validation_evaluator, task) once both exist (tune.py
     hangs Optuna's pruning handler there)."""
     started = time.perf_counter()
-    keep_freed_memory()
+    runs.keep_freed_memory()
     rank = idist.get_rank()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg["device"])
     run_dir, results, task = open_run(cfg, device)
     model, optimizer, trainer = build_trainer(cfg, task, device)
-    evaluators, history, best_checkpoint, stopper = evaluate_each_epoch(cfg, task, model, trainer, run_dir)
+    idist.barrier()  # every rank has looked, and built its model, before rank 0 makes the folders
+    if rank == 0:
+        runs.make_run_folders(run_dir, results)
+    evaluators, history, best_checkpoint, stopper, evaluate = evaluate_each_epoch(cfg, task, model, trainer, run_dir)
     if attach:
         attach(trainer, evaluators["val"], task)
     to_save = {"model": model, "optimizer": optimizer, "trainer": trainer, "batches": task.batches,
@@ -185,7 +167,7 @@ def training(local_rank, cfg, attach=None):
         to_save["early_stopping"] = stopper
     if cfg["lr_decay"]:
         to_save["lr_schedule"] = attach_lr_schedule(cfg, trainer, optimizer, len(task.batches))
-    wall_before = save_and_resume(cfg, to_save, run_dir, started)  # seconds of earlier invocations
+    wall_before, save_last = save_and_resume(cfg, to_save, run_dir, started, task)  # seconds of earlier invocations
 
     left = runs.epochs_left(trainer, stopper, cfg, task.choose_label)
     # Rank 0 decides for all: only its disk surely holds the results folder.
@@ -194,11 +176,16 @@ def training(local_rank, cfg, attach=None):
         if rank == 0:
             print(f"nothing to do: {run_dir} {left}; its results are in {results}/")
         return
+    if left is not None and f"val_{task.choose_by}" not in history.rows[-1]:
+        # Resumed with no epoch left to train (--epochs cut to the epochs done) after an epoch
+        # that was not evaluated (eval_every): that epoch is the last, and is evaluated now.
+        evaluate(trainer, last=True)
+        save_last(trainer)
 
     # --- training
     tb_logger = None
     if rank == 0:
-        (run_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        runs.write_atomically(run_dir / "config.json", json.dumps(cfg, indent=2) + "\n")
         tb_logger = runs.attach_tensorboard(run_dir, trainer, evaluators, optimizer, task, cfg)
         if cfg["progress"] and left is None:
             ProgressBar(persist=False).attach(
@@ -217,9 +204,9 @@ def training(local_rank, cfg, attach=None):
 
 
 def open_run(cfg, device):
-    """The run's folders, looked at first and made once the data and settings have passed their
-    checks (bad input leaves nothing behind), and its task. Rank 0 downloads and parses the data
-    (and fills the cache) while the others wait for it."""
+    """The run's folders, looked at (training() makes them once the data, settings and model have
+    passed their checks: bad input leaves nothing behind), and its task. Rank 0 downloads and
+    parses the data (and fills the cache) while the others wait for it."""
     rank, world_size = idist.get_rank(), idist.get_world_size()
     cfg["run_name"] = runs.decide_run_name(cfg)
     run_dir = Path(cfg["runs_dir"]) / cfg["run_name"]
@@ -229,17 +216,14 @@ def open_run(cfg, device):
     with idist.one_rank_first():
         ratings = loader.load(cfg["dataset"], cfg["data_dir"], cfg["download"],
                               progress=cfg["progress"] and rank == 0)
-    task = TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)
-    idist.barrier()  # every rank has looked before rank 0 touches the folder
-    if rank == 0:
-        runs.make_run_folders(run_dir, results)
-    return run_dir, results, task
+    return run_dir, results, TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)
 
 
 def build_trainer(cfg, task, device):
     """The model, its optimiser, and the trainer engine whose step is the task's loss plus the
     L2 prior."""
     torch.manual_seed(cfg["seed"])  # same initial model on every rank
+    runs.check_model_fits(cfg, task.n_users, task.n_items, device)
     model = MFMixTaste(task.n_users, task.n_items, dim=cfg["dim"], n_tastes=cfg["n_tastes"],
                        global_mean=task.global_mean, init_std=cfg["init_std"])
     model = idist.auto_model(model)  # moves to the device; DistributedDataParallel if world > 1
@@ -276,11 +260,11 @@ def attach_lr_schedule(cfg, trainer, optimizer, steps_per_epoch):
     epochs' steps (a warm-down): on ML-1M the run then ends in 5 epochs where a constant lr
     needed 12 and early stopping, at the same validation MSE (docs/rating.md). Ignite's
     LRScheduler around torch's LambdaLR: its step count is checkpointed, its shape follows the
-    current --epochs (a run resumed with more epochs falls over the longer run)."""
+    current --epochs (a resume may change them only before the two shapes part:
+    runs.check_new_length)."""
     total = cfg["epochs"] * steps_per_epoch
-    falling = max(cfg["lr_decay"] * total, 1)
     schedule = LRScheduler(torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, max(0.0, (total - step) / falling))))
+        optimizer, lambda step: float(runs.warm_down(step, total, cfg["lr_decay"]))))
     trainer.add_event_handler(Events.ITERATION_STARTED, schedule)
     return schedule
 
@@ -301,49 +285,53 @@ def evaluate_each_epoch(cfg, task, model, trainer, run_dir):
     history = runs.History()
 
     @trainer.on(EPOCH_COMPLETED)
-    def evaluate(engine):
-        # Ignite's own timing of the epoch's steps, read before the evaluation below adds to it.
-        row = {"epoch": engine.state.epoch, "train_loss": engine.state.metrics["loss"],
-               "epoch_seconds": round(engine.state.times[Events.EPOCH_COMPLETED.name], 3)}
-        if task.free_train_metrics:
-            row.update({f"train_{m}": engine.state.metrics[m] for m in task.metric_names})
-        if engine.state.epoch % cfg["eval_every"] == 0 or engine.state.epoch == engine.state.max_epochs:
+    def evaluate(engine, last=False):
+        """The epoch's row of the history, with the evaluations when due; last: the epoch just
+        finished by an earlier invocation is the run's last, and its row gets them now."""
+        if last:
+            row = history.rows[-1]
+        else:  # Ignite's own timing of the epoch's steps, read before the evaluation adds to it
+            row = {"epoch": engine.state.epoch, "train_loss": engine.state.metrics["loss"],
+                   "epoch_seconds": round(engine.state.times[Events.EPOCH_COMPLETED.name], 3)}
+            if task.free_train_metrics:
+                row.update({f"train_{m}": engine.state.metrics[m] for m in task.metric_names})
+        if last or engine.state.epoch % cfg["eval_every"] == 0 or engine.state.epoch == engine.state.max_epochs:
             for split, evaluator in evaluators.items():
                 evaluator.run(task.eval_batches[split])
                 row.update({f"{split}_{m}": evaluator.state.metrics[m] for m in task.metric_names})
-        history.rows.append(row)
+        if not last:
+            history.rows.append(row)
 
     def validation_score(_):  # Ignite's handlers keep the highest score
         return task.sign * evaluators["val"].state.metrics[task.choose_by]
 
     score_name = ("" if task.higher_is_better else "neg_") + "val_" + task.choose_by.replace("@", "_at_")
     best_checkpoint = Checkpoint(
-        {"model": model}, DiskSaver(run_dir, require_empty=False), filename_prefix="best",
+        {"model": model}, runs.RunFolderSaver(run_dir), filename_prefix="best",
         score_function=validation_score, score_name=score_name, n_saved=1,
         global_step_transform=global_step_from_engine(trainer))
     evaluators["val"].add_event_handler(Events.COMPLETED, best_checkpoint)
     stopper = EarlyStopping(cfg["patience"], validation_score, trainer) if cfg["patience"] else None
     if stopper:
         evaluators["val"].add_event_handler(Events.COMPLETED, stopper)
-    return evaluators, history, best_checkpoint, stopper
+    return evaluators, history, best_checkpoint, stopper, evaluate
 
 
-def save_and_resume(cfg, to_save, run_dir, started):
+def save_and_resume(cfg, to_save, run_dir, started, task):
     """Checkpoint every object of the run after each epoch (last_checkpoint_<epoch>.pt, named by
-    epoch: resume takes the highest, whatever the files' times say), and load the latest one
-    when resuming."""
+    epoch: resume takes the highest, whatever the files' times say), then delete what it
+    supersedes (runs.RunFolderSaver says why only then); load the latest one when resuming.
+    Returns the wall seconds of earlier invocations and the saving handler."""
     trainer, history = to_save["trainer"], to_save["history"]
-    last_checkpoint = Checkpoint(to_save, DiskSaver(run_dir, require_empty=False),
-                                 filename_prefix="last", n_saved=1,
+    last_checkpoint = Checkpoint(to_save, runs.RunFolderSaver(run_dir), filename_prefix="last", n_saved=1,
                                  global_step_transform=global_step_from_engine(trainer))
 
     @trainer.on(EPOCH_COMPLETED)
     def save_last(engine):
         history.wall_seconds = wall_before + time.perf_counter() - started
         last_checkpoint(engine)
-        if idist.get_rank() == 0:  # the one checkpoint of an earlier invocation, now superseded
-            for path in runs.last_checkpoints(run_dir)[:-1]:
-                path.unlink(missing_ok=True)
+        if idist.get_rank() == 0:
+            runs.prune_superseded(run_dir, to_save["best_checkpoint"].last_checkpoint)
 
     if cfg["resume"]:
         saved = runs.last_checkpoints(run_dir)
@@ -351,11 +339,13 @@ def save_and_resume(cfg, to_save, run_dir, started):
             state = runs.read_checkpoint(saved[-1])
             # A knob added on resume (patience 0 -> 2) has no saved state: it starts fresh.
             Checkpoint.load_objects({k: v for k, v in to_save.items() if k in state}, state)
+            runs.check_new_length(cfg, trainer.state.epoch, trainer.state.max_epochs, len(task.batches),
+                                  task.implicit_epochs, run_dir)
         elif idist.get_rank() == 0:
             print(f"{run_dir} has no checkpoint yet (it stopped in its first epoch): starting it "
                   "from epoch 1")
     wall_before = history.wall_seconds  # of earlier invocations, when resuming
-    return wall_before
+    return wall_before, save_last
 
 
 def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, tb_logger, wall_seconds):

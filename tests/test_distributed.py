@@ -90,7 +90,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, synthetic_ml100k, gloo):
 
 
 def test_two_processes_resume(tmp_path, synthetic_ml100k, gloo):
-    train(tmp_path, synthetic_ml100k, "dual", 2)
+    train(tmp_path, synthetic_ml100k, "dual", 2, "--lr_decay=0", "--implicit_share=1")  # a run that may go on
     code, _, err = torchrun(tmp_path, [str(ROOT / "train.py"), f"--resume={tmp_path / 'runs' / 'dual'}",
                                        "--epochs=4"])
     assert code == 0, err[-3000:]

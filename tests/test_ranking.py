@@ -282,3 +282,21 @@ def test_a_row_prior_weight_counts_like_that_many_examples_for_every_loss(tmp_pa
         total += examples * float(norms[0].detach())  # the tastes' term
     expected = float(model.tastes.detach().pow(2).sum((1, 2)).sum())  # every user trains
     assert total == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("capability,hip,native", [((7, 0), None, False), ((7, 5), None, False), ((8, 0), None, True),
+                                                    ((9, 0), None, True), ((9, 0), "6.2", False)])
+def test_auto_mixed_precision_asks_the_runs_own_gpu_for_native_bfloat16(monkeypatch, capability, hip, native):
+    """V100 (7.0) and T4 (7.5) emulate bfloat16, which torch.cuda.is_bf16_supported() counts as
+    support: "auto" keeps float32 there, asks the run's own device (cuda:1 here, not the current
+    one), and keeps float32 on ROCm, where torch says yes for every GPU."""
+    import torch
+
+    import tasks
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    cfg = {"mixed_precision": "auto", "loss": "softmax"}
+    assert tasks.bfloat16_products(cfg, torch.device("cuda:1")) is native
+    assert asked in ([], [torch.device("cuda:1")])

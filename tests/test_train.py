@@ -93,14 +93,14 @@ def test_resume_continues_to_the_same_model_as_an_uninterrupted_run(tmp_path, sy
     assert train.main(args + ["--run_name=straight"]) == 0
     save_and_resume = train.save_and_resume
 
-    def interrupted_after_epoch_2(cfg, to_save, run_dir, started):
-        wall = save_and_resume(cfg, to_save, run_dir, started)
+    def interrupted_after_epoch_2(cfg, to_save, *args):
+        saved = save_and_resume(cfg, to_save, *args)
 
         @to_save["trainer"].on(Events.EPOCH_COMPLETED(once=2))
         def stop(_):  # after the epoch's checkpoint was written
             raise KeyboardInterrupt
 
-        return wall
+        return saved
 
     with monkeypatch.context() as patched:
         patched.setattr(train, "save_and_resume", interrupted_after_epoch_2)
@@ -138,6 +138,12 @@ def test_resume_refuses_settings_its_checkpoint_fixes(tmp_path, synthetic_ml100k
     ("--val_fraction=0.00001", "too few to split"),
     ("--implicit_share=1.5", "--implicit_share is a share of the epochs, from 0 to 1"),
     ("--mixed_precision=bfloat16", "the rating task and the sampled losses run through the fused node"),
+    ("--split_seed=-1", "--split_seed must lie between 0 and 2**32 - 1"),
+    ("--seed=18446744073709551617", "--seed must lie between 0 and 2**64 - 1"),
+    ("--device=mps", "--device=mps: MPS is not available on this machine"),
+    ("--device=meta", "--device=meta is not a device to train on"),
+    ("--device=cpu:0x", "--device=cpu:0x is not a device"),
+    ("--dim=100000000000", "training it needs"),
 ])
 def test_bad_overrides_fail_with_one_clear_message(tmp_path, synthetic_ml100k, override, message):
     result = run_train(tmp_path, synthetic_ml100k, "--epochs=1", override, check=False)
@@ -164,7 +170,8 @@ def test_missing_data_without_download_is_a_clear_error(tmp_path):
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_left(tmp_path, synthetic_ml100k):
-    run_train(tmp_path, synthetic_ml100k, "--epochs=2", "--patience=0", "--run_name=done")
+    # A constant lr: a finished run may then go on (a warm-down's run may not: the next test).
+    run_train(tmp_path, synthetic_ml100k, "--epochs=2", "--patience=0", "--run_name=done", "--lr_decay=0")
     run_dir = tmp_path / "runs" / "done"
     for epochs in (2, 1):  # as many epochs as were run, and fewer
         again = run_train(tmp_path, synthetic_ml100k, f"--resume={run_dir}", f"--epochs={epochs}")
@@ -180,8 +187,23 @@ def test_resuming_a_finished_run_says_there_is_nothing_left(tmp_path, synthetic_
     assert "Embedding dir exists" not in more.stdout + more.stderr
 
 
+def test_a_longer_resume_is_refused_where_the_run_has_followed_its_own_length(tmp_path, synthetic_ml100k):
+    """2 epochs resumed to 4 must be a 4-epoch run: once the warm-down of a 2-epoch run has
+    begun (or, with a constant lr, the implicit term has stopped), it cannot be; refused in one
+    line that says what to run. Before that point, the longer run continues exactly."""
+    run_train(tmp_path, synthetic_ml100k, "--epochs=2", "--patience=0", "--run_name=warm")
+    refused = run_train(tmp_path, synthetic_ml100k, f"--resume={tmp_path / 'runs' / 'warm'}", "--epochs=4",
+                        check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "warm-down of a 2-epoch run" in refused.stderr and "start a new run with --epochs=4" in refused.stderr
+    run_train(tmp_path, synthetic_ml100k, "--epochs=5", "--patience=0", "--run_name=term", "--lr_decay=0")
+    refused = run_train(tmp_path, synthetic_ml100k, f"--resume={tmp_path / 'runs' / 'term'}", "--epochs=10",
+                        check=False)
+    assert refused.returncode == 2 and "implicit term stopped after epoch 4" in refused.stderr
+
+
 def test_resume_may_turn_early_stopping_on(tmp_path, synthetic_ml100k):
-    run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--patience=0", "--run_name=p")
+    run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--patience=0", "--run_name=p", "--lr_decay=0")
     run_train(tmp_path, synthetic_ml100k, f"--resume={tmp_path / 'runs' / 'p'}", "--epochs=2",
               "--patience=2")
     summary = json.loads((tmp_path / "results" / "p" / "summary.json").read_text())
@@ -189,7 +211,7 @@ def test_resume_may_turn_early_stopping_on(tmp_path, synthetic_ml100k):
 
 
 def test_a_nested_run_name_survives_resume(tmp_path, synthetic_ml100k):
-    run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--run_name=exp/a")
+    run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--run_name=exp/a", "--lr_decay=0")
     run_train(tmp_path, synthetic_ml100k, "--resume=runs/exp/a", "--epochs=2")
     assert json.loads((tmp_path / "runs" / "exp" / "a" / "config.json").read_text())["run_name"] == "exp/a"
     rows = read_csv(tmp_path / "results" / "exp" / "a" / "metrics.csv")
@@ -211,7 +233,7 @@ def test_a_diverged_run_fails_keeps_no_nan_results_and_its_folder_is_reusable(tm
 
 
 def test_resume_takes_the_highest_epoch_and_keeps_one_checkpoint(tmp_path, synthetic_ml100k):
-    run_train(tmp_path, synthetic_ml100k, "--epochs=2", "--patience=0", "--run_name=pick")
+    run_train(tmp_path, synthetic_ml100k, "--epochs=2", "--patience=0", "--run_name=pick", "--lr_decay=0")
     run_dir = tmp_path / "runs" / "pick"
     # A copied folder: an older epoch's file that looks newest by time, and is not even valid.
     (run_dir / "last_checkpoint_1.pt").write_bytes(b"an older, damaged copy")
