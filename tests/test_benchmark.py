@@ -6,6 +6,8 @@ import sys
 import numpy as np
 
 import benchmark
+import peers
+import studies
 from conftest import ROOT
 
 
@@ -65,7 +67,7 @@ def test_fit_biases_recovers_known_biases():
     users, items = rng.integers(0, 30, 5000), rng.integers(0, 20, 5000)
     true_user, true_item = rng.normal(0, 0.5, 30), rng.normal(0, 0.5, 20)
     ratings = 3.0 + true_user[users] + true_item[items]
-    mu, user_bias, item_bias = benchmark.fit_biases(users, items, ratings, 30, 20, reg=0.01,
+    mu, user_bias, item_bias = peers.fit_biases(users, items, ratings, 30, 20, reg=0.01,
                                                     sweeps=50)
     predictions = mu + user_bias[users] + item_bias[items]
     assert np.abs(predictions - ratings).max() < 1e-2
@@ -83,9 +85,9 @@ def test_relative_paths_work_from_another_folder(tmp_path, synthetic_ml100k):
 
 
 def test_a_failed_row_reports_its_own_error_not_the_memory_line():
-    *_, stderr, code = benchmark.measure([sys.executable, "-c", "import sys; sys.exit('error: boom')"])
+    *_, stderr, code = peers.measure([sys.executable, "-c", "import sys; sys.exit('error: boom')"])
     assert code == 1 and "PEAK_KB" not in stderr
-    assert benchmark.failed_row("svd", stderr) == {"row": "svd", "error": "error: boom"}
+    assert peers.failed_row("svd", stderr) == {"row": "svd", "error": "error: boom"}
 
 
 def test_ranking_rows_are_measured_and_the_ml_1m_table_stays_with_ml_1m(tmp_path, synthetic_ml100k):
@@ -115,15 +117,15 @@ def test_subsets_keep_whole_users_or_a_share_of_each_users_ratings():
     users = np.repeat(np.arange(50), rng.integers(1, 40, 50))
     ratings = loader.encode(users, rng.integers(0, 30, len(users)), np.ones(len(users)))
     per_user = np.bincount(ratings.users)
-    rows = benchmark.subsample(ratings, "users", 0.1)
+    rows = studies.subsample(ratings, "users", 0.1)
     kept = np.unique(ratings.users[rows])
     assert len(kept) == 5 and len(rows) == per_user[kept].sum()  # every rating of 5 users
-    rows = benchmark.subsample(ratings, "ratings", 0.1)
+    rows = studies.subsample(ratings, "ratings", 0.1)
     assert np.all(np.diff(rows) > 0)  # file order, no repeats
     expected = np.maximum(1, np.round(per_user * 0.1))
     assert np.array_equal(np.bincount(ratings.users[rows], minlength=50), expected)
-    assert np.array_equal(rows, benchmark.subsample(ratings, "ratings", 0.1))  # seeded
-    assert not np.array_equal(rows, benchmark.subsample(ratings, "ratings", 0.1, seed=1))
+    assert np.array_equal(rows, studies.subsample(ratings, "ratings", 0.1))  # seeded
+    assert not np.array_equal(rows, studies.subsample(ratings, "ratings", 0.1, seed=1))
 
 
 def test_the_sizes_report_runs_every_row_on_every_set(tmp_path):
@@ -152,7 +154,7 @@ def test_pooled_accounts_keep_every_movie_once_and_record_its_person():
     users = np.array([1, 2, 1, 3, 4, 2, 5, 6, 6, 3])
     items = np.array([10, 10, 11, 12, 12, 13, 10, 10, 11, 14])
     ratings = loader.encode(users, items, np.arange(1.0, 11.0) % 5 + 1)
-    rows, account = benchmark.pool_accounts(ratings, 2, seed=0)
+    rows, account = studies.pool_accounts(ratings, 2, seed=0)
     assert np.all(np.diff(rows) > 0)  # file order
     assert len(np.unique(account)) == 3
     persons = ratings.user_ids[ratings.users[rows]]
@@ -168,7 +170,7 @@ def test_pooled_accounts_keep_every_movie_once_and_record_its_person():
         kept = row in rows
         earlier = any(account_of.get(users[r]) == a and items[r] == items[row] for r in range(row))
         assert kept != earlier or a is None, row
-    assert benchmark.pool_accounts(ratings, 2, seed=0)[0].tolist() == rows.tolist()  # seeded
+    assert studies.pool_accounts(ratings, 2, seed=0)[0].tolist() == rows.tolist()  # seeded
 
 
 def test_purity_on_a_hand_made_account():
@@ -177,10 +179,10 @@ def test_purity_on_a_hand_made_account():
     account = np.array([0, 0, 0, 0, 0, 1, 1])
     taste = np.array([0, 0, 1, 1, 1, 0, 0])
     person = np.array([7, 7, 7, 8, 8, 2, 3])
-    got, base = benchmark.purity(account, taste, person)
+    got, base = studies.purity(account, taste, person)
     assert got.tolist() == [0.8, 0.5] and base.tolist() == [0.6, 0.5]
     # Tastes that match the persons exactly score 1.
-    assert benchmark.purity(account, np.array([0, 0, 0, 1, 1, 0, 1]), person)[0].tolist() == [1.0, 1.0]
+    assert studies.purity(account, np.array([0, 0, 0, 1, 1, 0, 1]), person)[0].tolist() == [1.0, 1.0]
 
 
 def test_told_apart_gives_each_account_interaction_back_to_its_person():
@@ -190,11 +192,11 @@ def test_told_apart_gives_each_account_interaction_back_to_its_person():
     users = np.repeat(np.arange(1, 9), 12)
     items = np.concatenate([rng.choice(30, 12, replace=False) + 1 for _ in range(8)])
     full = loader.encode(users, items, np.full(len(users), 4.0))
-    rows, account = benchmark.pool_accounts(full, 2, seed=0)
+    rows, account = studies.pool_accounts(full, 2, seed=0)
     pooled = loader.encode(account + 101, full.item_ids[full.items[rows]], full.ratings[rows])
     persons = loader.encode(full.user_ids[full.users[rows]], full.item_ids[full.items[rows]], full.ratings[rows])
     accounts = loader.split_per_user(*loader.implicit_feedback(pooled, 3.0, core=1), seed=1)
-    told = benchmark.told_apart(accounts, pooled, persons)
+    told = studies.told_apart(accounts, pooled, persons)
     assert np.array_equal(told.items, accounts.items) and np.array_equal(told.part, accounts.part)
     # Each interaction's person is the one whose rating the account kept for that movie.
     kept = dict(zip(zip((account + 101).tolist(), full.item_ids[full.items[rows]].tolist()),
@@ -217,9 +219,9 @@ def test_cooccurrence_split_finds_persons_who_watch_apart():
             items += (rng.choice(10, 6, replace=False) + 10 * kind).tolist()
             person += [2 * a + n] * 6
     account, items, person = np.array(account), np.array(items), np.array(person)
-    assert benchmark.cooccurrence_split(account, items, person, chosen=range(20)) == 1.0
+    assert studies.cooccurrence_split(account, items, person, chosen=range(20)) == 1.0
     scrambled = 2 * account + rng.integers(0, 2, len(account))  # persons no co-occurrence can tell apart
-    assert benchmark.cooccurrence_split(account, items, scrambled, chosen=range(20)) < 0.8
+    assert studies.cooccurrence_split(account, items, scrambled, chosen=range(20)) < 0.8
 
 
 def test_time_split_cuts_each_account_at_its_largest_gaps():
@@ -228,15 +230,15 @@ def test_time_split_cuts_each_account_at_its_largest_gaps():
     account = np.array([0, 0, 1, 0, 1, 0, 1, 0, 1, 1, 2])
     times = np.array([3, 100, 51, 1, 0, 101, 200, 2, 50, 1, 7])
     person = np.array([7, 8, 2, 7, 1, 8, 3, 7, 2, 1, 9])
-    pairs = benchmark.time_split(account, times, 2)
+    pairs = studies.time_split(account, times, 2)
     assert len(set(pairs[person == 7])) == 1 and len(set(pairs[person == 8])) == 1
     assert pairs[person == 7][0] != pairs[person == 8][0] and pairs[account == 2].tolist() == [0]
-    assert benchmark.purity(account[account == 0], pairs[account == 0], person[account == 0])[0][0] == 1.0
-    triples = benchmark.time_split(account, times, 3)
-    assert benchmark.purity(account, triples, person)[0].tolist() == [1.0, 1.0, 1.0]
+    assert studies.purity(account[account == 0], pairs[account == 0], person[account == 0])[0][0] == 1.0
+    triples = studies.time_split(account, times, 3)
+    assert studies.purity(account, triples, person)[0].tolist() == [1.0, 1.0, 1.0]
     # Interleaved in time, persons are not found: no better than the larger person's share.
     account, times, person = np.zeros(6, dtype=int), np.arange(6), np.array([7, 8, 7, 8, 7, 8])
-    got, base = benchmark.purity(account, benchmark.time_split(account, times, 2), person)
+    got, base = studies.purity(account, studies.time_split(account, times, 2), person)
     assert got[0] <= 4 / 6 and base[0] == 0.5
 
 
@@ -247,14 +249,14 @@ def test_top_overlap_counts_the_movies_two_tastes_share():
     model = MFMixTaste(30, 40, dim=4, n_tastes=2)
     with torch.no_grad():
         model.user_factors[:, 0, 1] = model.user_factors[:, 0, 0]   # the same taste twice
-    assert benchmark.top_overlap(model, n_users=20) == 10.0
+    assert studies.top_overlap(model, n_users=20) == 10.0
     with torch.no_grad():
         model.user_factors[:, 0, 1] = -model.user_factors[:, 0, 0]  # opposite tastes: the 10 best against the 10 worst of 40
-    assert benchmark.top_overlap(model, n_users=20) == 0.0
+    assert studies.top_overlap(model, n_users=20) == 0.0
     with torch.no_grad():
         model.user_factors[:, 0, 1] = model.user_factors[:, 0, 0]
         model.user_factors[:5, 0, 1] *= -1                          # 5 users of 30 with opposite tastes
-    assert benchmark.top_overlap(model, n_users=30) == 10.0 * 25 / 30
+    assert studies.top_overlap(model, n_users=30) == 10.0 * 25 / 30
 
 
 def test_one_taste_row_chooses_its_prior_on_validation_and_skips_failed_runs(monkeypatch):
@@ -271,13 +273,13 @@ def test_one_taste_row_chooses_its_prior_on_validation_and_skips_failed_runs(mon
         val, test = val_test[prior]
         return {"row": name, "mse": test, "val": {"mse": val}}
 
-    monkeypatch.setattr(benchmark, "train_row", fake_train_row)
-    line = benchmark.one_taste_row("pairs", None, None, two=0.74)
-    assert asked == list(benchmark.ONE_TASTE_PRIORS)
+    monkeypatch.setattr(studies, "train_row", fake_train_row)
+    line = studies.one_taste_row("pairs", None, None, two=0.74)
+    assert asked == list(studies.ONE_TASTE_PRIORS)
     assert "prior_tastes 15 (the best of 4 on validation)" in line and "MSE 0.7500" in line
     assert "K=2 -0.0100 against it" in line
-    monkeypatch.setattr(benchmark, "ONE_TASTE_PRIORS", (30.0,))
-    assert "every run failed" in benchmark.one_taste_row("pairs", None, None, two=0.74)
+    monkeypatch.setattr(studies, "ONE_TASTE_PRIORS", (30.0,))
+    assert "every run failed" in studies.one_taste_row("pairs", None, None, two=0.74)
 
 
 def test_admm_slim_weights_are_sparse_non_negative_and_follow_co_occurrence():
@@ -286,12 +288,12 @@ def test_admm_slim_weights_are_sparse_non_negative_and_follow_co_occurrence():
     X = (rng.random((400, 30)) < 0.15).astype(np.float32)
     X[:, 1] = X[:, 0]                      # item 1 is seen exactly with item 0
     X = sp.csr_matrix(X)
-    weights = benchmark.admm_slim(X, l1=1.0, l2=10.0, rho=50.0)
+    weights = peers.admm_slim(X, l1=1.0, l2=10.0, rho=50.0)
     assert weights.shape == (30, 30) and (weights >= 0).all()
     assert np.all(np.diag(weights) == 0)   # no item explains itself
     # Item 0 predicts item 1 better than any other item does.
     assert weights[0, 1] == weights[:, 1].max() > 0
-    sparser = benchmark.admm_slim(X, l1=20.0, l2=10.0, rho=50.0)
+    sparser = peers.admm_slim(X, l1=20.0, l2=10.0, rho=50.0)
     assert np.count_nonzero(sparser) < np.count_nonzero(weights)
 
 

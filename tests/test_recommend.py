@@ -312,7 +312,7 @@ def test_the_best_model_is_chosen_by_its_score_not_by_its_name(tmp_path):
 def test_rated_tastes_split_a_both_groups_users_movies_by_group(runs):
     """Users 121-160 rated 10 Action and 10 Romance movies: each rated movie is listed with the
     taste that carries it, and the two tastes split the two groups (purity against the group)."""
-    import benchmark
+    import studies
     run = Recommender.load(runs["mixture"])
     purities = []
     for user in range(121, 161):
@@ -321,7 +321,7 @@ def test_rated_tastes_split_a_both_groups_users_movies_by_group(runs):
         assert set(frame["movie_id"]) == set(run.item_ids[run.rated(run.user_row(user))])
         assert frame["taste"].isin([1, 2]).all() and frame["weight"].between(0.5, 1).all()  # K=2
         groups = (frame["movie_id"].to_numpy() - 1) // 20
-        purities.append(benchmark.purity(np.zeros(20, dtype=int), frame["taste"].to_numpy(), groups)[0][0])
+        purities.append(studies.purity(np.zeros(20, dtype=int), frame["taste"].to_numpy(), groups)[0][0])
     print("mean purity", np.mean(purities))
     assert np.mean(purities) >= 0.9, purities  # one group per taste (0.5 if both held both)
     tastes = json.loads(cli(runs["mixture"], "--user=121", "--tastes", "--n=3", "--json").stdout)

@@ -1,0 +1,348 @@
+"""The rows of benchmark.py's tables: this project's train.py runs and its peers' models, each
+measured in a process of its own (wall time from start to finish, peak resident memory), all on
+the split train.py uses.
+
+    row = measure_row("svd", args, scratch)          # a Surprise SVD row: its test figures, time, memory
+    row = train_row("mfmixtaste", args, scratch, [])  # a whole `python train.py` run as a row
+    scores, extra = ranking_baseline("ease", dataset, data_dir)  # in the child: fit, choose on val, test
+
+Rows: the global mean, biases only, Surprise's SVD and SVD++ (rating); popularity, EASE, ADMM SLIM,
+implicit's ALS and BPR (ranking), each searched on validation; the test set chooses nothing.
+"""
+
+import itertools
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import loader
+
+ROOT = Path(__file__).resolve().parent
+
+
+def split_arrays(dataset, data_dir):
+    ratings = loader.load(dataset, data_dir, allow_download=False)
+    train, val, test = loader.split(len(ratings))
+    return ratings, train, val, test
+
+
+def metrics(predictions, targets):
+    """Test figures of a baseline, by scikit-learn (independent of the Ignite metrics)."""
+    from sklearn.metrics import mean_absolute_error, mean_squared_error
+    mse = mean_squared_error(targets, predictions)
+    return {"mse": float(mse), "rmse": float(np.sqrt(mse)),
+            "mae": float(mean_absolute_error(targets, predictions))}
+
+
+def fit_biases(users, items, ratings, n_users, n_items, reg, sweeps=10):
+    """r ~ mu + b_u + b_i with L2 weight reg, by alternating exact minimisation."""
+    mu = ratings.mean()
+    user_bias, item_bias = np.zeros(n_users), np.zeros(n_items)
+    users_count = np.bincount(users, minlength=n_users) + reg
+    items_count = np.bincount(items, minlength=n_items) + reg
+    for _ in range(sweeps):
+        user_bias = np.bincount(users, ratings - mu - item_bias[items], n_users) / users_count
+        item_bias = np.bincount(items, ratings - mu - user_bias[users], n_items) / items_count
+    return mu, user_bias, item_bias
+
+
+def row_global_mean(dataset, data_dir):
+    r, train, val, test = split_arrays(dataset, data_dir)
+    fit_rows = np.concatenate([train, val])
+    return metrics(np.full(len(test), r.ratings[fit_rows].mean()), r.ratings[test]), {}
+
+
+def row_bias_only(dataset, data_dir):
+    """The regularisation is chosen on the validation rows, then the biases are fitted on
+    train + val, as the surprise rows are."""
+    r, train, val, test = split_arrays(dataset, data_dir)
+    u, i, y = r.users, r.items, r.ratings.astype(np.float64)
+
+    def predict(params, rows):
+        mu, bu, bi = params
+        return np.clip(mu + bu[u[rows]] + bi[i[rows]], y.min(), y.max())
+
+    scores = {reg: metrics(predict(fit_biases(u[train], i[train], y[train], r.n_users, r.n_items,
+                                              reg), val), y[val])["mse"]
+              for reg in (1.0, 3.0, 10.0, 25.0)}
+    reg = min(scores, key=scores.get)
+    rows = np.concatenate([train, val])
+    params = fit_biases(u[rows], i[rows], y[rows], r.n_users, r.n_items, reg)
+    return metrics(predict(params, test), y[test]), {"reg (chosen on val)": reg}
+
+
+def row_surprise(dataset, data_dir, algorithm):
+    try:
+        import surprise
+    except ImportError:
+        return None, {"skipped": "scikit-surprise is not installed: pip install scikit-surprise"}
+    import pandas as pd
+    r, train, val, test = split_arrays(dataset, data_dir)
+    rows = np.concatenate([train, val])  # surprise has no early stopping: all training rows
+    frame = pd.DataFrame({"u": r.users[rows], "i": r.items[rows], "r": r.ratings[rows]})
+    scale = (float(r.ratings.min()), float(r.ratings.max()))
+    trainset = surprise.Dataset.load_from_df(frame, surprise.Reader(rating_scale=scale)) \
+        .build_full_trainset()
+    model = {"svd": surprise.SVD, "svdpp": surprise.SVDpp}[algorithm](random_state=0)
+    started = time.perf_counter()
+    model.fit(trainset)
+    fit_seconds = time.perf_counter() - started
+    predictions = [model.predict(u, i).est for u, i in zip(r.users[test], r.items[test])]
+    return metrics(predictions, r.ratings[test]), {"fit_seconds": round(fit_seconds, 2),
+                                                    "surprise": surprise.__version__}
+
+
+def measure(command, env=None):
+    """Run command through a small wrapper that reports its child's peak RSS and wall time
+    (from the child's start to its exit, the wrapper's own start left out); returns (wall
+    seconds, peak MiB, stdout, stderr, returncode)."""
+    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+               "p = subprocess.run(sys.argv[1:]); t = time.perf_counter() - t; "
+               "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, t, "
+               "file=sys.stderr); sys.exit(p.returncode)")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True,
+                          text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - started
+    peak = re.search(r"^PEAK_KB (\d+) (\S+)\n?", done.stderr, re.MULTILINE)
+    stderr = done.stderr.replace(peak.group(0), "") if peak else done.stderr  # the child's own
+    if peak:
+        wall = float(peak.group(2))
+    return wall, int(peak.group(1)) / 1024 if peak else float("nan"), done.stdout, stderr, \
+        done.returncode
+
+
+def failed_row(name, stderr):
+    """A row whose process failed, with the last line it printed."""
+    return {"row": name, "error": stderr.strip().splitlines()[-1] if stderr.strip() else "failed"}
+
+
+RUN_NUMBERS = itertools.count()  # one scratch folder may see a row's name several times
+
+
+def train_row(name, args, scratch, extra_overrides=()):
+    """A whole `python train.py` run as one row: its test figures (keys without "test_"),
+    wall time and peak memory, and its run folder (for later analysis)."""
+    run_name = f"bench-{name}-{os.getpid()}-{next(RUN_NUMBERS)}"
+    command = [sys.executable, str(ROOT / "train.py"), f"--dataset={args.dataset}",
+               f"--data_dir={args.data_dir}", "--download=False", "--progress=False",
+               f"--run_name={run_name}", f"--runs_dir={scratch / 'runs'}",
+               f"--results_dir={scratch / 'results'}", *extra_overrides]
+    wall, peak, out, err, code = measure(command)
+    if code != 0:
+        return failed_row(name, err)
+    summary = json.loads((scratch / "results" / run_name / "summary.json").read_text())
+    return {"row": name, **{k[len("test_"):]: v for k, v in summary.items() if k.startswith("test_")},
+            "val": {k[len("val_"):]: v for k, v in summary.items() if k.startswith("val_")},
+            "wall": wall, "peak_mib": peak, "run_dir": scratch / "runs" / run_name,
+            "note": f"best epoch {summary['best_epoch']} of {summary['epochs_run']}",
+            "command": "python train.py " + " ".join(extra_overrides)}
+
+
+def baseline_row(name, args):
+    command = [sys.executable, str(ROOT / "benchmark.py"), f"--_row={name}", f"--task={args.task}",
+               f"--dataset={args.dataset}", f"--data_dir={args.data_dir}"]
+    wall, peak, out, err, code = measure(command)
+    if code != 0:
+        return failed_row(name, err)
+    result = json.loads(out.strip().splitlines()[-1])
+    if result["scores"] is None:
+        return {"row": name, "error": result["extra"]["skipped"]}
+    note = ", ".join(f"{k} {v}" for k, v in result["extra"].items())
+    return {"row": name, **result["scores"], "wall": wall, "peak_mib": peak, "note": note,
+            "fit_seconds": result["extra"].get("fit_seconds")}
+
+
+LABELS = {"mfmixtaste": "this project, train.py defaults",
+          "mfmixtaste_1thread": "this project, train.py defaults, 1 thread",
+          "mfmixtaste_k1": "this project, n_tastes=1 (biased MF)",
+          "global_mean": "global mean", "bias_only": "biases only (user + item)",
+          "svd": "Surprise SVD (defaults)", "svdpp": "Surprise SVD++ (defaults)"}
+
+
+def chosen_rows(args, valid):
+    """The rows --only names (all of valid without it); an unknown one ends the run."""
+    chosen = args.only.split(",") if args.only else list(valid)
+    unknown = set(chosen) - set(valid)
+    if unknown:
+        sys.exit(f"error: unknown row(s) {', '.join(sorted(unknown))}; valid: {', '.join(valid)}")
+    return chosen
+
+
+# The defaults before prior_per="row" (kept as a row of --sizes: what they did on small sets).
+PAIR_DEFAULTS = ["--prior_per=pair", "--batch_size=8192", "--prior_tastes=0.03", "--prior_attention=0.03",
+                 "--prior_items=0.03", "--prior_biases=0.0", "--epochs=30", "--lr=0.005", "--lr_decay=0",
+                 "--implicit_weight=0"]
+
+
+# The rows that are a whole train.py run, with the overrides that make each.
+TRAIN_ROWS = {"mfmixtaste": [], "mfmixtaste_1thread": ["--threads=1"],  # as Surprise's fit: 1 thread
+              "mfmixtaste_k1": ["--n_tastes=1"], "mfmixtaste_pair": PAIR_DEFAULTS}
+
+
+def measure_row(name, args, scratch, task_overrides=()):
+    """One row by name: a train.py run (TRAIN_ROWS) or a baseline in its own process."""
+    if name in TRAIN_ROWS:
+        return train_row(name, args, scratch, [*task_overrides, *TRAIN_ROWS[name]])
+    return baseline_row(name, args)
+
+
+def machine_lines(command):
+    import ignite
+    import torch
+    try:
+        import surprise
+        surprise_version = surprise.__version__
+    except ImportError:
+        surprise_version = "not installed"
+    cpu = "unknown CPU"
+    if Path("/proc/cpuinfo").is_file():
+        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu = found.group(1).strip() if found else cpu
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return (f"Machine: {platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, "
+            f"{memory:.0f} GiB; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"pytorch-ignite {ignite.__version__}, numpy {np.__version__}, scikit-surprise "
+            f"{surprise_version}; {time.strftime('%Y-%m-%d')}.  \nCommand: `{command}`")
+
+
+RANKING_BASELINES = ("pop", "ease", "ease_single", "admmslim", "als", "bpr")
+
+
+EASE_CHOSEN_L2 = 1000.0  # what the "ease" row's search chooses on validation (its notes say so)
+
+
+def ranking_task(dataset, data_dir, **overrides):
+    """The ranking data exactly as `train.py --task=ranking` builds it (same filter and split)."""
+    import tasks
+    import train
+    cfg = {**train.DEFAULTS, **train.RANKING_DEFAULTS, "task": "ranking", "dataset": dataset,
+           **overrides}
+    return tasks.RankingTask(cfg, loader.load(dataset, data_dir, allow_download=False), "cpu", 0, 1)
+
+
+class Scorer:
+    """score_all(users) -> (B, n_items) float tensor from a function of numpy user indices."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def score_all(self, users):
+        return torch_tensor(self.function(users.numpy()))
+
+
+def torch_tensor(array):
+    import torch
+    return torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def ranking_baseline(name, dataset, data_dir):
+    """Fit a baseline for each setting of its grid on the training part, keep the one with the
+    best validation NDCG@k, and report its test figures (training and validation items masked)."""
+    task = ranking_task(dataset, data_dir)
+    X = task.training_matrix()
+    # The grids: EASE's L2; iALS as Rendle et al. (2022) tune it, over the dimension, the L2 and
+    # the confidence weight alpha; BPR over its learning rate and L2 at 64 factors, 300 epochs.
+    grids = {"pop": [{}], "ease": [{"l2": v} for v in (100.0, 250.0, 500.0, 1000.0, 2000.0)],
+             "ease_single": [{"l2": EASE_CHOSEN_L2}],
+             # RecBole's ADMMSLIM settings (alpha 0.5, rho 4000, non-negative), 50 iterations,
+             # its L1 and L2 weights searched.
+             "admmslim": [{"l1": l1, "l2": l2} for l1 in ADMMSLIM_L1 for l2 in ADMMSLIM_L2],
+             "als": [{"factors": f, "regularization": r, "alpha": a}
+                     for f in (64, 128, 256) for r in (0.01, 0.1, 1.0) for a in (1.0, 5.0, 20.0)],
+             # BPR: implicit's SGD wants small learning rates here (docs/ranking.md: 0.127 at its
+             # defaults, lr 0.01; 0.163 at 0.001 with 300 iterations; more iterations overfit).
+             "bpr": [{"factors": 64, "learning_rate": lr, "regularization": r}
+                     for lr in (0.0003, 0.0005, 0.001) for r in (0.0001, 0.001)]}
+    if name in ("als", "bpr"):
+        try:
+            import implicit
+        except ImportError:
+            return None, {"skipped": "the implicit package is not installed: pip install implicit"}
+    best = None
+    for setting in grids[name]:
+        scorer = fit_ranking_baseline(name, X, setting)
+        val = task.evaluate(scorer, "val")[f"ndcg@{task.k}"]
+        if best is None or val > best[0]:
+            best = (val, setting, scorer)
+    val, setting, scorer = best
+    extra = {"chosen on val": ", ".join(f"{k}={v:g}" for k, v in setting.items()) or "-",
+             f"val ndcg@{task.k}": round(val, 4)}
+    if name in ("als", "bpr"):
+        extra["implicit"] = implicit.__version__
+    return task.evaluate(scorer, "test"), extra
+
+
+# Its grid: L1 and L2 around where a wider search on validation peaked (docs/ranking.md).
+ADMMSLIM_L1, ADMMSLIM_L2 = (1.0, 3.0, 10.0), (500.0, 1000.0, 2000.0)
+
+
+def gram_matrix(X):
+    """X'X (n_items, n_items) in float64, the co-occurrence counts both item-item models start from."""
+    return (X.T @ X).toarray().astype(np.float64)
+
+
+def ease(X, l2):
+    """EASE's item-item weights (Steck 2019): B = I - P diagMat(1 / diag(P)), P = (X'X + l2 I)^-1,
+    the zero diagonal in closed form. -> (n_items, n_items) float32."""
+    gram = gram_matrix(X)
+    gram[np.diag_indices_from(gram)] += l2
+    inverse = np.linalg.inv(gram)
+    weights = -inverse / np.diag(inverse)
+    weights[np.diag_indices_from(weights)] = 0.0
+    return weights.astype(np.float32)
+
+
+def admm_slim(X, l1, l2, alpha=0.5, rho=4000.0, iterations=50):
+    """SLIM's item-item weights by ADMM (Steck, Dimakopoulou, Riabov, Jebara 2020, "ADMM SLIM:
+    Sparse Recommendations for Many Users"): minimise |X - X B|^2 + l1 |B|_1 + l2 |D B|^2 with
+    diag(B) = 0 and B >= 0, D the items' popularity to the power alpha. Alternates a ridge step
+    with the zero diagonal (closed form through one inverse, P) and the L1 step (a threshold);
+    Gamma holds the scaled multipliers of B = C. D is the items' mean over users (X.mean(0)), as in
+    RecBole's ADMMSLIM (recbole/model/general_recommender/admmslim.py: item_means = X.mean(axis=0),
+    lambda2 * diag(item_means ** alpha)); the paper's item counts X.sum(0) differ by n_users ** alpha,
+    the same model at l2 scaled by that factor. RecBole runs 100 iterations; on ML-1M validation
+    NDCG@10 is 0.2307 / 0.2304 / 0.2303 after 25 / 50 / 100. -> C (n_items, n_items) float32."""
+    gram = gram_matrix(X)                                                         # (n, n)
+    popularity = np.asarray(X.mean(0)).ravel()
+    inverse = np.linalg.inv(gram + np.diag(l2 * popularity ** alpha + rho))
+    P = inverse.astype(np.float32)
+    B_aux = (inverse @ gram).astype(np.float32)
+    C = np.zeros_like(P)
+    Gamma = np.zeros_like(P)
+    for _ in range(iterations):
+        B_tilde = B_aux + P @ (rho * C - Gamma)
+        B = B_tilde - P * (np.diag(B_tilde) / np.diag(P))   # the multiplier that zeroes diag(B)
+        C = np.maximum(B + Gamma / rho - l1 / rho, 0.0)     # soft threshold, kept non-negative
+        Gamma += rho * (B - C)
+    return C
+
+
+def fit_ranking_baseline(name, X, setting):
+    if name == "pop":
+        counts = np.asarray(X.sum(0)).ravel()
+        return Scorer(lambda users: np.broadcast_to(counts, (len(users), len(counts))))
+    if name in ("ease", "ease_single", "admmslim"):  # item-item models: a user's scores are X_u B
+        weights = admm_slim(X, setting["l1"], setting["l2"]) if name == "admmslim" else ease(X, setting["l2"])
+        return Scorer(lambda users: X[users].toarray() @ weights)
+    import implicit
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, BLAS single-threaded
+        if name == "als":
+            model = implicit.cpu.als.AlternatingLeastSquares(
+                factors=setting["factors"], regularization=setting["regularization"],
+                alpha=setting["alpha"], iterations=15, random_state=0)
+        else:
+            model = implicit.cpu.bpr.BayesianPersonalizedRanking(
+                factors=setting["factors"], learning_rate=setting["learning_rate"],
+                regularization=setting["regularization"], iterations=300, random_state=0)
+        model.fit(X, show_progress=False)
+    user_factors, item_factors = np.asarray(model.user_factors), np.asarray(model.item_factors)
+    return Scorer(lambda users: user_factors[users] @ item_factors.T)
