@@ -3,6 +3,7 @@
     python benchmark.py --data_dir=../shared/data                      # every row, ML-1M
     python benchmark.py --data_dir=../shared/data --only=mfmixtaste,svd # a quick look
     python benchmark.py --scaling                                       # time/memory vs size
+    python benchmark.py --generate=ml-25m --to=big/ratings.csv          # a synthetic set of ML-25M's shape
     python benchmark.py --sizes --data_dir=../shared/data               # defaults on small sets
     python benchmark.py --shared-accounts --data_dir=../shared/data     # real users pooled into accounts
     python benchmark.py --shared-accounts --accounts_seed=1 ...         # another draw of the accounts
@@ -36,15 +37,15 @@ REPLACED = [("replaced script, published (author's machine)", 0.7878, "13m44s"),
             ("replaced script, run on a 2-core machine here", 0.7838, "194 s")]
 
 
-def run_row(name, task, dataset, data_dir):
+def run_row(name, task, dataset, data_dir, columns=""):
     """Child process: compute one baseline row and print it as JSON."""
     functions = {"global_mean": peers.row_global_mean, "bias_only": peers.row_bias_only,
-                 "svd": lambda d, dd: peers.row_surprise(d, dd, "svd"),
-                 "svdpp": lambda d, dd: peers.row_surprise(d, dd, "svdpp")}
+                 "svd": lambda d, dd, c: peers.row_surprise(d, dd, "svd", c),
+                 "svdpp": lambda d, dd, c: peers.row_surprise(d, dd, "svdpp", c)}
     if task == "ranking":
-        functions = {name: lambda d, dd, n=name: peers.ranking_baseline(n, d, dd) for name in peers.RANKING_BASELINES}
-        functions["told_persons"] = studies.told_persons_ranking
-    scores, extra = functions[name](dataset, data_dir)
+        functions = {name: lambda d, dd, c, n=name: peers.ranking_baseline(n, d, dd, c) for name in peers.RANKING_BASELINES}
+        functions["told_persons"] = lambda d, dd, c: studies.told_persons_ranking(d, dd)
+    scores, extra = functions[name](dataset, data_dir, columns)
     print(json.dumps({"scores": scores, "extra": extra}))
 
 
@@ -82,7 +83,8 @@ def speed_line(ratios, command, first_ours, peer_label, first_peer, target):
 
 def rating_peers(args):
     chosen = chosen_rows(args, ROWS)
-    loader.load(args.dataset, args.data_dir, allow_download=False)  # parse once, fill the cache
+    args.described = loader.load(args.dataset, args.data_dir, allow_download=False,  # parse once, fill the cache
+                                 columns=args.columns).described
     results = []
     with tempfile.TemporaryDirectory(prefix="mfmixtaste-bench-") as scratch:
         for name in chosen:
@@ -96,7 +98,9 @@ def rating_peers(args):
 
 
 def peers_table(results, args, speed=()):
-    lines = [f"## Peers on {args.dataset}: test rows of the 75/25 split (seed 42)", "",
+    split = "the 75/25 split (seed 42)" if not args.described or "pre-split" not in " ".join(args.described) \
+        else "the dataset's own test file"
+    lines = [f"## Peers on {data_name(args)}: test rows of {split}", "", *data_lines(args),
              "| model | test MSE | RMSE | MAE | wall time (s) | peak memory (MiB) | notes |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -105,7 +109,7 @@ def peers_table(results, args, speed=()):
             continue
         lines.append(f"| {LABELS[r['row']]} | {r['mse']:.4f} | {r['rmse']:.4f} | {r['mae']:.4f} "
                      f"| {r['wall']:.1f} | {r['peak_mib']:.0f} | {r.get('note', '')} |")
-    for label, mse, wall in REPLACED:
+    for label, mse, wall in REPLACED if args.dataset == "ml-1m" else ():  # the replaced script's ML-1M figures
         lines.append(f"| {label} | {mse:.4f} | {mse ** 0.5:.4f} | - | {wall} | - | 50 epochs |")
     by_row = {r["row"]: r for r in results if "error" not in r}
     if speed:
@@ -121,10 +125,22 @@ def peers_table(results, args, speed=()):
               "rows' `fit` time alone is in their notes. Peak memory is the process's maximum "
               "resident set size. Our model trains on 95% of the training rows (the rest choose "
               "the epoch); the baselines fit all training rows.", "",
-              machine_lines(f"python benchmark.py --dataset={args.dataset} "
+              machine_lines(f"python benchmark.py --dataset={args.dataset_given} "
                             f"--data_dir={args.data_dir_given}"
                             + (f" --only={args.only}" if args.only else ""))]
     return "\n".join(lines) + "\n"
+
+
+def data_name(args):
+    """The dataset as a report names it: the MovieLens name, or the file's or folder's name."""
+    return args.dataset if loader.is_movielens(args.dataset) else f"`{Path(args.dataset).name}`"
+
+
+def data_lines(args):
+    """What train.py said it read, for a file (a MovieLens table needs no such lines)."""
+    if loader.is_movielens(args.dataset) or not args.described:
+        return []
+    return ["Read as `train.py` reads it: " + "; ".join(args.described) + ".", ""]
 
 
 def write_section(path, name, text):
@@ -160,7 +176,7 @@ PUBLISHED = [("Pop", 0.1006, 0.0699), ("BPR", 0.2407, 0.1725), ("NeuMF", 0.2393,
 
 def ranking_peers(args):
     chosen = chosen_rows(args, RANKING_ROWS)
-    task = peers.ranking_task(args.dataset, args.data_dir)  # also fills the parse cache
+    task = peers.ranking_task(args.dataset, args.data_dir, args.columns)  # also fills the parse cache
     results = []
     with tempfile.TemporaryDirectory(prefix="mfmixtaste-bench-") as scratch:
         for name in chosen:
@@ -170,19 +186,21 @@ def ranking_peers(args):
             results.append(row)
         speed = speed_pairs(results, "ease_single", lambda r: r["wall"], args, Path(scratch), ["--task=ranking"])
         report = ranking_table(results, args, task, speed)
-        report += "\n".join(studies.diversity_table(task, results, args.data_dir, args.dataset)) + "\n"
+        report += "\n".join(studies.diversity_table(task, results, args.data_dir, args.dataset, args.items)) + "\n"
     return report
 
 
 def ranking_table(results, args, task, speed=()):
     k = task.k
     names = [f"{m}@{k}" for m in ("ndcg", "recall", "mrr", "hit", "precision")]
-    lines = [f"## Ranking on {args.dataset}: RecBole's protocol, every item ranked for every user", "",
-             f"Ratings >= 3 as positives, 10-core filter ({task.n_interactions:,} interactions, "
-             f"{task.n_users:,} users, {task.n_items:,} items), each user's interactions split "
-             "80/10/10 at random (seed 2020); the test ranking masks the user's training and "
-             "validation items. Every model fits the training part and is chosen on validation "
-             f"NDCG@{k}; the test part chooses nothing.", "",
+    protocol = (f"Ratings >= 3 as positives, 10-core filter ({task.n_interactions:,} interactions, "
+                f"{task.n_users:,} users, {task.n_items:,} items), each user's interactions split "
+                "80/10/10 at random (seed 2020)") if loader.is_movielens(args.dataset) else \
+        "The data as `train.py --task=ranking` reads, filters and splits it (its first lines: " + \
+        "; ".join(task.described) + ")"
+    lines = [f"## Ranking on {data_name(args)}: every item ranked for every user", "",
+             f"{protocol}; the test ranking masks the user's training and validation items. Every model fits "
+             f"the training part and is chosen on validation NDCG@{k}; the test part chooses nothing.", "",
              "| model | " + " | ".join(n.replace("@", "@") for n in names)
              + " | wall time (s) | peak memory (MiB) | notes |",
              "|---|" + "---|" * (len(names) + 3)]
@@ -212,7 +230,7 @@ def ranking_table(results, args, task, speed=()):
     lines += ["", "Wall time is the whole process (data from the parse cache, hyperparameter search "
               "for the baselines, training, evaluation), timed by benchmark.py; peak memory is its "
               "maximum resident set.", "",
-              machine_lines(f"python benchmark.py --task=ranking --dataset={args.dataset} "
+              machine_lines(f"python benchmark.py --task=ranking --dataset={args.dataset_given} "
                             f"--data_dir={args.data_dir_given}" + (f" --only={args.only}" if args.only else ""))]
     return "\n".join(lines) + "\n"
 
@@ -220,8 +238,11 @@ def ranking_table(results, args, task, speed=()):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="ml-1m", choices=list(loader.DATASETS))
-    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--dataset", default="ml-1m",
+                        help=f"a MovieLens name ({', '.join(loader.DATASETS)}) or a file or folder, as train.py takes")
+    parser.add_argument("--data_dir", default="data", help="MovieLens names: where their files are")
+    parser.add_argument("--columns", default="", help="a file's columns, as train.py's --columns")
+    parser.add_argument("--items", default="", help="a file naming the items (and their genres), as train.py's --items")
     parser.add_argument("--task", default="rating", choices=["rating", "ranking"],
                         help="rating: MSE peers on the 75/25 split; ranking: top-N peers on RecBole's protocol")
     parser.add_argument("--only", default="", help=f"comma-separated rows of: {', '.join(ROWS)}")
@@ -240,16 +261,28 @@ def main():
     parser.add_argument("--scaling_epochs", type=int, default=2)
     parser.add_argument("--large_batch", type=int, default=65536,
                         help="batch size for the synthetic large sets")
+    parser.add_argument("--generate", choices=list(studies.SHAPES),
+                        help="write synthetic interactions of a real set's shape (users, items, rows) as a CSV "
+                             "that --dataset reads (to --to), instead of a benchmark")
+    parser.add_argument("--to", default="", help="--generate: the CSV file to write")
     parser.add_argument("--_row", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # The rows run from the project folder: paths given relative to the caller's folder must
     # mean the same there.
-    args.data_dir_given = args.data_dir  # as the report's command line shows it
+    args.data_dir_given, args.dataset_given = args.data_dir, args.dataset  # as the report's command line shows them
     args.data_dir, args.output, args.scaling_dir = (
         str(Path(p).resolve()) for p in (args.data_dir, args.output, args.scaling_dir))
+    if not loader.is_movielens(args.dataset):
+        args.dataset = str(Path(args.dataset).resolve())
+    args.items = args.items and str(Path(args.items).resolve())
+    if args.generate:
+        target = Path(args.to or Path(tempfile.gettempdir()) / f"mfmixtaste-{args.generate}" / "ratings.csv")
+        rows = studies.write_interactions(target, *studies.SHAPES[args.generate])
+        print(f"wrote {rows:,} interactions shaped like {args.generate} to {target}")
+        return
     try:
         if args._row:
-            run_row(args._row, args.task, args.dataset, args.data_dir)
+            run_row(args._row, args.task, args.dataset, args.data_dir, args.columns)
             return
         section, study = (("scaling", studies.scaling) if args.scaling else ("sizes", studies.sizes) if args.sizes
                           else ("shared-accounts", studies.shared_accounts) if args.shared_accounts

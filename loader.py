@@ -1,13 +1,17 @@
-"""MovieLens ratings: find or download, verify, parse, cache, index, split and batch.
+"""The one door to data: MovieLens by name (find or download, verify, extract) or any
+interactions file or folder by path (formats.py reads it); parse cache, ids, duplicates, splits and
+batches.
 
-    ratings = load("ml-1m", "data")            # local copy, else download from GroupLens
-    train, val, test = split(len(ratings))     # the replaced script's 75/25 protocol + a val slice
+    ratings = load("ml-1m", "data")              # MovieLens: local copy, else download from GroupLens
+    ratings = load("my/ratings.csv.gz", "")      # a file (or a folder holding one, or train/valid/test)
+    train, val, test = rating_split(ratings, cfg)  # the replaced script's 75/25 protocol, or the file's parts
     batches = BatchIterator(ratings.tensors(train), batch_size=8192, seed=0)
 
-A local copy is used without any network: the folder as the official zip extracts it
+A MovieLens copy is used without any network: the folder as the official zip extracts it
 (<data_dir>/ml-1m/ratings.dat) or the zip itself (<data_dir>/ml-1m.zip). Parsed arrays are cached
-beside the ratings file (or in ~/.cache/mfmixtaste when that folder is read-only), so a second run
-loads in well under a second. The data is never redistributed: its licence forbids it.
+beside the data file (or in ~/.cache/mfmixtaste when that folder is read-only), keyed by the file's
+size and time and by the columns asked for, so a second run loads in a fraction of a second. The
+data is never redistributed: MovieLens's licence forbids it.
 """
 
 import hashlib
@@ -21,17 +25,17 @@ import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import formats
+from formats import DataError
+
 GROUPLENS = "https://files.grouplens.org/datasets/movielens/"
-CACHE_VERSION = 2  # 2: ratings lines must have their four fields
-
-
-class DataError(Exception):
-    """Bad or missing data: the message says what and where."""
+CACHE_VERSION = 3  # 3: any file; timestamps, pre-split parts and merged duplicates kept
 
 
 @dataclass(frozen=True)
@@ -92,21 +96,26 @@ class _IdMaps:
 
 @dataclass
 class Ratings(_IdMaps):
-    """All ratings of one dataset in file order, with users and items mapped to contiguous
-    indices 0..n-1 (user_ids[k] is the raw MovieLens id of index k; both id arrays are sorted,
-    so raw ids map back with np.searchsorted). Sparse raw id spaces (ml-25m's movie ids pass
-    200,000) therefore cost nothing in the embedding tables."""
+    """All interactions of one dataset in file order, with users and items mapped to contiguous
+    indices 0..n-1 (user_ids[k] is the raw id of index k: the file's own ids, int64, or str where
+    an id is not a plain integer; both id arrays are sorted, so raw ids map back with
+    np.searchsorted). Sparse raw id spaces (ml-25m's movie ids pass 200,000) cost nothing in the
+    embedding tables."""
     users: np.ndarray     # (N,) int64 user index
     items: np.ndarray     # (N,) int64 item index
-    ratings: np.ndarray   # (N,) float32
-    user_ids: np.ndarray  # (n_users,) int64 raw ids, sorted
-    item_ids: np.ndarray  # (n_items,) int64 raw ids, sorted
+    ratings: np.ndarray   # (N,) float32 (all 1 where the data has no rating column)
+    user_ids: np.ndarray  # (n_users,) raw ids, sorted
+    item_ids: np.ndarray  # (n_items,) raw ids, sorted
+    timestamps: np.ndarray | None = None  # (N,) int64 seconds (or order within a user's line), None: none
+    part: np.ndarray | None = None        # (N,) int8 of pre-split data: 0 train, 1 validation, 2 test
+    has_ratings: bool = True              # False: implicit feedback only (clicks, plays, reviews)
+    described: list = dataclass_field(default_factory=list)  # what was read and merged, in words
 
     def __len__(self):
         return len(self.ratings)
 
     def index_of(self, raw_users, raw_items):
-        """Raw MovieLens ids -> (user indices, item indices); an unknown id is a KeyError."""
+        """Raw ids -> (user indices, item indices); an unknown id is a KeyError."""
         return (_lookup(self.user_ids, raw_users, "user"), _lookup(self.item_ids, raw_items, "item"))
 
     def tensors(self, rows=None, device="cpu"):
@@ -116,10 +125,30 @@ class Ratings(_IdMaps):
                      for a in (self.users, self.items, self.ratings))
 
 
+def as_ids(raw, ids):
+    """Raw ids (a value or a sequence) in the type of the id array ids: int64 for integer ids
+    (a str of digits counts; anything else makes the answer None), str for str ids."""
+    values = np.atleast_1d(np.asarray(raw, dtype=object))
+    if ids.dtype.kind not in "iu":
+        return values.astype(str)
+    out = np.empty(len(values), dtype=np.int64)
+    for k, value in enumerate(values):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, str)):
+            return None
+        try:
+            out[k] = int(value)
+        except (ValueError, OverflowError):
+            return None
+    return out
+
+
 def positions(ids, raw):
     """Raw ids -> (their indices in the sorted id array ids, whether each is there at all): the
     index of an absent id is meaningless, so read it only where known is True."""
-    raw = np.atleast_1d(np.asarray(raw, dtype=np.int64))
+    raw = np.atleast_1d(raw) if isinstance(raw, np.ndarray) and raw.dtype.kind in "iuU" else as_ids(raw, ids)
+    if raw is None or len(ids) == 0:
+        count = 1 if raw is None else len(raw)
+        return np.zeros(count, dtype=np.int64), np.zeros(count, dtype=bool)
     index = np.searchsorted(ids, raw).clip(max=len(ids) - 1)
     return index.astype(np.int64), ids[index] == raw
 
@@ -136,7 +165,7 @@ def pairs_within(ratings, user_ids, item_ids):
 def _lookup(ids, raw, kind):
     pos, known = positions(ids, raw)
     if not known.all():
-        raise KeyError(f"unknown {kind} id {int(np.atleast_1d(raw)[~known][0])}")
+        raise KeyError(f"unknown {kind} id {np.atleast_1d(np.asarray(raw, dtype=object))[~known][0]!r}")
     return pos
 
 
@@ -144,82 +173,16 @@ def encode(raw_users, raw_items, ratings):
     """Raw id arrays -> Ratings with contiguous indices (np.unique sorts the ids)."""
     user_ids, users = np.unique(raw_users, return_inverse=True)
     item_ids, items = np.unique(raw_items, return_inverse=True)
-    return Ratings(users.astype(np.int64), items.astype(np.int64),
-                   np.asarray(ratings, dtype=np.float32), user_ids.astype(np.int64),
-                   item_ids.astype(np.int64))
+    return Ratings(users.astype(np.int64), items.astype(np.int64), np.asarray(ratings, dtype=np.float32),
+                   user_ids, item_ids)
 
 
 # ----------------------------------------------------------------------------- parsing
 
-FIELDS = 4  # user, item, rating, timestamp: every MovieLens ratings file has four per line
-
-
-def parse_ratings(path, sep, header, encoding="utf-8", with_timestamps=False):
-    """Read user, item and rating of a ratings file (the timestamp must be there, and is
-    returned as a fourth array with with_timestamps).
-
-    pandas' C parser reads ML-1M in ~0.3 s; the '::' separator of ml-1m and ml-10m is rewritten to
-    a tab first, because pandas only parses multi-character separators with its Python engine
-    (10x slower). Any anomaly (a missing or extra field, a non-number) sends us to a line-by-line
-    scan that names the first bad line."""
-    import pandas as pd  # imported here: a cached run does not pay for it
-
-    path = Path(path)
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(f"{path}: the file is empty")
-    data_sep = sep
-    if len(sep) > 1:
-        raw, data_sep = raw.replace(sep.encode(encoding), b"\t"), "\t"
-    try:
-        # A line with three fields leaves the int64 timestamp empty, which pandas refuses; a line
-        # with five is a ParserError: both go to the scan below.
-        frame = pd.read_csv(io.BytesIO(raw), sep=data_sep, header=0 if header else None,
-                            names=["user", "item", "rating", "timestamp"],
-                            dtype={"user": np.int64, "item": np.int64, "rating": np.float32,
-                                   "timestamp": np.int64},
-                            encoding=encoding, engine="c")
-    except (ValueError, pd.errors.ParserError) as error:
-        _raise_first_bad_line(path, sep, header, encoding, error)
-    users, items, ratings = (frame[c].to_numpy() for c in ("user", "item", "rating"))
-    if len(ratings) == 0:
-        raise DataError(f"{path}: no ratings after the header")
-    if not np.isfinite(ratings).all():
-        _raise_first_bad_line(path, sep, header, encoding, None)
-    return (users, items, ratings, frame["timestamp"].to_numpy()) if with_timestamps else (users, items, ratings)
-
-
-def _field_problem(fields):
-    try:
-        int(fields[0]), int(fields[1])
-    except ValueError:
-        return "user and item ids must be integers"
-    try:
-        if not np.isfinite(float(fields[2])):
-            return "the rating is not a finite number"
-    except ValueError:
-        return "the rating is not a finite number"
-    try:
-        int(fields[3])
-    except ValueError:
-        return "the timestamp must be an integer"
-    return None
-
-
-def _raise_first_bad_line(path, sep, header, encoding, error):
-    with open(path, encoding=encoding, errors="replace") as lines:
-        for number, line in enumerate(lines, start=1):
-            if (header and number == 1) or not line.strip():
-                continue
-            fields = line.rstrip("\r\n").split(sep)
-            if len(fields) != FIELDS:
-                problem = (f"expected {FIELDS} fields (user, item, rating, timestamp) separated "
-                           f"by {sep!r}, found {len(fields)}")
-            else:
-                problem = _field_problem(fields)
-            if problem:
-                raise DataError(f"{path}, line {number}: {problem}: {line.strip()[:80]!r}")
-    raise DataError(f"{path}: could not be parsed ({error})")
+def movielens_layout(spec):
+    """A MovieLens ratings file as formats reads it: four fields, user, item, rating, timestamp."""
+    return formats.Layout("rows", spec.sep, ["userId", "movieId", "rating", "timestamp"] if spec.header else None,
+                          4, None, "MovieLens ratings")
 
 
 # ----------------------------------------------------------------------------- files
@@ -341,16 +304,14 @@ def locate(name, data_dir, allow_download=True, progress=True):
     if (data_dir / spec.folder / spec.ratings_file).is_file():
         return data_dir / spec.folder / spec.ratings_file
     archive = data_dir / f"{name}.zip"
-    if data_dir.is_dir() or allow_download:
-        try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise DataError(f"cannot create the data folder {data_dir}: {error.strerror}") from None
-    writable = _is_writable(data_dir)
     if not archive.is_file():
         if not allow_download:
             raise DataError(_where_to_put(name, spec, data_dir, "downloads are turned off"))
-        if not writable:
+        try:  # made only to hold a download
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DataError(f"cannot create the data folder {data_dir}: {error.strerror}") from None
+        if not _is_writable(data_dir):
             raise DataError(f"{data_dir} is read-only: cannot download {name} there")
         print(f"downloading {spec.url} to {archive}")
         try:
@@ -358,7 +319,7 @@ def locate(name, data_dir, allow_download=True, progress=True):
         except DataError as error:
             raise DataError(f"{error}\n{_where_to_put(name, spec, data_dir, 'no download')}") \
                 from None
-    target = data_dir if writable else archive_cache_dir(archive)
+    target = data_dir if _is_writable(data_dir) else archive_cache_dir(archive)
     if (target / spec.folder / spec.ratings_file).is_file():
         return target / spec.folder / spec.ratings_file  # this very archive, extracted before
     if spec.md5 is not None and _file_md5(archive) != spec.md5:
@@ -377,55 +338,211 @@ def _where_to_put(name, spec, data_dir, why):
             f"{data_dir / spec.folder / spec.ratings_file} exists.")
 
 
-def _cache_path(ratings_path):
-    folder = ratings_path.parent
+def is_movielens(dataset):
+    return dataset in DATASETS
+
+
+def dataset_label(dataset):
+    """A short name for a dataset in run and study names: the MovieLens name, or a file's name
+    without its suffixes (a folder's name), with a key of its resolved path so that two files of
+    one name never share a study."""
+    if is_movielens(dataset):
+        return dataset
+    path = Path(dataset)
+    stem = path.name.split(".")[0] or "data"
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:6]
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', stem)}-{key}"
+
+
+DOC_NAMES = re.compile(r"^(readme|source|license|licence|notes?|changelog|citation)\b", re.IGNORECASE)
+SIDE_NAMES = re.compile(r"^(movies?|items?|users?|links|tags|genome|genres?|titles?|books?|artists?|products?|"
+                        r"u\.(item|user|info|genre|occupation))\b", re.IGNORECASE)
+PARTS = {"train": 0, "training": 0, "valid": 1, "val": 1, "validation": 1, "dev": 1, "test": 2, "testing": 2}
+
+
+def data_files(folder):
+    """The files of a folder that may hold interactions: not hidden, not our caches, not a
+    README or SOURCE text, not a side file (movies, items, users, links, tags)."""
+    found = []
+    for path in sorted(Path(folder).iterdir()):
+        if not path.is_file() or path.name.startswith(".") or DOC_NAMES.match(path.name) or SIDE_NAMES.match(path.name):
+            continue
+        compression, suffix = formats.compression_of(path)
+        if suffix in formats.TEXT_DATA_SUFFIXES | {".parquet", ".pq"} or compression == "zip":
+            found.append(path)
+    return found
+
+
+def part_of(path):
+    """0, 1 or 2 where a file's name says train, valid (val, validation) or test, else None."""
+    words = re.split(r"[._\-\s]+", path.name.lower())
+    named = {PARTS[w] for w in words if w in PARTS}
+    return named.pop() if len(named) == 1 else None
+
+
+def dataset_sources(dataset):
+    """A path dataset -> (files, their parts or None): a file; a folder's one data file; or a
+    folder's train, test and optional valid files (pre-split)."""
+    path = Path(dataset)
+    if path.is_file():
+        return [path], None
+    if not path.is_dir():
+        raise DataError(f"unknown dataset {dataset!r}: neither a MovieLens name ({', '.join(DATASETS)}) nor a "
+                        "file or folder")
+    files = data_files(path)
+    parts = {}
+    for file in files:
+        part = part_of(file)
+        if part is not None:
+            if part in parts:
+                raise DataError(f"{path}: two files for one part ({parts[part].name}, {file.name})")
+            parts[part] = file
+    if parts:
+        if 0 not in parts or 2 not in parts:
+            raise DataError(f"{path}: a pre-split folder needs a train and a test file (valid is optional); "
+                            f"found {', '.join(f.name for f in parts.values())}")
+        return [parts[p] for p in sorted(parts)], sorted(parts)
+    ratings = [f for f in files if re.search(r"rating|inter|click|play|event|review|purchase", f.name, re.IGNORECASE)]
+    if len(files) == 1 or len(ratings) == 1:
+        return [files[0] if len(files) == 1 else ratings[0]], None
+    raise DataError(f"{path}: " + (f"holds several data files ({', '.join(f.name for f in files[:5])}): give the "
+                                   "path of the interactions file" if files else "holds no data file"))
+
+
+def _cache_path(source, key=""):
+    """Beside the source (a file, or a folder of parts) where it is writable, else in the user
+    cache under a name keyed by its resolved path: two sources never share a cache."""
+    folder = source.parent
+    name = f".{source.name}{key}.mfmixtaste.npz"
     if _is_writable(folder):
-        return folder / f".{ratings_path.name}.mfmixtaste.npz"
-    key = hashlib.sha1(str(ratings_path.resolve()).encode()).hexdigest()[:12]
-    return user_cache_dir() / f"{ratings_path.parent.name}-{key}.npz"
+        return folder / name
+    digest = hashlib.sha1(f"{source.resolve()}{key}".encode()).hexdigest()[:12]
+    return user_cache_dir() / f"{source.name}-{digest}.npz"
 
 
-def load(name, data_dir, allow_download=True, progress=True):
-    """Ratings of a MovieLens dataset, from the parse cache when it matches the ratings file."""
-    spec = dataset_spec(name)
-    path = locate(name, data_dir, allow_download, progress)
-    source = path.stat()
-    stamp = np.array([CACHE_VERSION, source.st_size, source.st_mtime_ns], dtype=np.int64)
-    cache = _cache_path(path)
-    if cache.is_file():
-        try:
-            with np.load(cache) as cached:
-                if np.array_equal(cached["stamp"], stamp):
-                    return Ratings(*(cached[k] for k in ("users", "items", "ratings", "user_ids",
-                                                         "item_ids")))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            pass  # a damaged (or empty) cache is rebuilt below
-    ratings = encode(*parse_ratings(path, spec.sep, spec.header, spec.encoding))
+ARRAYS = ("users", "items", "ratings", "user_ids", "item_ids", "timestamps", "part")
+
+
+def load(dataset, data_dir="data", allow_download=True, progress=True, columns=""):
+    """Ratings of a MovieLens dataset (by name: data_dir and downloads serve it) or of a file or
+    folder (by path; columns: the --columns text), from the parse cache when it matches the
+    sources' sizes and times and the columns."""
+    if is_movielens(dataset):
+        if columns:
+            raise DataError(f"--columns is for files: {dataset} is read as MovieLens lays it out")
+        files, parts = [locate(dataset, data_dir, allow_download, progress)], None
+    else:
+        files, parts = dataset_sources(dataset)
+    stamp = np.array([CACHE_VERSION] + [v for f in files for v in (f.stat().st_size, f.stat().st_mtime_ns)],
+                     dtype=np.int64)
+    source = files[0] if parts is None else files[0].parent
+    cache = _cache_path(source, "" if not columns else "-" + hashlib.sha1(columns.encode()).hexdigest()[:8])
+    found = _read_cache(cache, stamp)
+    if found is not None:
+        return found
+    if is_movielens(dataset):
+        read = [formats.read_interactions(files[0], layout=movielens_layout(dataset_spec(dataset)), integer_ids=True)]
+    else:
+        read = [formats.read_interactions(f, columns) for f in files]
+    ratings = merge_duplicates(combine(read, parts))
+    if ratings.n_users < 2 or ratings.n_items < 2:
+        raise DataError(f"{dataset}: {ratings.n_users:,} user(s) and {ratings.n_items:,} item(s): a model of "
+                        "tastes needs at least two of each")
     _save_cache(cache, stamp, ratings)
     return ratings
 
 
-def timestamps(name, data_dir):
-    """(n_ratings,) int64: the time of each rating of a local dataset, in the order of load()'s
-    rows (file order). Parsed anew, not cached: only benchmark.py's shared accounts ask."""
-    spec = dataset_spec(name)
-    return parse_ratings(locate(name, data_dir, allow_download=False), spec.sep, spec.header,
-                         spec.encoding, with_timestamps=True)[3]
+def _read_cache(cache, stamp):
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as cached:
+            if not np.array_equal(cached["stamp"], stamp):
+                return None
+            arrays = {k: cached[k] for k in ARRAYS}
+            return Ratings(*(arrays[k] for k in ARRAYS[:5]),
+                           timestamps=arrays["timestamps"] if len(arrays["timestamps"]) else None,
+                           part=arrays["part"] if len(arrays["part"]) else None,
+                           has_ratings=bool(cached["has_ratings"]), described=cached["described"].tolist())
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # a damaged (or empty, or older) cache is rebuilt
 
 
 def _save_cache(cache, stamp, ratings):
     """Write the cache through a temporary file and an atomic rename; a cache that cannot be
     written only costs the next run a parse."""
     tmp = None
+    empty = np.zeros(0, dtype=np.int64)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".tmp", delete=False) as tmp:
-            np.savez(tmp, stamp=stamp, users=ratings.users, items=ratings.items,
-                     ratings=ratings.ratings, user_ids=ratings.user_ids, item_ids=ratings.item_ids)
+            np.savez(tmp, stamp=stamp, has_ratings=ratings.has_ratings, described=np.array(ratings.described, dtype=str),
+                     **{k: empty if getattr(ratings, k) is None else getattr(ratings, k) for k in ARRAYS})
         os.replace(tmp.name, cache)
     except OSError:
         if tmp is not None:
             Path(tmp.name).unlink(missing_ok=True)
+
+
+def combine(read, parts):
+    """formats.Interactions of one file, or of a pre-split folder's files (parts: 0, 1, 2 of each)
+    -> Ratings over one id space. Validation and test rows whose user or item never occurs in
+    training are dropped (said in described): the model has no vector for them."""
+    has_ratings = {r.ratings is not None for r in read}
+    if len(has_ratings) > 1:
+        raise DataError("the train, valid and test files must all have a rating column or all lack one")
+    has_times = all(r.timestamps is not None for r in read)
+    described = [line for r in read for line in r.described]
+    if parts is None:
+        (one,) = read
+        ratings = one.ratings if one.ratings is not None else np.ones(len(one.users), dtype=np.float32)
+        return Ratings(one.users, one.items, ratings, one.user_ids, one.item_ids, one.timestamps,
+                       has_ratings=one.ratings is not None, described=described)
+    user_ids, item_ids = read[0].user_ids, read[0].item_ids  # every id kept occurs in training
+    if any(r.user_ids.dtype.kind != user_ids.dtype.kind or r.item_ids.dtype.kind != item_ids.dtype.kind for r in read):
+        user_ids, item_ids = user_ids.astype(str), item_ids.astype(str)
+    users, items, part, kept = [], [], [], []
+    for r, p in zip(read, parts):
+        u, known_u = positions(user_ids, _like(r.user_ids, user_ids)[r.users])
+        i, known_i = positions(item_ids, _like(r.item_ids, item_ids)[r.items])
+        keep = known_u & known_i
+        if not keep.all():
+            described.append(f"{(~keep).sum():,} of the {len(keep):,} {('validation', 'test')[p - 1]} rows dropped: "
+                             "their user or item never occurs in training")
+        users.append(u[keep]), items.append(i[keep]), part.append(np.full(keep.sum(), p, dtype=np.int8))
+        kept.append(keep)
+    cat = np.concatenate
+    ratings = cat([r.ratings[k] for r, k in zip(read, kept)]) if read[0].ratings is not None else \
+        np.ones(sum(len(u) for u in users), dtype=np.float32)
+    times = cat([r.timestamps[k] for r, k in zip(read, kept)]) if has_times else None
+    described.append("pre-split: " + ", ".join(f"{('train', 'valid', 'test')[p]} {len(u):,} rows"
+                                               for p, u in zip(parts, users)) + " (used as given)")
+    return Ratings(cat(users), cat(items), ratings.astype(np.float32), user_ids, item_ids, times, cat(part),
+                   has_ratings=read[0].ratings is not None, described=described)
+
+
+def _like(ids, other):
+    return ids.astype(str) if other.dtype.kind == "U" else ids
+
+
+def merge_duplicates(ratings):
+    """One row per (user, item) (within each part of pre-split data): the latest by timestamp,
+    else the last in the file, keeps its place in file order; the merge is said in described."""
+    part = ratings.part.astype(np.int64) if ratings.part is not None else 0
+    key = (part * ratings.n_users + ratings.users) * ratings.n_items + ratings.items
+    if len(key) < 2 or not (np.diff(np.sort(key)) == 0).any():
+        return ratings
+    rows = np.arange(len(key))
+    order = np.lexsort((rows, key) if ratings.timestamps is None else (rows, ratings.timestamps, key))
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = key[order[1:]] != key[order[:-1]]
+    kept = np.sort(order[last])
+    rule = "the latest by timestamp" if ratings.timestamps is not None else "the last in the file"
+    described = ratings.described + [f"{len(key) - len(kept):,} duplicate (user, item) rows merged into the "
+                                     f"{len(kept):,} kept ({rule} of each pair)"]
+    pick = lambda a: None if a is None else a[kept]
+    return Ratings(ratings.users[kept], ratings.items[kept], ratings.ratings[kept], ratings.user_ids,
+                   ratings.item_ids, pick(ratings.timestamps), pick(ratings.part), ratings.has_ratings, described)
 
 
 # ----------------------------------------------------------------------------- split
@@ -440,14 +557,34 @@ def split(n_ratings, test_fraction=0.25, val_fraction=0.05, split_seed=42):
     draws = np.random.RandomState(split_seed).random_sample(n_ratings)
     in_train = draws < 1.0 - test_fraction
     train, test = np.flatnonzero(in_train), np.flatnonzero(~in_train)
+    return _check_parts(n_ratings, (*_validation_slice(train, val_fraction, split_seed), test),
+                        test_fraction, val_fraction)
+
+
+def _validation_slice(train, val_fraction, split_seed):
     in_val = np.random.default_rng(split_seed).random(len(train)) < val_fraction
-    parts = train[~in_val], train[in_val], test
+    return train[~in_val], train[in_val]
+
+
+def _check_parts(n_ratings, parts, test_fraction, val_fraction):
     if min(map(len, parts)) == 0:
         raise DataError(f"{n_ratings:,} ratings are too few to split: test_fraction={test_fraction} "
                         f"and val_fraction={val_fraction} leave {len(parts[0])} training, "
                         f"{len(parts[1])} validation and {len(parts[2])} test ratings, and each "
                         "part needs at least one (use more data or larger fractions)")
     return parts
+
+
+def rating_split(ratings, test_fraction=0.25, val_fraction=0.05, split_seed=42):
+    """The rating task's rows (train, val, test): split() of the file's rows, or a pre-split
+    dataset's own parts (validation drawn from the training rows as split() draws it when the
+    data has no validation part)."""
+    if ratings.part is None:
+        return split(len(ratings), test_fraction, val_fraction, split_seed)
+    train, val, test = (np.flatnonzero(ratings.part == p) for p in range(3))
+    if len(val) == 0:
+        train, val = _validation_slice(train, val_fraction, split_seed)
+    return _check_parts(len(ratings), (train, val, test), test_fraction, val_fraction)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -542,11 +679,24 @@ def read_movies(name, data_dir, allow_download=False):
     return movies
 
 
-def load_movies(name, data_dir, allow_download=False):
-    """read_movies as a pandas DataFrame indexed by raw movie id (columns title, year, genres)."""
+def read_items(dataset, data_dir, items=""):
+    """The items' names as read_movies gives them: from the items file when one is given
+    (--items, any format formats.read_item_names reads), else MovieLens's movie file for a
+    MovieLens name; None when there is neither."""
+    if items:
+        found = formats.read_item_names(items)
+        return [{"movie_id": raw.item() if hasattr(raw, "item") else raw, "title": title, "year": year,
+                 "genres": genres} for raw, title, year, genres in
+                zip(found["item"], found["title"], found["year"], found["genres"])]
+    return read_movies(dataset, data_dir) if is_movielens(dataset) else None
+
+
+def load_movies(name, data_dir, allow_download=False, items=""):
+    """read_items as a pandas DataFrame indexed by raw item id (columns title, year, genres)."""
     import pandas as pd
 
-    movies = read_movies(name, data_dir, allow_download)
+    movies = read_items(name, data_dir, items) if items or not is_movielens(name) else \
+        read_movies(name, data_dir, allow_download)
     if movies is None:
         return None
     return pd.DataFrame({"title": [m["title"] for m in movies],
@@ -560,12 +710,13 @@ def load_movies(name, data_dir, allow_download=False):
 @dataclass
 class Interactions(_IdMaps):
     """Implicit feedback for top-N ranking: which items each user interacted with, split per user.
-    users/items are contiguous indices; user_ids/item_ids map them back to raw MovieLens ids."""
+    users/items are contiguous indices; user_ids/item_ids map them back to the raw ids."""
     users: np.ndarray     # (N,) int64
     items: np.ndarray     # (N,) int64
     part: np.ndarray      # (N,) int8: 0 train, 1 validation, 2 test
     user_ids: np.ndarray  # (n_users,) raw ids, sorted
     item_ids: np.ndarray  # (n_items,) raw ids, sorted
+    described: list = dataclass_field(default_factory=list)  # the filter and split, in words
 
     def __len__(self):
         return len(self.users)
@@ -576,40 +727,78 @@ class Interactions(_IdMaps):
 
 
 def implicit_feedback(ratings, min_rating=3.0, core=10):
-    """Ratings -> (users, items) raw-id arrays of the positives: a rating >= min_rating is a
-    positive (its value is dropped), then users and items with fewer than `core` positives are
-    removed, repeatedly, until every one left has at least `core` (RecBole's ml-1m protocol)."""
-    keep = ratings.ratings >= min_rating
-    users, items = ratings.users[keep], ratings.items[keep]
-    while len(users):
+    """Ratings -> (row indices of the positives, in file order; what was kept, in words): a
+    rating >= min_rating is a positive (its value is dropped; data without ratings is all
+    positives), then users and items with fewer than `core` positives are removed, repeatedly,
+    until every one left has at least `core` (RecBole's ml-1m protocol). Pre-split data takes no
+    core filter: its rows are used as given."""
+    rows = np.flatnonzero(ratings.ratings >= min_rating) if ratings.has_ratings else np.arange(len(ratings))
+    positives = len(rows)
+    if ratings.part is not None and core > 1:
+        raise DataError(f"--ranking_core={core}: a pre-split dataset is used as given, with no filter of ours "
+                        "(leave --ranking_core at 1)")
+    while len(rows) and core > 1:
+        users, items = ratings.users[rows], ratings.items[rows]
         ok = ((np.bincount(users, minlength=ratings.n_users)[users] >= core)
               & (np.bincount(items, minlength=ratings.n_items)[items] >= core))
         if ok.all():
             break
-        users, items = users[ok], items[ok]
-    if len(users) == 0:
+        rows = rows[ok]
+    if len(rows) == 0:
         raise DataError(f"no interactions are left: ratings >= {min_rating} and a {core}-core filter "
                         "(users and items with at least that many) remove all of them; lower "
                         "--ranking_core or --ranking_min_rating")
-    return ratings.user_ids[users], ratings.item_ids[items]
+    kept = [f"{len(ratings):,} rows"]
+    if ratings.has_ratings and positives < len(ratings):
+        kept.append(f"{positives:,} with a rating >= {min_rating:g}")
+    if core > 1:
+        kept.append(f"{len(rows):,} in the {core}-core (users and items with at least {core})")
+    return rows, "ranking data: " + ", ".join(kept)
 
 
-def split_per_user(raw_users, raw_items, fractions=(0.8, 0.1, 0.1), seed=2020):
-    """Interactions split within each user, at random: floor(fraction * n) of a user's n
-    interactions to validation and to test, the rest to training (seeded). Every user needs at
-    least one validation and one test interaction."""
-    user_ids, users = np.unique(raw_users, return_inverse=True)
-    item_ids, items = np.unique(raw_items, return_inverse=True)
+def per_user_counts(counts, fractions):
+    """(n_val, n_test) of users with `counts` interactions: floor(fraction * n) of each, and at
+    least one of each part with a positive fraction for a user of 3 or more (RecBole's ratio split
+    for small users); a user with fewer keeps them all in training."""
+    held = []
+    for fraction in fractions:
+        n = np.floor(counts * fraction + 1e-9).astype(np.int64)
+        held.append(np.where((counts >= 3) & (fraction > 0), np.maximum(n, 1), np.where(counts >= 3, n, 0)))
+    return held
+
+
+def split_per_user(ratings, rows, fractions=(0.8, 0.1, 0.1), seed=2020):
+    """The given rows (positives) as Interactions, split within each user at random, seeded:
+    per_user_counts of a user's n to validation and test, the rest to training. Pre-split data
+    keeps its parts, validation drawn so from the training rows where it has none."""
+    user_index, users = np.unique(ratings.users[rows], return_inverse=True)
+    item_index, items = np.unique(ratings.items[rows], return_inverse=True)
     users, items = users.astype(np.int64), items.astype(np.int64)
-    counts = np.bincount(users, minlength=len(user_ids))
-    n_val = np.floor(counts * fractions[1] + 1e-9).astype(np.int64)
-    n_test = np.floor(counts * fractions[2] + 1e-9).astype(np.int64)
-    short = np.flatnonzero((n_val == 0) | (n_test == 0))
-    if len(short):
-        need = int(np.ceil(1 / min(fractions[1], fractions[2]) - 1e-9))
-        raise DataError(f"user {user_ids[short[0]]} has {counts[short[0]]} interactions, too few to "
-                        f"split {fractions[0]:g}/{fractions[1]:g}/{fractions[2]:g} (a user needs "
-                        f"{need}); {len(short)} users are that short: raise --ranking_core to {need}")
+    given = None if ratings.part is None else ratings.part[rows]
+    if given is not None and (given == 1).any():
+        part, how = given.astype(np.int8), "the dataset's own train/valid/test"
+    else:
+        drawn = np.flatnonzero(given == 0) if given is not None else np.arange(len(rows))
+        fractions = fractions if given is None else (1 - fractions[1], fractions[1], 0.0)
+        part = np.full(len(rows), 2, dtype=np.int8)
+        part[drawn] = _draw_parts(users[drawn], len(user_index), fractions, seed)
+        how = (f"{fractions[0]:g}/{fractions[1]:g}/{fractions[2]:g} within each user (seed {seed})" if given is None
+               else f"the dataset's train/test, validation drawn as {fractions[1]:g} of each user's training rows")
+    if not (part == 1).any() or not (part == 2).any():
+        raise DataError(f"no user has the 3 interactions that a validation and a test item need ({len(rows):,} "
+                        f"interactions of {len(user_index):,} users): nothing to choose a model on or to test it on")
+    trained_only = int((np.bincount(users[part > 0], minlength=len(user_index)) == 0).sum())
+    described = [f"split: {how}; train {(part == 0).sum():,}, validation {(part == 1).sum():,}, test "
+                 f"{(part == 2).sum():,} interactions of {len(user_index):,} users and {len(item_index):,} items"
+                 + (f"; {trained_only:,} users (fewer than 3 interactions) in training only" if trained_only else "")]
+    return Interactions(users, items, part, ratings.user_ids[user_index], ratings.item_ids[item_index], described)
+
+
+def _draw_parts(users, n_users, fractions, seed):
+    """(N,) int8 parts of one user's interactions each: a seeded random order within each user,
+    its last per_user_counts ones to validation, then test."""
+    counts = np.bincount(users, minlength=n_users)
+    n_val, n_test = per_user_counts(counts, fractions[1:])
     # One random key per interaction; sorting by (user, key) gives each user a random order.
     order = np.lexsort((np.random.default_rng(seed).random(len(users)), users))
     start = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -617,8 +806,7 @@ def split_per_user(raw_users, raw_items, fractions=(0.8, 0.1, 0.1), seed=2020):
     position[order] = np.arange(len(users)) - start[users[order]]  # 0..n-1 within each user
     n_train = counts - n_val - n_test
     part = np.where(position < n_train[users], 0, np.where(position < (n_train + n_val)[users], 1, 2))
-    return Interactions(users, items, part.astype(np.int8), user_ids.astype(np.int64),
-                        item_ids.astype(np.int64))
+    return part.astype(np.int8)
 
 
 class UserBatches(_SeededShuffle):

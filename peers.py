@@ -27,10 +27,19 @@ import loader
 ROOT = Path(__file__).resolve().parent
 
 
-def split_arrays(dataset, data_dir):
-    ratings = loader.load(dataset, data_dir, allow_download=False)
-    train, val, test = loader.split(len(ratings))
-    return ratings, train, val, test
+def task_config(dataset, task="rating", columns=""):
+    """train.py's settings for this data and task at its defaults (a file's defaults included)."""
+    import train
+    return train.resolve_config([f"--task={task}", f"--dataset={dataset}"] + ([f"--columns={columns}"] if columns else []))
+
+
+def split_arrays(dataset, data_dir, columns=""):
+    """(ratings, train, val, test rows) exactly as `train.py` splits them for the rating task."""
+    ratings = loader.load(dataset, data_dir, allow_download=False, columns=columns)
+    if not ratings.has_ratings:
+        raise loader.DataError(f"{dataset} has no rating column: its rows are ranking's (benchmark.py --task=ranking)")
+    cfg = task_config(dataset, "rating", columns)
+    return ratings, *loader.rating_split(ratings, cfg["test_fraction"], cfg["val_fraction"], cfg["split_seed"])
 
 
 def metrics(predictions, targets):
@@ -53,16 +62,16 @@ def fit_biases(users, items, ratings, n_users, n_items, reg, sweeps=10):
     return mu, user_bias, item_bias
 
 
-def row_global_mean(dataset, data_dir):
-    r, train, val, test = split_arrays(dataset, data_dir)
+def row_global_mean(dataset, data_dir, columns=""):
+    r, train, val, test = split_arrays(dataset, data_dir, columns)
     fit_rows = np.concatenate([train, val])
     return metrics(np.full(len(test), r.ratings[fit_rows].mean()), r.ratings[test]), {}
 
 
-def row_bias_only(dataset, data_dir):
+def row_bias_only(dataset, data_dir, columns=""):
     """The regularisation is chosen on the validation rows, then the biases are fitted on
     train + val, as the surprise rows are."""
-    r, train, val, test = split_arrays(dataset, data_dir)
+    r, train, val, test = split_arrays(dataset, data_dir, columns)
     u, i, y = r.users, r.items, r.ratings.astype(np.float64)
 
     def predict(params, rows):
@@ -78,13 +87,13 @@ def row_bias_only(dataset, data_dir):
     return metrics(predict(params, test), y[test]), {"reg (chosen on val)": reg}
 
 
-def row_surprise(dataset, data_dir, algorithm):
+def row_surprise(dataset, data_dir, algorithm, columns=""):
     try:
         import surprise
     except ImportError:
         return None, {"skipped": "scikit-surprise is not installed: pip install scikit-surprise"}
     import pandas as pd
-    r, train, val, test = split_arrays(dataset, data_dir)
+    r, train, val, test = split_arrays(dataset, data_dir, columns)
     rows = np.concatenate([train, val])  # surprise has no early stopping: all training rows
     frame = pd.DataFrame({"u": r.users[rows], "i": r.items[rows], "r": r.ratings[rows]})
     scale = (float(r.ratings.min()), float(r.ratings.max()))
@@ -133,6 +142,7 @@ def train_row(name, args, scratch, extra_overrides=()):
     run_name = f"bench-{name}-{os.getpid()}-{next(RUN_NUMBERS)}"
     command = [sys.executable, str(ROOT / "train.py"), f"--dataset={args.dataset}",
                f"--data_dir={args.data_dir}", "--download=False", "--progress=False",
+               *[f"--{key}={getattr(args, key)}" for key in ("columns", "items") if getattr(args, key, "")],
                f"--run_name={run_name}", f"--runs_dir={scratch / 'runs'}",
                f"--results_dir={scratch / 'results'}", *extra_overrides]
     wall, peak, out, err, code = measure(command)
@@ -148,7 +158,7 @@ def train_row(name, args, scratch, extra_overrides=()):
 
 def baseline_row(name, args):
     command = [sys.executable, str(ROOT / "benchmark.py"), f"--_row={name}", f"--task={args.task}",
-               f"--dataset={args.dataset}", f"--data_dir={args.data_dir}"]
+               f"--dataset={args.dataset}", f"--data_dir={args.data_dir}", f"--columns={getattr(args, 'columns', '')}"]
     wall, peak, out, err, code = measure(command)
     if code != 0:
         return failed_row(name, err)
@@ -219,13 +229,11 @@ RANKING_BASELINES = ("pop", "ease", "ease_single", "admmslim", "als", "bpr")
 EASE_CHOSEN_L2 = 1000.0  # what the "ease" row's search chooses on validation (its notes say so)
 
 
-def ranking_task(dataset, data_dir, **overrides):
+def ranking_task(dataset, data_dir, columns="", **overrides):
     """The ranking data exactly as `train.py --task=ranking` builds it (same filter and split)."""
     import tasks
-    import train
-    cfg = {**train.DEFAULTS, **train.RANKING_DEFAULTS, "task": "ranking", "dataset": dataset,
-           **overrides}
-    return tasks.RankingTask(cfg, loader.load(dataset, data_dir, allow_download=False), "cpu", 0, 1)
+    cfg = {**task_config(dataset, "ranking", columns), **overrides}
+    return tasks.RankingTask(cfg, loader.load(dataset, data_dir, allow_download=False, columns=columns), "cpu", 0, 1)
 
 
 class Scorer:
@@ -243,10 +251,10 @@ def torch_tensor(array):
     return torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def ranking_baseline(name, dataset, data_dir):
+def ranking_baseline(name, dataset, data_dir, columns=""):
     """Fit a baseline for each setting of its grid on the training part, keep the one with the
     best validation NDCG@k, and report its test figures (training and validation items masked)."""
-    task = ranking_task(dataset, data_dir)
+    task = ranking_task(dataset, data_dir, columns)
     X = task.training_matrix()
     # The grids: EASE's L2; iALS as Rendle et al. (2022) tune it, over the dimension, the L2 and
     # the confidence weight alpha; BPR over its learning rate and L2 at 64 factors, 300 epochs.

@@ -76,13 +76,21 @@ class Recommender:
         return self._row(self.item_ids, movie_id, "movie")
 
     def _row(self, ids, raw, kind):
-        if isinstance(raw, bool) or not isinstance(raw, (int, np.integer)):
-            raise RunError(f"a {kind} id is a whole number, got {raw!r}")
-        try:
-            return int(loader._lookup(ids, raw, kind)[0])
-        except KeyError:
-            raise RunError(f"unknown {kind} id {raw}: this run's {len(ids):,} {kind}s have ids "
-                           f"{ids[0]} to {ids[-1]} (not every id in between)") from None
+        """The row of a raw id: the data's own, a whole number or a str as the data has it (a
+        str of digits also finds a whole-number id, as the command line gives it)."""
+        if ids.dtype.kind in "iu" and (isinstance(raw, (bool, np.bool_)) or not isinstance(raw, (int, np.integer, str))
+                                       or (isinstance(raw, str) and not raw.strip().lstrip("-").isdigit())):
+            raise RunError(f"a {kind} id of this run is a whole number, got {raw!r}")
+        if ids.dtype.kind == "U" and not isinstance(raw, (str, int, np.integer)):
+            raise RunError(f"a {kind} id of this run is a string, got {raw!r}")
+        index, known = loader.positions(ids, raw)
+        if not known[0]:
+            if ids.dtype.kind in "iu":
+                raise RunError(f"unknown {kind} id {raw}: this run's {len(ids):,} {kind}s have ids "
+                               f"{ids[0]} to {ids[-1]} (not every id in between)")
+            raise RunError(f"unknown {kind} id {raw!r}: this run's {len(ids):,} {kind}s have ids such as "
+                           f"{', '.join(map(repr, ids[:3].tolist()))}")
+        return int(index[0])
 
     def rated(self, user_row):
         """Item rows the user has rated (or met, for ranking runs)."""
@@ -247,10 +255,10 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a finished run folder, runs/<run_name>")
-    parser.add_argument("--user", type=int, help="MovieLens user id")
+    parser.add_argument("--user", help="a user id, as the data has it (a number or a string)")
     parser.add_argument("--n", type=int, default=10, help="how many movies (default 10)")
     parser.add_argument("--tastes", action="store_true", help="the user's tastes instead")
-    parser.add_argument("--similar", type=int, metavar="MOVIE_ID", help="nearest movies to this one")
+    parser.add_argument("--similar", metavar="ITEM_ID", help="nearest items to this one (its id, as the data has it)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--plot", metavar="FILE.svg", help="draw the movie map with the user on it")
     args = parser.parse_args(argv)

@@ -76,7 +76,7 @@ PRIOR_PER = ("row", "pair")  # train.py's prior_per
 MIXED_PRECISION = ("auto", "bfloat16", "off")  # train.py's mixed_precision
 
 # What a resumed run may change; the rest is fixed by its checkpoint and saved config.
-CHANGEABLE_ON_RESUME = {"resume", "epochs", "patience", "data_dir", "download", "device",
+CHANGEABLE_ON_RESUME = {"resume", "epochs", "patience", "data_dir", "download", "device", "items",
                         "threads", "log_interval", "progress", "eval_train", "eval_batch_size",
                         "results_dir", "test_curve", "eval_every"}
 
@@ -117,6 +117,13 @@ def check(cfg):
         check_device(cfg["device"])
 
 
+def pick_device(name):
+    """The run's device (runs.check_device has checked that this machine has it)."""
+    if name == "auto" or (name == "cuda" and idist.get_world_size() > 1):
+        return idist.device()  # cuda:<local rank> when CUDA is there, else cpu
+    return torch.device(name)
+
+
 def check_device(name):
     """A device this machine has: the type torch knows and reports available (cuda, mps, xpu,
     ...), and for an indexed one (cuda:1) an index it has."""
@@ -137,9 +144,10 @@ def check_device(name):
                           f"numbered from 0")
 
 
-def resolve_config(argv, defaults, ranking_defaults):
-    """train.py's settings: its defaults (ranking_defaults over them for --task=ranking), or a
-    resumed run's saved config, then the command line; checked."""
+def resolve_config(argv, defaults, ranking_defaults, file_defaults=None):
+    """train.py's settings: its defaults (ranking_defaults over them for --task=ranking, then
+    file_defaults for a dataset given by path), or a resumed run's saved config, then the
+    command line; checked."""
     overrides = parse_overrides(argv, defaults)
     cfg = dict(defaults)
     if overrides.get("resume"):
@@ -151,8 +159,11 @@ def resolve_config(argv, defaults, ranking_defaults):
             raise ConfigError(f"--resume={run_dir}: {', '.join(fixed)} cannot change when resuming "
                               "(the checkpoint fixes them); start a new run instead")
         cfg["run_name"], cfg["runs_dir"] = split_run_path(run_dir, cfg["run_name"])
-    elif overrides.get("task", cfg["task"]) == "ranking":
-        cfg.update(ranking_defaults)
+    else:
+        if overrides.get("task", cfg["task"]) == "ranking":
+            cfg.update(ranking_defaults)
+        if not loader.is_movielens(overrides.get("dataset", cfg["dataset"])):
+            cfg.update(file_defaults or {})
     cfg.update(overrides)
     check(cfg)
     return cfg
@@ -184,10 +195,13 @@ def _typed(key, text, default):
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = None
+    if isinstance(default, float) and text.strip().lower() in ("inf", "-inf", "+inf"):
+        value = float(text)
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not type(default):
-        raise ConfigError(f"--{key} takes a {type(default).__name__}, got {text!r}")
+        kind = {"int": "a whole number", "float": "a number"}.get(type(default).__name__, type(default).__name__)
+        raise ConfigError(f"--{key} takes {kind}, got {text!r}")
     return value
 
 
@@ -220,7 +234,7 @@ def decide_run_name(cfg):
     reading its own clock could cross a second boundary and name a different run."""
     if cfg["run_name"]:
         return cfg["run_name"]
-    name = f"{cfg['dataset']}-K{cfg['n_tastes']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = f"{loader.dataset_label(cfg['dataset'])}-K{cfg['n_tastes']}-{time.strftime('%Y%m%d-%H%M%S')}"
     return idist.broadcast(name, src=0) if idist.get_world_size() > 1 else name
 
 
@@ -429,14 +443,19 @@ def save_run_data(run_dir, task, cfg):
              seen_items=items[order], rating_range=np.array(task.rating_range or (), dtype=np.float64))
     write_atomically(run_dir / "dataset.npz", arrays.getvalue())
     try:
-        movies = loader.read_movies(cfg["dataset"], cfg["data_dir"])
-    except loader.DataError:  # the data folder moved since the run started: ids stand for titles
+        movies = loader.read_items(cfg["dataset"], cfg["data_dir"], cfg["items"])
+    except loader.DataError as error:  # a bad items file, or the data folder moved: ids stand for titles
+        print(f"note: items are named by id ({error})", file=sys.stderr)
         movies = None
+    unnamed = [{"movie_id": i.item(), "title": str(i), "year": None, "genres": []} for i in task.item_ids]
     if movies is None:
-        return [{"movie_id": int(i), "title": str(i), "year": None, "genres": []} for i in task.item_ids]
-    by_id = {m["movie_id"]: m for m in movies}
-    items = [by_id.get(int(i), {"movie_id": int(i), "title": str(i), "year": None, "genres": []})
-             for i in task.item_ids]
+        return unnamed
+    by_id = {str(m["movie_id"]): m for m in movies}  # ids compared as text: 7 in one file is "7" in another
+    items = [by_id.get(str(i), plain) for i, plain in zip(task.item_ids, unnamed)]
+    missing = sum(item is plain for item, plain in zip(items, unnamed))
+    if missing:
+        print(f"note: {missing:,} of the {len(items):,} items have no name in the items file: shown by id",
+              file=sys.stderr)
     write_atomically(run_dir / "movies.json", json.dumps(items))
     return items
 

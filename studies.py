@@ -35,7 +35,8 @@ from peers import (
 
 
 def per_user_test_ndcg(task, run_dir):
-    """Test NDCG@k of each user for the best model of a train.py ranking run folder."""
+    """Test NDCG@k of each user for the best model of a train.py ranking run folder (NaN for a
+    user without test items)."""
     from recommend import Recommender
     model = Recommender.load(run_dir, quiet=True).model  # the run's own rows are the task's
     return task.per_user(model, "test")[:, 0].numpy()
@@ -53,21 +54,28 @@ def genre_span(task, movies):
     return ((X @ item_genres.astype(np.float32)) > 0).sum(1)
 
 
-def diversity_table(task, rows, data_dir, dataset):
-    """The paper's question: does the mixture help users whose tastes span more genres?"""
+def diversity_table(task, rows, data_dir, dataset, items=""):
+    """The paper's question: does the mixture help users whose tastes span more genres? Over the
+    users with test items (a user too small to split has none)."""
     import pandas as pd
-    movies = loader.load_movies(dataset, data_dir)
+    movies = loader.load_movies(dataset, data_dir, items=items)
     runs = {r["row"]: r for r in rows if "run_dir" in r}
-    if movies is None or not {"mfmixtaste", "mfmixtaste_k1"} <= set(runs):
-        return ["", "(The genre analysis needs both of this project's rows and the movie file.)"]
-    span = genre_span(task, movies)
-    quartile = pd.qcut(span, 4, labels=False, duplicates="drop")
+    if movies is None or not any(len(g) for g in movies["genres"]):
+        return ["", "(The genre analysis needs genres: MovieLens's movie file, or an --items file with a genres "
+                "column. Skipped.)"]
+    if not {"mfmixtaste", "mfmixtaste_k1"} <= set(runs):
+        return ["", "(The genre analysis needs both of this project's rows.)"]
     ndcg = {name: per_user_test_ndcg(task, runs[name]["run_dir"]) for name in ("mfmixtaste", "mfmixtaste_k1")}
+    tested = np.isfinite(ndcg["mfmixtaste"])
+    ndcg = {name: values[tested] for name, values in ndcg.items()}
+    span = genre_span(task, movies)[tested]
+    n_genres = len({g for names in movies["genres"] for g in names})
+    quartile = pd.qcut(span, 4, labels=False, duplicates="drop")
     k = task.k
     mixture_k = json.loads((runs["mfmixtaste"]["run_dir"] / "config.json").read_text())["n_tastes"]
     lines = ["", f"### Do users with more diverse tastes gain more from K={mixture_k} tastes than from one?", "",
              f"Test NDCG@{k} per user of the two best-by-validation models above, grouped by how many of "
-             "the 18 genres (movies.dat) the user's training movies span, in quartiles of users:", "",
+             f"the {n_genres} genres the user's training items span, in quartiles of users:", "",
              f"| genres spanned | users | K=1 | K={mixture_k} | difference | share of users better with the mixture |",
              "|---|---|---|---|---|---|"]
     groups = [("all users", np.ones(len(span), dtype=bool))]
@@ -504,7 +512,7 @@ def shared_accounts(args):
     with tempfile.TemporaryDirectory(prefix="mfmixtaste-accounts-") as scratch:
         scratch = Path(scratch)
         sets = [("the same people, unpooled", args.data_dir, None)]
-        times, time_purity = loader.timestamps("ml-1m", args.data_dir), {}
+        times, time_purity = loader.load("ml-1m", args.data_dir, allow_download=False).timestamps, {}
         for name, size in GROUPS:
             rows, account = pool_accounts(full, size, seed=args.accounts_seed)
             write_ratings_dat(scratch / name / "ml-1m", full, rows, user_ids=account + 1)
@@ -577,18 +585,87 @@ def shared_accounts(args):
     return report
 
 
-def write_synthetic(path, n_users, n_items, n_ratings, seed=0):
-    """An ML-25M-format ratings.csv of random (user, item, rating) triples, in chunks."""
+# Shapes of real sets for the generator: (users, items, interactions).
+SHAPES = {"ml-1m": (6_040, 3_706, 1_000_209), "ml-10m": (69_878, 10_677, 10_000_054),
+          "ml-25m": (162_541, 59_047, 25_000_095), "1m-users": (1_000_000, 200_000, 100_000_000)}
+
+
+def synthetic_interactions(n_users, n_items, n_rows, seed=0, n_groups=20, block=2_000_000):
+    """Interactions with the marginals of real sets, in blocks of users: -> (users, items, ratings,
+    timestamps), each (about n_rows,), users in order. Activity: each user's count lognormal
+    (sigma 1.2, at least 5: heavy-tailed, as ML-25M's median 71, mean 154, max 32k); item
+    popularity Zipf-like (item rank r drawn with weight (r + 10)^-1.1: the top 1% of items take
+    about a fifth of the rows). Planted tastes: items fall in n_groups groups; each user holds
+    1-3 of them and takes 60% of the items from those groups (by popularity within the group),
+    the rest from the whole catalogue. Ratings in half stars, higher inside a user's groups;
+    times spread over a user's own span. A (user, item) drawn twice is kept once."""
     rng = np.random.default_rng(seed)
+    counts = rng.lognormal(0.0, 1.2, n_users)
+    counts = np.maximum(5, np.round(counts * (n_rows / counts.sum()))).astype(np.int64)
+    weight = (np.arange(n_items) + 10.0) ** -1.1
+    item_of_rank = rng.permutation(n_items)                  # popularity rank -> item id
+    group = rng.integers(0, n_groups, n_items)              # each item's taste group
+    cumulative = np.cumsum(weight) / weight.sum()
+    in_group = [np.flatnonzero(group[item_of_rank] == g) for g in range(n_groups)]  # ranks, by popularity
+    group_cumulative = [np.cumsum(weight[r]) / weight[r].sum() for r in in_group]
+    step = max(1, block // int(counts.mean()))
+    for first in range(0, n_users, step):
+        last = min(n_users, first + step)
+        held = rng.integers(0, n_groups, (last - first, 3))   # each user's groups: the first n_held of them
+        n_held = rng.integers(1, 4, last - first)
+
+        def draw(users, held=held, n_held=n_held, first=first):  # (n,) users of this block -> (n,) items
+            chosen_group = held[users - first, rng.integers(0, n_held[users - first])]
+            ranks = np.searchsorted(cumulative, rng.random(len(users))).clip(max=n_items - 1)
+            from_group = rng.random(len(users)) < 0.6
+            for g in range(n_groups):
+                rows = np.flatnonzero(from_group & (chosen_group == g))
+                if len(rows) and len(in_group[g]):
+                    ranks[rows] = in_group[g][np.searchsorted(group_cumulative[g], rng.random(len(rows))).clip(
+                        max=len(in_group[g]) - 1)]
+            return item_of_rank[ranks]
+
+        # Draw, keep each (user, item) once, and draw again what each user still lacks (a heavy
+        # user meets the popular items many times over): four rounds come within a few percent.
+        want = np.minimum(counts[first:last], n_items)
+        keys = np.zeros(0, dtype=np.int64)
+        for _ in range(4):
+            have = np.bincount(keys // n_items - first, minlength=last - first)
+            lacking = np.maximum(want - have, 0)
+            if not lacking.any():
+                break
+            users = np.repeat(np.arange(first, last), np.ceil(lacking * 1.3).astype(np.int64))
+            keys = np.unique(np.concatenate([keys, users.astype(np.int64) * n_items + draw(users)]))
+        users, items = keys // n_items, keys % n_items
+        # Each user cut to its count, keeping a random subset of its items (keys are sorted by user).
+        per_user = np.bincount(users - first, minlength=last - first)
+        order = np.lexsort((rng.random(len(users)), users))
+        position = np.empty(len(users), dtype=np.int64)
+        position[order] = np.arange(len(users)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
+        users, items = users[position < want[users - first]], items[position < want[users - first]]
+        liked = (group[items][:, None] == held[users - first]).any(1)
+        ratings = np.clip(np.round((3.0 + 0.8 * liked + rng.normal(0, 0.9, len(users))) * 2) / 2, 0.5, 5.0)
+        begin = rng.integers(8e8, 1.5e9, last - first)[users - first]
+        times = begin + rng.integers(0, 10 ** 8, len(users))  # within three years of the user's start
+        yield users, items, ratings.astype(np.float32), times
+
+
+def write_interactions(path, n_users, n_items, n_rows, seed=0):
+    """synthetic_interactions written as an ML-25M-style ratings.csv (userId, movieId, rating,
+    timestamp; ids from 1), through pyarrow's CSV writer. -> rows written."""
+    import pyarrow as pa
+    import pyarrow.csv as pv
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as out:
-        out.write("userId,movieId,rating,timestamp\n")
-        for start in range(0, n_ratings, 2_000_000):
-            n = min(2_000_000, n_ratings - start)
-            block = np.column_stack([rng.integers(1, n_users + 1, n), rng.integers(1, n_items + 1, n),
-                                     rng.integers(1, 11, n), rng.integers(8e8, 1.6e9, n)])
-            lines = [f"{u},{i},{r / 2:g},{t}" for u, i, r, t in block.tolist()]
-            out.write("\n".join(lines) + "\n")
+    schema = pa.schema([("userId", pa.int64()), ("movieId", pa.int64()), ("rating", pa.float32()),
+                        ("timestamp", pa.int64())])
+    written = 0
+    with pv.CSVWriter(str(path) + ".part", schema) as out:
+        for users, items, ratings, times in synthetic_interactions(n_users, n_items, n_rows, seed):
+            out.write_table(pa.table([users + 1, items + 1, ratings, times], schema=schema))
+            written += len(users)
+    Path(str(path) + ".part").replace(path)
+    return written
 
 
 def scaling(args):
@@ -604,7 +681,7 @@ def scaling(args):
         ratings_csv = folder / "ml-25m" / "ratings.csv"
         if not ratings_csv.is_file():
             print(f"writing {ratings_csv} ({n:,} ratings) ...", flush=True)
-            write_synthetic(ratings_csv, n_users, n_items, n)
+            write_interactions(ratings_csv, n_users, n_items, n)
         started = time.perf_counter()
         loader.load("ml-25m", folder, allow_download=False)  # parse (and fill the cache)
         parse_seconds = time.perf_counter() - started

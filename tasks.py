@@ -32,7 +32,10 @@ class RatingTask:
     """Explicit ratings: squared error on the replaced script's 75/25 split (loader.split)."""
 
     def __init__(self, cfg, ratings, device, rank, world_size):
-        rows = loader.split(len(ratings), cfg["test_fraction"], cfg["val_fraction"], cfg["split_seed"])
+        if not ratings.has_ratings:
+            raise loader.DataError(f"{cfg['dataset']} has no rating column (implicit feedback: every row an "
+                                   "interaction): use --task=ranking, or name its rating column with --columns")
+        rows = loader.rating_split(ratings, cfg["test_fraction"], cfg["val_fraction"], cfg["split_seed"])
         tensors = {name: ratings.tensors(r, device) for name, r in zip(SPLITS, rows)}
         train_ratings = ratings.ratings[rows[0]]
         self.n_users, self.n_items = ratings.n_users, ratings.n_items
@@ -43,6 +46,12 @@ class RatingTask:
         self.rating_range = ((float(train_ratings.min()), float(train_ratings.max()))
                              if cfg["clip_predictions"] else None)
         self.counts = {f"n_{name}": len(r) for name, r in zip(SPLITS, rows)}
+        split = "the dataset's own parts" if ratings.part is not None else \
+            f"{1 - cfg['test_fraction']:g}/{cfg['test_fraction']:g} by row (seed {cfg['split_seed']})"
+        self.described = ratings.described + [
+            f"rating data: {len(ratings):,} ratings of {ratings.n_users:,} users and {ratings.n_items:,} items, "
+            f"from {train_ratings.min():g} to {train_ratings.max():g}; split {split}: train {len(rows[0]):,}, "
+            f"validation {len(rows[1]):,}, test {len(rows[2]):,}"]
         self.metric_names, self.choose_by, self.higher_is_better = ("mse", "rmse", "mae"), "mse", False
         self.choose_label, self.sign = "MSE", -1  # sign: Ignite's handlers keep the highest score
         self.free_train_metrics = not cfg["eval_train"]  # from the epoch's own batches
@@ -137,10 +146,12 @@ def ranking_interactions(cfg, ratings):
     """The ranking task's data: ratings -> loader.Interactions, the positives (implicit_feedback)
     split within each user (split_per_user) as cfg asks. benchmark.py's shared accounts replace
     it in their own process, to train persons on the split of the accounts they pool into."""
-    return loader.split_per_user(
-        *loader.implicit_feedback(ratings, cfg["ranking_min_rating"], cfg["ranking_core"]),
-        fractions=(1 - cfg["val_fraction"] - cfg["test_fraction"], cfg["val_fraction"],
-                   cfg["test_fraction"]), seed=cfg["split_seed"])
+    rows, kept = loader.implicit_feedback(ratings, cfg["ranking_min_rating"], cfg["ranking_core"])
+    data = loader.split_per_user(ratings, rows, fractions=(1 - cfg["val_fraction"] - cfg["test_fraction"],
+                                                           cfg["val_fraction"], cfg["test_fraction"]),
+                                 seed=cfg["split_seed"])
+    data.described = ratings.described + [kept] + data.described
+    return data
 
 
 class RankingTask:
@@ -155,6 +166,7 @@ class RankingTask:
             raise loader.DataError(f"--top_k={cfg['top_k']} is larger than the number of items "
                               f"({data.n_items}) left by the filter")
         self.n_users, self.n_items, self.global_mean = data.n_users, data.n_items, 0.0
+        self.described = data.described
         self.user_ids, self.item_ids = data.user_ids, data.item_ids
         # recommend.py's "already rated": every movie of the model the user rated, at any rating
         # (a movie rated 1 star is no recommendation), not only the positives it trained on.
@@ -276,9 +288,12 @@ class RankingTask:
 
     def per_user(self, model, split):
         """(n_users, len(RANK_METRICS)) float64: each user's rank metrics on the split, in user
-        order (every user has held-out items in both parts)."""
-        return torch.cat([rank_metrics(*self.scores_and_relevant(model, users, split), self.k)
-                          for users in self.eval_batches[split]])
+        order; NaN for a user without held-out items there (too few interactions to split)."""
+        found = torch.full((self.n_users, len(RANK_METRICS)), float("nan"), dtype=torch.float64)
+        for users in self.eval_batches[split]:
+            scores, relevant = self.scores_and_relevant(model, users, split)
+            found[users[relevant.any(1)].cpu()] = rank_metrics(scores, relevant, self.k).cpu()
+        return found
 
     def training_matrix(self):
         """The training interactions as a users x items scipy CSR matrix of ones."""

@@ -56,15 +56,19 @@ gc.enable()
 # -----------------------------------------------------------------------------
 task = "rating"            # "rating": predict explicit ratings (MSE); "ranking": rank all items per user (implicit)
 # data
-dataset = "ml-1m"          # MovieLens variant: ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-32m, ml-latest-small
-data_dir = "data"          # folder holding <dataset>.zip or its extracted folder; downloads go here
-download = True            # download from GroupLens when no local copy is found
+dataset = "ml-1m"          # a MovieLens name (ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-32m, ml-latest-small) or the path
+                           # of an interactions file, or of a folder with one (or with train/valid/test files): docs/data.md
+columns = ""               # a file's columns where their names are not recognised: USER,ITEM[,RATING[,TIMESTAMP]]
+                           # (header names or 0-based positions; an empty entry skips one)
+items = ""                 # a file naming the items (id, title[, genres]), shown by recommend.py and the pictures
+data_dir = "data"          # MovieLens names: folder holding <dataset>.zip or its extracted folder; downloads go here
+download = True            # MovieLens names: download from GroupLens when no local copy is found
 test_fraction = 0.25       # rows held out for test, drawn as the replaced script did (seed 42, in file order)
 val_fraction = 0.05        # share of the training rows held out for early stopping and model choice
 split_seed = 42            # seed of the train/test and train/val splits (42 = the replaced script's split)
 # ranking (task="ranking"): RecBole's ml-1m protocol, each user's interactions split train/val/test
-ranking_min_rating = 3.0   # a rating >= this is a positive interaction (the value is then dropped)
-ranking_core = 10          # users and items with fewer positives are removed, repeatedly until none is
+ranking_min_rating = 3.0   # a rating >= this is a positive interaction (the value is then dropped); files: -inf, all
+ranking_core = 10          # users and items with fewer positives are removed, repeatedly until none is; files: 1
 loss = "softmax"           # ranking loss: softmax (all items), sampled_softmax, bpr, adaptive_hinge (Kula's)
 n_negatives = 100          # uniform negatives per positive (sampled_softmax, bpr, adaptive_hinge takes the hardest)
 top_k = 10                 # cut-off k of NDCG, Recall, MRR, Hit and Precision; validation NDCG@k picks the epoch
@@ -126,18 +130,14 @@ RANKING_DEFAULTS = dict(test_fraction=0.1, val_fraction=0.1, split_seed=2020, di
                         prior_per="pair", prior_tastes=0.07, share_taste_prior=True, prior_attention=0.05,
                         prior_items=0.03, prior_biases=0.0, lr=0.03, lr_decay=0.7, batch_size=256,
                         epochs=15, patience=3, test_curve=False, eval_every=5)
+# What a dataset given by path changes (an explicit --key=value still wins): RecBole's ML-1M protocol
+# is MovieLens's; a file is used as it is, every row an interaction (docs/data.md).
+FILE_DEFAULTS = dict(ranking_min_rating=float("-inf"), ranking_core=1)
 
 
 def resolve_config(argv):
     """Defaults, then the resumed run's saved config, then the command line, checked."""
-    return runs.resolve_config(argv, DEFAULTS, RANKING_DEFAULTS)
-
-
-def pick_device(name):
-    """The run's device (runs.check_device has checked that this machine has it)."""
-    if name == "auto" or (name == "cuda" and idist.get_world_size() > 1):
-        return idist.device()  # cuda:<local rank> when CUDA is there, else cpu
-    return torch.device(name)
+    return runs.resolve_config(argv, DEFAULTS, RANKING_DEFAULTS, FILE_DEFAULTS)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -152,8 +152,10 @@ def training(local_rank, cfg, attach=None):
     rank = idist.get_rank()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    device = pick_device(cfg["device"])
+    device = runs.pick_device(cfg["device"])
     run_dir, results, task = open_run(cfg, device)
+    if rank == 0 and attach is None:  # what was read and kept (tune.py's trials would repeat it)
+        print("\n".join(task.described), flush=True)
     model, optimizer, trainer = build_trainer(cfg, task, device)
     idist.barrier()  # every rank has looked, and built its model, before rank 0 makes the folders
     if rank == 0:
@@ -215,7 +217,9 @@ def open_run(cfg, device):
         runs.check_new_run_folder(run_dir, results)
     with idist.one_rank_first():
         ratings = loader.load(cfg["dataset"], cfg["data_dir"], cfg["download"],
-                              progress=cfg["progress"] and rank == 0)
+                              progress=cfg["progress"] and rank == 0, columns=cfg["columns"])
+        if cfg["items"]:  # read now, so a bad file stops the run before it trains
+            loader.read_items(cfg["dataset"], cfg["data_dir"], cfg["items"])
     return run_dir, results, TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)
 
 
@@ -372,7 +376,8 @@ def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, t
     trained = getattr(model, "module", model)
     pictures.run_pictures(results, trained, task.seen, [m["genres"] for m in movies], cfg["dataset"])
     runs.write_projector(tb_logger.writer, run_dir, trained.item_factors.detach().cpu(), movies)
-    tb_logger.writer.add_hparams({k: v for k, v in cfg.items() if k not in ("resume",)},
+    tb_logger.writer.add_hparams({k: v if not isinstance(v, float) or math.isfinite(v) else str(v)  # -inf: a file's
+                                  for k, v in cfg.items() if k not in ("resume",)},               # ranking_min_rating
                                  {f"hparam/{k}": v for k, v in final.items()}, name="hparams")
     tb_logger.close()
     summary = {**final, "best_epoch": best_epoch, "epochs_run": epochs_run,

@@ -30,7 +30,7 @@ import runs
 import train
 
 # -----------------------------------------------------------------------------
-study = ""                 # study name: runs/<study>/study.db ("" = tune-<dataset>-<task>-<timestamp>)
+study = ""                 # study name: runs/<study>/study.db ("" = tune-<dataset>-<task>; a file: its name and a key)
 trials = 20                # trials in the study in all, those of earlier calls included
 timeout = 0                # stop starting new trials after this many seconds (0 = no limit)
 seed = 0                   # seed of Optuna's sampler (TPE); each trial trains with train.py's seed
@@ -72,7 +72,7 @@ def parse(argv):
             raise runs.ConfigError(f"--{key} must not be negative, got {settings[key]}")
     base = train.resolve_config(arguments(fixed))  # checks the fixed knobs
     if not settings["study"]:  # the same command names the same study, so it continues
-        settings["study"] = f"tune-{base['dataset']}-{base['task']}"
+        settings["study"] = f"tune-{loader.dataset_label(base['dataset'])}-{base['task']}"  # a file: its name and path's key
     return settings, fixed, base
 
 

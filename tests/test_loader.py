@@ -22,8 +22,9 @@ def small(n=50, seed=1):
 def test_timestamps_come_in_the_order_of_the_loaded_rows(tmp_path):
     users, items, ratings = small()
     write_ratings(tmp_path / "ml-1m" / "ratings.dat", users, items, ratings)  # time 978300000 + line
-    times, loaded = loader.timestamps("ml-1m", tmp_path), loader.load("ml-1m", tmp_path, allow_download=False)
-    assert times.tolist() == [978300000 + k for k in range(len(users))]
+    loaded = loader.load("ml-1m", tmp_path, allow_download=False)
+    assert loaded.timestamps.tolist() == [978300000 + k for k in range(len(users))]
+    assert loader.load("ml-1m", tmp_path, allow_download=False).timestamps.tolist() == loaded.timestamps.tolist()  # cached
     assert loaded.user_ids[loaded.users].tolist() == users.tolist()
 
 

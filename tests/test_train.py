@@ -125,10 +125,10 @@ def test_resume_refuses_settings_its_checkpoint_fixes(tmp_path, synthetic_ml100k
 
 @pytest.mark.parametrize("override,message", [
     ("--learning_rate=0.1", "unknown hyperparameter 'learning_rate'"),
-    ("--epochs=three", "--epochs takes a int"),
-    ("--lr=fast", "--lr takes a float"),
+    ("--epochs=three", "--epochs takes a whole number"),
+    ("--lr=fast", "--lr takes a number"),
     ("--download=maybe", "--download takes True or False"),
-    ("--dataset=ml-2m", "unknown dataset 'ml-2m'; valid names: ml-100k"),
+    ("--dataset=ml-2m", "unknown dataset 'ml-2m': neither a MovieLens name (ml-100k"),
     ("--batch_size=-5", "--batch_size must not be negative"),
     ("epochs=3", "arguments are --key=value"),
     ("--resume=nowhere", "no run there"),

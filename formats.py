@@ -1,0 +1,566 @@
+"""Interaction files of any common layout: the format recognised from the file itself, the user,
+item, rating and timestamp columns found by their header names (or given), read as arrays.
+
+    found = read_interactions("ratings.csv.gz", columns="")   # -> Interactions (indices, raw ids, file order)
+    names = read_item_names("items.csv")                       # -> {"item", "title", "genres", "year"} arrays
+
+What is recognised, without a format flag:
+- delimited rows: "::" (MovieLens .dat), tab, comma, "|", ";" or runs of whitespace; a header
+  line or none; quoted fields;
+- the same compressed: .gz, .bz2, .zst, .xz, or a .zip holding one file;
+- Parquet (.parquet, or a file starting with PAR1);
+- RecBole atomic files (.inter, .item: a typed header such as user_id:token<TAB>rating:float);
+- one line per user: the user's id, then the items the user interacted with, in order.
+
+Columns: a header's common spellings (SPELLINGS) are found without help; a headerless file is
+read by position as user, item[, rating[, timestamp]]; anything else is named with `columns`
+("USER,ITEM[,RATING[,TIMESTAMP]]": header names in that order, or 0-based positions; an empty
+entry skips one). Ids are the file's own: a column whose every id is a plain integer keeps
+integers, any other keeps strings ("007" stays "007"). Timestamps become seconds (numbers as
+they are, dates and datetimes parsed). Bad input is a DataError naming the file and the line.
+
+pyarrow reads the rows (multithreaded, ids hashed without a Python object per row): a
+25-million-row CSV loads in well under a minute on two cores (docs/data.md).
+"""
+
+import bz2
+import csv
+import gzip
+import io
+import lzma
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(Exception):
+    """Bad or missing data: the message says what and where."""
+
+
+# Header spellings of each column, compared lower-cased with everything but letters and digits
+# removed (user_id, userId and USER-ID are all "userid").
+SPELLINGS = {
+    "user": {"user", "userid", "uid", "users", "username", "customer", "customerid", "visitorid", "reviewerid",
+             "memberid", "accountid", "clientid", "readerid", "viewerid", "playerid", "listenerid", "personid",
+             "sessionid", "userindex", "useridx"},
+    "item": {"item", "itemid", "iid", "items", "movie", "movieid", "bookid", "book", "productid", "product",
+             "asin", "artist", "artistid", "track", "trackid", "songid", "song", "articleid", "businessid",
+             "recipeid", "animeid", "gameid", "courseid", "videoid", "newsid", "poiid", "venueid", "jobid",
+             "isbn", "sku", "parentasin", "itemindex", "itemidx", "contentid"},
+    "rating": {"rating", "ratings", "score", "stars", "star", "overall", "rate", "rated", "preference",
+               "ratingvalue"},
+    "timestamp": {"timestamp", "time", "ts", "date", "datetime", "unixreviewtime", "reviewtime", "when",
+                  "created", "createdat", "eventtime", "time_stamp", "unixtime", "timestampms"},
+}
+ITEM_NAME_SPELLINGS = {
+    "title": {"title", "name", "movietitle", "itemname", "producttitle", "productname", "booktitle",
+              "originaltitle", "trackname", "artistname", "songtitle", "artist", "track"},
+    "genres": {"genres", "genre", "category", "categories", "tags", "tag", "class", "classes"},
+    "year": {"year", "releaseyear", "publicationyear", "originalpublicationyear"},
+}
+ROLES = ("user", "item", "rating", "timestamp")
+SEPARATORS = ("::", "\t", ",", "|", ";")  # by priority; None: runs of whitespace
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd", ".xz": "xz"}
+TEXT_DATA_SUFFIXES = {".csv", ".tsv", ".txt", ".dat", ".data", ".inter", ".item", ".tab", ""}
+SAMPLE_BYTES = 1 << 16
+RECBOLE_TYPE = re.compile(r"^([^:\s]+):(token|token_seq|float|float_seq)$")
+PLAIN_INTEGER = r"^-?(0|[1-9][0-9]{0,17})$"  # an id kept as an integer: no sign but '-', no leading 0
+
+
+@dataclass
+class Layout:
+    """How a file is laid out. kind: "rows", "per_user" or "parquet"; sep: the field separator
+    (None: runs of whitespace); header: the header's names (None: no header line); n_fields: the
+    fields of a row; compression: None, gzip, bz2, zstd, xz or zip; what: in words, for the run's
+    first lines."""
+    kind: str
+    sep: str | None = None
+    header: list | None = None
+    n_fields: int = 0
+    compression: str | None = None
+    what: str = ""
+
+
+@dataclass
+class Interactions:
+    """A file's interactions in file order: users and items (N,) int64 indices into user_ids and
+    item_ids, the sorted raw ids as read (int64, or str where an id is not a plain integer);
+    ratings (N,) float32 (None: no rating column); timestamps (N,) int64 seconds (None: none;
+    for one line per user, each item's position in its line); what was read, in words."""
+    users: np.ndarray
+    items: np.ndarray
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    ratings: np.ndarray | None
+    timestamps: np.ndarray | None
+    described: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- bytes
+
+def compression_of(path):
+    """None, "zip" or a codec name, from the file's last suffix; the suffix it leaves."""
+    suffix = path.suffix.lower()
+    if suffix == ".zip":
+        return "zip", ""
+    if suffix in COMPRESSIONS:
+        return COMPRESSIONS[suffix], Path(path.stem).suffix.lower()
+    return None, suffix
+
+
+def _zip_member(path):
+    with zipfile.ZipFile(path) as zipped:
+        members = [m for m in zipped.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX/")
+                   and not Path(m.filename).name.startswith(".")]
+    if len(members) != 1:
+        raise DataError(f"{path}: a zip must hold one data file, it holds {len(members)}"
+                        + (f" ({', '.join(m.filename for m in members[:4])})" if members else "")
+                        + ": extract it and give the file's path")
+    return members[0].filename
+
+
+def open_stream(path, compression):
+    """A binary stream of the file's decompressed bytes."""
+    try:
+        if compression == "zip":
+            zipped = zipfile.ZipFile(path)
+            return zipped.open(_zip_member(path))
+        if compression in ("gzip", "bz2", "xz"):
+            return {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}[compression](path, "rb")
+        if compression == "zstd":
+            import pyarrow as pa
+            return pa.input_stream(str(path), compression="zstd")
+        return open(path, "rb")
+    except (zipfile.BadZipFile, OSError) as error:
+        raise DataError(f"{path}: cannot be opened as {compression or 'a file'} ({error})") from None
+
+
+def read_bytes(path, compression, limit=None):
+    """The decompressed bytes (at most limit of them); a damaged archive is a DataError."""
+    try:
+        with open_stream(path, compression) as stream:
+            return stream.read(limit) if limit else stream.read()
+    except (OSError, EOFError, zipfile.BadZipFile, lzma.LZMAError, ValueError) as error:
+        raise DataError(f"{path}: the {compression} data is damaged ({error})") from None
+    except Exception as error:  # pyarrow's own errors for zstd
+        if type(error).__module__.startswith("pyarrow"):
+            raise DataError(f"{path}: the {compression} data is damaged ({error})") from None
+        raise
+
+
+# ----------------------------------------------------------------------------- layout
+
+def _split(line, sep):
+    if sep is None:
+        return line.split()
+    if sep == "::":
+        return line.split("::")
+    return next(csv.reader([line], delimiter=sep))
+
+
+def _is_number(text):
+    try:
+        return np.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def normalised(name):
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
+def role_of(name, spellings=SPELLINGS):
+    key = normalised(name)
+    return next((role for role, names in spellings.items() if key in names), None)
+
+
+def sniff(path):
+    """The Layout of a file, from its name and a look at its first 64 KB."""
+    path = Path(path)
+    compression, suffix = compression_of(path)
+    head = read_bytes(path, compression, SAMPLE_BYTES)
+    if head[:4] == b"PAR1" or suffix in (".parquet", ".pq"):
+        if compression is not None:
+            raise DataError(f"{path}: a compressed Parquet file: Parquet compresses inside, give the .parquet file")
+        return Layout("parquet", what="Parquet")
+    if not head.strip():
+        raise DataError(f"{path}: the file is empty")
+    if b"\x00" in head:
+        raise DataError(f"{path}: not a format this tool reads (binary data; it reads delimited text, "
+                        "compressed or not, Parquet and RecBole atomic files: docs/data.md)")
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(head) == SAMPLE_BYTES and len(lines) > 1:
+        lines = lines[:-1]  # the last may be cut
+    how = f"{compression}-compressed " if compression else ""
+    first = lines[0].split("\t")
+    if all(RECBOLE_TYPE.match(name.strip()) for name in first):
+        return Layout("rows", "\t", [RECBOLE_TYPE.match(n.strip()).group(1) for n in first], len(first),
+                      compression, how + "RecBole atomic file")
+    for sep in SEPARATORS + (None,):
+        counts = [len(_split(line, sep)) for line in lines]
+        if min(counts) >= 2:
+            break
+    else:
+        raise DataError(f"{path}: finds no separator that gives each line two fields or more (a user and an "
+                        f"item): it reads ',', tab, '::', '|', ';' or spaces; first line: {lines[0][:80]!r}")
+    fields = [_split(line, sep) for line in lines]
+    named = "spaces" if sep is None else repr(sep)
+    firsts = [f[0] for f in fields]
+    uniform = max(counts) == min(counts)
+    header = _has_header(fields)
+    # One line per user: no header, no user on two lines, and either lines of different lengths,
+    # many fields apart by spaces, or a third field that cannot be a rating.
+    if header is None and len(set(firsts)) == len(firsts) and len(lines) > 1 and (
+            not uniform or (sep is None and counts[0] > 4)
+            or (counts[0] >= 3 and not all(_is_number(f[2]) for f in fields))):
+        return Layout("per_user", sep, None, 0, compression,
+                      f"{how}one line per user (the user, then the items in order), separated by {named}")
+    n_fields = counts[0] if header is None else len(header)
+    if header is None and not uniform:  # the count most lines have: the odd line is named when read
+        n_fields = max(set(counts), key=counts.count)
+    return Layout("rows", sep, header, n_fields, compression,
+                  f"{how}rows separated by {named}, " + ("with a header line" if header else "no header line"))
+
+
+def _has_header(fields):
+    """The first line's names when it is a header: it names a known column, or it has a
+    non-number where the rest of that column holds numbers."""
+    first, rest = fields[0], fields[1:]
+    names = [name.strip() for name in first]
+    if any(role_of(name) for name in names):
+        return names
+    for i, name in enumerate(names):
+        column = [row[i] for row in rest if len(row) > i]
+        if column and not _is_number(name) and all(_is_number(value) for value in column):
+            return names
+    return None
+
+
+# ----------------------------------------------------------------------------- columns
+
+def parse_columns(text):
+    """--columns=USER,ITEM[,RATING[,TIMESTAMP]] -> {role: name or position}, empty entries left out."""
+    if not text:
+        return {}
+    entries = [entry.strip() for entry in text.split(",")]
+    if len(entries) > len(ROLES) or len(entries) < 2 or not entries[0] or not entries[1]:
+        raise DataError(f"--columns={text}: give USER,ITEM[,RATING[,TIMESTAMP]] (header names or 0-based "
+                        "positions; an empty entry skips one, as in --columns=visitor,product,,when)")
+    return {role: int(entry) if entry.isdigit() else entry for role, entry in zip(ROLES, entries) if entry}
+
+
+def resolve_columns(path, layout, given, spellings=SPELLINGS, needed=("user", "item")):
+    """{role: column index} of the file: the given names or positions, else the header's known
+    spellings, else (no header) user, item[, rating[, timestamp]] by position."""
+    header = layout.header
+    if given and any(isinstance(v, str) for v in given.values()) and header is None and layout.kind == "rows":
+        layout.header = header = [name.strip() for name in _first_fields(path, layout)]
+        layout.what = layout.what.replace("no header line", "with a header line (named by --columns)")
+    if given:
+        found = {}
+        for role, entry in given.items():
+            if isinstance(entry, int):
+                if entry >= max(layout.n_fields, len(header or ())):
+                    raise DataError(f"{path}: --columns gives column {entry} for the {role}, but its rows have "
+                                    f"{layout.n_fields} fields (numbered from 0)")
+                found[role] = entry
+            elif entry not in header:
+                raise DataError(f"{path} has no column {entry!r}; its columns are {', '.join(header)}")
+            else:
+                found[role] = header.index(entry)
+        return found
+    if header is None:
+        found = {role: i for i, role in enumerate(ROLES[:layout.n_fields])}
+        return found
+    found = {}
+    for i, name in enumerate(header):
+        role = role_of(name, spellings)
+        if role and role not in found:
+            found[role] = i
+    missing = [role for role in needed if role not in found]
+    if missing:
+        suggestion = ",".join(header[:2]) + (",," + header[2] if len(header) > 2 and "rating" not in found else "")
+        raise DataError(f"{path}: cannot tell which columns hold the {' and the '.join(missing)}; its columns are "
+                        f"{', '.join(header)}: name them with --columns=USER,ITEM[,RATING[,TIMESTAMP]], for "
+                        f"example --columns={suggestion}")
+    return found
+
+
+def _first_fields(path, layout):
+    text = read_bytes(path, layout.compression, SAMPLE_BYTES).decode("utf-8", errors="replace").lstrip("\ufeff")
+    line = next(line for line in text.splitlines() if line.strip())
+    return _split(line, layout.sep)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_table(path, layout, columns, types):
+    """The chosen columns of a rows or Parquet file as a pyarrow Table named by role. columns:
+    {role: index}; types: {role: pyarrow type} forced at parse (others inferred)."""
+    import pyarrow as pa
+    import pyarrow.csv as pv
+
+    if layout.kind == "parquet":
+        import pyarrow.parquet as pq
+        try:
+            names = pq.read_schema(path).names
+            table = pq.read_table(path, columns=[names[i] for i in columns.values()])
+        except (OSError, pa.ArrowException) as error:
+            raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+        return table.rename_columns(list(columns))
+    names = [f"c{i}" for i in range(layout.n_fields)]
+    chosen = {role: names[i] for role, i in columns.items()}
+    sep = layout.sep
+    source = None
+    if sep in ("\t", ",", "|", ";") and layout.compression != "zip":
+        source = open_stream(path, layout.compression)
+    else:  # pyarrow takes one-character separators: "::" and runs of spaces become tabs first
+        data = read_bytes(path, layout.compression)
+        if sep == "::":
+            data = data.replace(b"::", b"\t")
+        elif sep is None:
+            data = re.sub(rb"(?m)^[ \t]+|[ \t]+$", b"", re.sub(rb"[ \t]+", b"\t", data))
+        source, sep = pa.BufferReader(data), "\t" if sep in ("::", None) else sep
+    with source:
+        return pv.read_csv(
+            source,
+            read_options=pv.ReadOptions(column_names=names, skip_rows=1 if layout.header else 0,
+                                        block_size=1 << 24),
+            parse_options=pv.ParseOptions(delimiter=sep, quote_char='"' if layout.sep not in ("::", None) else False),
+            convert_options=pv.ConvertOptions(include_columns=list(chosen.values()),
+                                              column_types={chosen[r]: t for r, t in types.items() if r in chosen},
+                                              strings_can_be_null=False, quoted_strings_can_be_null=False),
+        ).rename_columns(list(chosen))
+
+
+def encode_ids(column):
+    """A pyarrow id column -> (codes (N,) int64 into the sorted unique ids, those ids: int64 when
+    every id is a plain integer, else str)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_integer(column.type):
+        ids, codes = np.unique(column.to_numpy(), return_inverse=True)
+        return codes.astype(np.int64), ids.astype(np.int64)
+    if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+        column = column.cast(pa.string())
+    encoded = pc.dictionary_encode(column).combine_chunks()
+    dictionary, codes = encoded.dictionary, encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    if len(dictionary) and pc.all(pc.match_substring_regex(dictionary, PLAIN_INTEGER)).as_py():
+        values = dictionary.cast(pa.int64()).to_numpy()
+    else:
+        values = np.asarray(dictionary.to_pylist(), dtype=str)
+    order = np.argsort(values, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank[codes], values[order]
+
+
+def seconds(column, path):
+    """A timestamp column -> int64 seconds: numbers as they are, dates and datetimes from the
+    epoch; None where a value is neither (the caller names the line)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = column.type
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        values = column.to_numpy().astype(np.float64)
+        return None if not np.isfinite(values).all() else np.floor(values).astype(np.int64)
+    if pa.types.is_date(kind):
+        column = column.cast(pa.timestamp("s"))
+        kind = column.type
+    if pa.types.is_timestamp(kind):
+        return pc.cast(column.cast(pa.timestamp("s", tz=kind.tz)), pa.int64()).to_numpy()
+    import pandas as pd
+    parsed = pd.to_datetime(pd.Series(column.to_numpy(zero_copy_only=False)), errors="coerce", format="mixed", utc=True)
+    if parsed.isna().any():
+        return None
+    return (parsed.astype("int64") // 10 ** 9).to_numpy() if parsed.dt.unit == "ns" else \
+        parsed.dt.as_unit("s").astype("int64").to_numpy()
+
+
+def read_interactions(path, columns="", layout=None, integer_ids=False):
+    """Interactions of a file (the format sniffed, unless layout is given; columns: the
+    --columns text). integer_ids: ids must be integers (MovieLens)."""
+    path = Path(path)
+    layout = layout or sniff(path)
+    if layout.kind == "per_user":
+        if columns:
+            raise DataError(f"{path}: one line per user (the user, then the items) has no columns to name: "
+                            "leave --columns out")
+        return _read_per_user(path, layout)
+    if layout.kind == "parquet":
+        import pyarrow.parquet as pq
+        try:
+            layout.header = pq.read_schema(path).names
+        except Exception as error:
+            raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+        layout.n_fields = len(layout.header)
+    roles = resolve_columns(path, layout, parse_columns(columns))
+    if layout.header is None and "rating" in roles and "timestamp" not in roles:
+        _maybe_times(path, layout, roles)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    types = {"user": pa.string(), "item": pa.string(), "rating": pa.float64()}
+    if integer_ids:
+        types.update(user=pa.int64(), item=pa.int64(), timestamp=pa.int64())
+    try:
+        table = read_table(path, layout, roles, {} if layout.kind == "parquet" else types)
+    except DataError:
+        raise
+    except (pa.ArrowException, UnicodeDecodeError) as error:
+        raise _first_bad_line(path, layout, roles, integer_ids, error) from None
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no rows" + (" after the header" if layout.header else ""))
+    for role in ("user", "item", "rating"):
+        if role in roles and (table[role].null_count or (pa.types.is_string(table[role].type)
+                                                       and pc.any(pc.equal(pc.utf8_trim_whitespace(table[role]), "")).as_py())):
+            raise _first_bad_line(path, layout, roles, integer_ids, None)
+    users, user_ids = encode_ids(table["user"])
+    items, item_ids = encode_ids(table["item"])
+    ratings = times = None
+    if "rating" in roles:
+        ratings = table["rating"].to_numpy().astype(np.float32) if pa.types.is_floating(table["rating"].type) \
+            or pa.types.is_integer(table["rating"].type) else None
+        if ratings is None or not np.isfinite(ratings).all():
+            raise _first_bad_line(path, layout, roles, integer_ids, None)
+    if "timestamp" in roles:
+        times = seconds(table["timestamp"], path)
+        if times is None:
+            raise _first_bad_line(path, layout, roles, integer_ids, None)
+    described = [f"{path}: {layout.what}; " + ", ".join(
+        f"{role} = {_column_name(layout, i)}" for role, i in roles.items())]
+    return Interactions(users, items, user_ids, item_ids, ratings, times, described)
+
+
+def _column_name(layout, index):
+    return repr(layout.header[index]) if layout.header else f"column {index}"
+
+
+def _maybe_times(path, layout, roles):
+    """A headerless third column of integers past 10^8 holds times (Unix seconds), not ratings."""
+    text = read_bytes(path, layout.compression, SAMPLE_BYTES).decode("utf-8", errors="replace")
+    rows = [_split(line, layout.sep) for line in text.splitlines()[:-1] if line.strip()]
+    values = [row[roles["rating"]] for row in rows if len(row) > roles["rating"]]
+    if values and all(re.fullmatch(r"\d{9,}", v.strip()) for v in values):
+        roles["timestamp"] = roles.pop("rating")
+
+
+def _read_per_user(path, layout):
+    text = read_bytes(path, layout.compression).decode("utf-8", errors="replace").lstrip("\ufeff")
+    import pyarrow as pa
+    users, items, order = [], [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = _split(line, layout.sep) if line.strip() else []
+        if not fields:
+            continue
+        if len(fields) < 2 or any(not f.strip() for f in fields):
+            raise DataError(f"{path}, line {number}: a user's line holds the user and at least one item, "
+                            f"none empty: {line.strip()[:80]!r}")
+        users.extend([fields[0]] * (len(fields) - 1))
+        items.extend(fields[1:])
+        order.extend(range(len(fields) - 1))
+    if not items:
+        raise DataError(f"{path}: the file is empty")
+    user_codes, user_ids = encode_ids(pa.chunked_array([pa.array(users, pa.string())]))
+    item_codes, item_ids = encode_ids(pa.chunked_array([pa.array(items, pa.string())]))
+    return Interactions(user_codes, item_codes, user_ids, item_ids, None, np.asarray(order, dtype=np.int64),
+                        [f"{path}: {layout.what}"])
+
+
+def _first_bad_line(path, layout, roles, integer_ids, error):
+    """The DataError naming the first line that does not read: a wrong number of fields, an
+    empty id, a rating or timestamp that is not a number (or, for timestamps, a date)."""
+    if layout.kind == "parquet":
+        return DataError(f"{path}: a user or item id is missing, or a rating or timestamp is not a number "
+                         f"({error or 'found after reading'})")
+    sep_name = "spaces" if layout.sep is None else repr(layout.sep)
+    with open_stream(path, layout.compression) as stream:
+        lines = io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
+        seen_header = not layout.header
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            if not seen_header:
+                seen_header = True
+                continue
+            fields = _split(line.rstrip("\r\n"), layout.sep)
+            problem = _field_problem(fields, layout, roles, integer_ids, sep_name)
+            if problem:
+                return DataError(f"{path}, line {number}: {problem}: {line.strip()[:80]!r}")
+    return DataError(f"{path}: could not be read ({error})")
+
+
+def _field_problem(fields, layout, roles, integer_ids, sep_name):
+    if len(fields) != layout.n_fields:
+        what = " (user, item, rating, timestamp)" if integer_ids else ""
+        return f"expected {layout.n_fields} fields{what} separated by {sep_name}, found {len(fields)}"
+    for role in ("user", "item"):
+        value = fields[roles[role]].strip()
+        if not value:
+            return f"the {role} id is empty"
+        if integer_ids and not re.fullmatch(r"-?\d+", value):
+            return "user and item ids must be integers"
+    if "rating" in roles and not _is_number(fields[roles["rating"]].strip()):
+        return "the rating is not a finite number"
+    if "timestamp" in roles:
+        value = fields[roles["timestamp"]].strip()
+        if integer_ids and not re.fullmatch(r"-?\d+", value):
+            return "the timestamp must be an integer"
+        if not _is_number(value):
+            import pandas as pd
+            if pd.isna(pd.to_datetime(value, errors="coerce", format="mixed")):
+                return "the timestamp is neither a number nor a date"
+    return None
+
+
+# ----------------------------------------------------------------------------- item names
+
+def read_item_names(path):
+    """An items file (any of the formats above, a RecBole .item file included): {"item": ids
+    (int64 or str, as encode_ids keeps them), "title": str, "genres": lists of names, "year": int
+    or None}, in file order. The id column by the item spellings (else the first column), the
+    title by ITEM_NAME_SPELLINGS (else the second column); genres and year where a column has
+    them (genres split on '|', or on spaces in a RecBole token_seq)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--items={path}: no such file")
+    layout = sniff(path)
+    if layout.kind == "per_user":
+        raise DataError(f"{path}: an items file has a row per item (its id, then its title...), not a list per line")
+    if layout.kind == "parquet":
+        import pyarrow.parquet as pq
+        layout.header = pq.read_schema(path).names
+        layout.n_fields = len(layout.header)
+    header = layout.header or []
+    roles = {}
+    for i, name in enumerate(header):
+        role = "item" if role_of(name) == "item" else role_of(name, ITEM_NAME_SPELLINGS)
+        if role and role not in roles:
+            roles[role] = i
+    roles.setdefault("item", 0)
+    if "title" not in roles and layout.n_fields > 1:
+        roles["title"] = next(i for i in range(layout.n_fields) if i != roles["item"])
+    import pyarrow as pa
+    try:
+        table = read_table(path, layout, roles, {} if layout.kind == "parquet" else
+                           {role: pa.string() for role in roles})
+    except (pa.ArrowException, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: could not be read as an items file ({str(error).splitlines()[0][:200]})") from None
+    codes, ids = encode_ids(table["item"])
+    n = table.num_rows
+    titles = [str(t) for t in table["title"].to_pylist()] if "title" in roles else [str(i) for i in ids[codes]]
+    seq = "recbole" in layout.what.lower()
+    genres = [[g.strip() for g in (str(v).split() if seq else re.split(r"[|,]", str(v)))
+               if g.strip() and g.strip() != "(no genres listed)"] if v is not None else []
+              for v in table["genres"].to_pylist()] if "genres" in roles else [[] for _ in range(n)]
+    years = []
+    for value in (table["year"].to_pylist() if "year" in roles else [None] * n):
+        found = re.search(r"\d{4}", str(value)) if value is not None else None
+        years.append(int(found.group(0)) if found else None)
+    return {"item": ids[codes], "title": titles, "genres": genres, "year": years,
+            "described": f"{path}: {layout.what}"}
