@@ -8,7 +8,8 @@ What is recognised, without a format flag:
 - delimited rows: "::" (MovieLens .dat), tab, comma, "|", ";" or runs of whitespace; a header
   line or none; quoted fields;
 - the same compressed: .gz, .bz2, .zst, .xz, or a .zip holding one file;
-- Parquet (.parquet, or a file starting with PAR1);
+- Parquet (.parquet, or a file starting with PAR1), and JSON lines (one object a line, as Amazon's
+  review files: reviewerID, asin, overall, unixReviewTime);
 - RecBole atomic files (.inter, .item: a typed header such as user_id:token<TAB>rating:float);
 - one line per user: the user's id, then the items the user interacted with, in order.
 
@@ -72,7 +73,7 @@ PLAIN_INTEGER = r"^-?(0|[1-9][0-9]{0,17})$"  # an id kept as an integer: no sign
 
 @dataclass
 class Layout:
-    """How a file is laid out. kind: "rows", "per_user" or "parquet"; sep: the field separator
+    """How a file is laid out. kind: "rows", "per_user", "parquet" or "json"; sep: the field separator
     (None: runs of whitespace); header: the header's names (None: no header line); n_fields: the
     fields of a row; compression: None, gzip, bz2, zstd, xz or zip; what: in words, for the run's
     first lines."""
@@ -82,6 +83,7 @@ class Layout:
     n_fields: int = 0
     compression: str | None = None
     what: str = ""
+    table: object = None  # a JSON-lines file, read whole to learn its fields
 
 
 @dataclass
@@ -192,6 +194,9 @@ def sniff(path):
         raise DataError(f"{path}: not a format this tool reads (binary data; it reads delimited text, "
                         "compressed or not, Parquet and RecBole atomic files: docs/data.md)")
     text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
+    if text.lstrip().startswith("{"):  # one JSON object a line (Amazon's review files)
+        return Layout("json", compression=compression, what=(f"{compression}-compressed " if compression else "")
+                      + "JSON lines")
     lines = [line for line in text.splitlines() if line.strip()]
     if len(head) == SAMPLE_BYTES and len(lines) > 1:
         lines = lines[:-1]  # the last may be cut
@@ -307,11 +312,12 @@ def read_table(path, layout, columns, types):
     if layout.kind == "parquet":
         import pyarrow.parquet as pq
         try:
-            names = pq.read_schema(path).names
-            table = pq.read_table(path, columns=[names[i] for i in columns.values()])
+            table = pq.read_table(path, columns=[layout.header[i] for i in columns.values()])
         except (OSError, pa.ArrowException) as error:
             raise DataError(f"{path}: not a readable Parquet file ({error})") from None
         return table.rename_columns(list(columns))
+    if layout.kind == "json":
+        return layout.table.select([layout.header[i] for i in columns.values()]).rename_columns(list(columns))
     names = [f"c{i}" for i in range(layout.n_fields)]
     chosen = {role: names[i] for role, i in columns.items()}
     sep = layout.sep
@@ -393,13 +399,7 @@ def read_interactions(path, columns="", layout=None, integer_ids=False):
             raise DataError(f"{path}: one line per user (the user, then the items) has no columns to name: "
                             "leave --columns out")
         return _read_per_user(path, layout)
-    if layout.kind == "parquet":
-        import pyarrow.parquet as pq
-        try:
-            layout.header = pq.read_schema(path).names
-        except Exception as error:
-            raise DataError(f"{path}: not a readable Parquet file ({error})") from None
-        layout.n_fields = len(layout.header)
+    named_columns(path, layout)
     roles = resolve_columns(path, layout, parse_columns(columns))
     if layout.header is None and "rating" in roles and "timestamp" not in roles:
         _maybe_times(path, layout, roles)
@@ -409,7 +409,7 @@ def read_interactions(path, columns="", layout=None, integer_ids=False):
     if integer_ids:
         types.update(user=pa.int64(), item=pa.int64(), timestamp=pa.int64())
     try:
-        table = read_table(path, layout, roles, {} if layout.kind == "parquet" else types)
+        table = read_table(path, layout, roles, types if layout.kind == "rows" else {})
     except DataError:
         raise
     except (pa.ArrowException, UnicodeDecodeError) as error:
@@ -435,6 +435,26 @@ def read_interactions(path, columns="", layout=None, integer_ids=False):
     described = [f"{path}: {layout.what}; " + ", ".join(
         f"{role} = {_column_name(layout, i)}" for role, i in roles.items())]
     return Interactions(users, items, user_ids, item_ids, ratings, times, described)
+
+
+def named_columns(path, layout):
+    """The field names of a Parquet file (its schema) or a JSON-lines file (read whole, kept on
+    the layout) as layout.header; rows and per-user files are left as they are."""
+    import pyarrow as pa
+    try:
+        if layout.kind == "parquet":
+            import pyarrow.parquet as pq
+            layout.header = pq.read_schema(path).names
+        elif layout.kind == "json":
+            import pyarrow.json as pj
+            with open_stream(path, layout.compression) as stream:
+                layout.table = pj.read_json(stream)
+            layout.header = layout.table.column_names
+        else:
+            return
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(f"{path}: not a readable {layout.what} file ({str(error).splitlines()[0][:200]})") from None
+    layout.n_fields = len(layout.header)
 
 
 def _column_name(layout, index):
@@ -475,7 +495,7 @@ def _read_per_user(path, layout):
 def _first_bad_line(path, layout, roles, integer_ids, error):
     """The DataError naming the first line that does not read: a wrong number of fields, an
     empty id, a rating or timestamp that is not a number (or, for timestamps, a date)."""
-    if layout.kind == "parquet":
+    if layout.kind != "rows":
         return DataError(f"{path}: a user or item id is missing, or a rating or timestamp is not a number "
                          f"({error or 'found after reading'})")
     sep_name = "spaces" if layout.sep is None else repr(layout.sep)
@@ -532,10 +552,7 @@ def read_item_names(path):
     layout = sniff(path)
     if layout.kind == "per_user":
         raise DataError(f"{path}: an items file has a row per item (its id, then its title...), not a list per line")
-    if layout.kind == "parquet":
-        import pyarrow.parquet as pq
-        layout.header = pq.read_schema(path).names
-        layout.n_fields = len(layout.header)
+    named_columns(path, layout)
     header = layout.header or []
     roles = {}
     for i, name in enumerate(header):
@@ -547,7 +564,7 @@ def read_item_names(path):
         roles["title"] = next(i for i in range(layout.n_fields) if i != roles["item"])
     import pyarrow as pa
     try:
-        table = read_table(path, layout, roles, {} if layout.kind == "parquet" else
+        table = read_table(path, layout, roles, {} if layout.kind != "rows" else
                            {role: pa.string() for role in roles})
     except (pa.ArrowException, UnicodeDecodeError) as error:
         raise DataError(f"{path}: could not be read as an items file ({str(error).splitlines()[0][:200]})") from None

@@ -258,7 +258,7 @@ def ranking_baseline(name, dataset, data_dir, columns=""):
     X = task.training_matrix()
     # The grids: EASE's L2; iALS as Rendle et al. (2022) tune it, over the dimension, the L2 and
     # the confidence weight alpha; BPR over its learning rate and L2 at 64 factors, 300 epochs.
-    grids = {"pop": [{}], "ease": [{"l2": v} for v in (100.0, 250.0, 500.0, 1000.0, 2000.0)],
+    grids = {"pop": [{}], "ease": [{"l2": v} for v in (30.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0)],
              "ease_single": [{"l2": EASE_CHOSEN_L2}],
              # RecBole's ADMMSLIM settings (alpha 0.5, rho 4000, non-negative), 50 iterations,
              # its L1 and L2 weights searched.
@@ -283,6 +283,10 @@ def ranking_baseline(name, dataset, data_dir, columns=""):
     val, setting, scorer = best
     extra = {"chosen on val": ", ".join(f"{k}={v:g}" for k, v in setting.items()) or "-",
              f"val ndcg@{task.k}": round(val, 4)}
+    edges = [k for k, v in setting.items() if len({g[k] for g in grids[name]}) > 1
+             and v in (min(g[k] for g in grids[name]), max(g[k] for g in grids[name]))]
+    if edges:  # the best may lie beyond the grid: said beside the figure
+        extra["at the grid's edge"] = ", ".join(edges)
     if name in ("als", "bpr"):
         extra["implicit"] = implicit.__version__
     return task.evaluate(scorer, "test"), extra
@@ -339,7 +343,7 @@ def fit_ranking_baseline(name, X, setting):
         return Scorer(lambda users: np.broadcast_to(counts, (len(users), len(counts))))
     if name in ("ease", "ease_single", "admmslim"):  # item-item models: a user's scores are X_u B
         weights = admm_slim(X, setting["l1"], setting["l2"]) if name == "admmslim" else ease(X, setting["l2"])
-        return Scorer(lambda users: X[users].toarray() @ weights)
+        return Scorer(lambda users: X[users] @ weights)  # sparse rows times the dense weights: a few items each
     import implicit
     from threadpoolctl import threadpool_limits
     with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, BLAS single-threaded

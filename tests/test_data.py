@@ -100,6 +100,15 @@ def test_parquet_is_read_by_its_column_names(tmp_path):
     assert found.timestamps.tolist() == times.tolist()
 
 
+def test_amazons_json_lines_reviews_are_read_by_their_field_names(tmp_path):
+    users, items, ratings, times = rows()
+    reviews = [json.dumps({"reviewerID": f"A{u}", "asin": f"B00{i}", "overall": float(r), "unixReviewTime": int(t),
+                           "reviewText": "fine"}) for u, i, r, t in zip(users, items, ratings, times)]
+    found = loader.load(str(write_text(tmp_path / "Video_Games_5.json.gz", reviews, gzip.open)))
+    same_rows(found, [f"A{u}" for u in users], [f"B00{i}" for i in items], ratings)
+    assert found.timestamps.tolist() == times.tolist() and "JSON lines" in found.described[0]
+
+
 def test_recbole_atomic_files_are_read_by_their_typed_header(tmp_path):
     users, items, ratings, times = rows()
     lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
