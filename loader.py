@@ -354,6 +354,11 @@ def dataset_label(dataset):
     return f"{re.sub(r'[^A-Za-z0-9_-]', '_', stem)}-{key}"
 
 
+def dataset_name(dataset):
+    """A dataset as titles show it: the MovieLens name, or the file's or folder's own name."""
+    return dataset if is_movielens(dataset) else Path(dataset).name
+
+
 DOC_NAMES = re.compile(r"^(readme|source|license|licence|notes?|changelog|citation)\b", re.IGNORECASE)
 SIDE_NAMES = re.compile(r"^(movies?|items?|users?|links|tags|genome|genres?|titles?|books?|artists?|products?|"
                         r"u\.(item|user|info|genre|occupation))\b", re.IGNORECASE)

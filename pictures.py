@@ -106,10 +106,13 @@ def taste_weights(path, mean, title):
     plt.close(fig)
 
 
-def movie_map(path, coordinates, genres, title, rated=None, tastes=None, user_label=""):
+def movie_map(path, coordinates, genres, title, rated=None, tastes=None, user_label="", untrained=None):
     """The movie map: coordinates (n_items, 2) coloured by each movie's first genre (genres: a
     list of name lists); with rated (item rows) and tastes ((K, 2) directions on the same map),
-    one user's movies circled and the user's tastes as arrows from the centre."""
+    one user's movies circled and the user's tastes as arrows from the centre. untrained
+    ((n_items,) bool): the items no training row has, marked apart: their vectors never met a
+    positive (only the prior and, in the rating task, the implicit term's sampled negatives),
+    so they stand apart from the rest as a cluster of their own."""
     from collections import Counter
     plt = _pyplot()
     first = [g[0] if len(g) else "(none)" for g in genres]
@@ -119,6 +122,9 @@ def movie_map(path, coordinates, genres, title, rated=None, tastes=None, user_la
         members = np.array([(g if g in common else "other") == genre for g in first])
         ax.scatter(*coordinates[members].T, s=4, alpha=0.5, label=genre,
                    color="lightgrey" if genre == "other" else None)
+    if untrained is not None and untrained.any():
+        ax.scatter(*coordinates[untrained].T, s=14, marker="x", color="black", linewidths=0.8,
+                   label=f"never in training ({int(untrained.sum())})")
     if rated is not None:
         ax.scatter(*coordinates[rated].T, s=18, facecolors="none", edgecolors="black",
                    label=f"rated by {user_label}")
@@ -136,14 +142,14 @@ def movie_map(path, coordinates, genres, title, rated=None, tastes=None, user_la
     plt.close(fig)
 
 
-def run_pictures(folder, model, seen, genres, dataset):
+def run_pictures(folder, model, seen, genres, dataset, untrained=None):
     """The pictures of every finished run, into folder: taste_weights.svg (how users spread their
     weight over tastes, over the (users, items) pairs of seen) and item_map.svg (the item
-    embedding in 2-D, coloured by genre)."""
+    embedding in 2-D, coloured by genre, the items never in training marked)."""
     title = f"{dataset}, K={model.n_tastes}"
     taste_weights(folder / "taste_weights.svg", mean_weights(model, *seen, model.n_users), title)
     coordinates, _ = item_map(model.item_factors.detach().numpy())
-    movie_map(folder / "item_map.svg", coordinates, genres, f"Item embeddings (PCA): {title}")
+    movie_map(folder / "item_map.svg", coordinates, genres, f"Item embeddings (PCA): {title}", untrained=untrained)
 
 
 def purity_histograms(path, purities):

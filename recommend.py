@@ -46,6 +46,7 @@ class Recommender:
         self.seen_indptr, self.seen_items = seen_indptr, seen_items  # CSR: user row -> item rows
         self.movies = movies  # DataFrame indexed by item row: movie_id, title, year (int or None), genres
         self.rating_range = None  # (low, high) of a rating run's training ratings
+        self.untrained = None     # (n_items,) bool: items no training row had (None: not recorded)
         # What a score means: a predicted rating for rating runs, a ranking score otherwise.
         self.score_name = "rating" if config.get("task", "rating") == "rating" else "score"
 
@@ -61,6 +62,7 @@ class Recommender:
         except Exception as error:  # truncated or foreign file: torch raises many kinds
             raise RunError(f"{best} is damaged or not this run's model ({type(error).__name__})") from None
         run = cls(model, config, user_ids, item_ids, arrays["seen_indptr"], arrays["seen_items"], movies)
+        run.untrained = ~arrays["trained_items"] if "trained_items" in arrays else None  # older runs: unknown
         # Predicted ratings are shown within the training ratings' range, as train.py evaluates
         # them (clip_predictions); run folders written before the range was kept show them raw.
         rating_range = arrays.get("rating_range", ())
@@ -105,6 +107,7 @@ class Recommender:
         with torch.no_grad():
             scores = self.model.score_all(torch.tensor([row]))[0]                   # (n_items,)
             scores[torch.from_numpy(self.rated(row))] = -torch.inf
+            self._drop_untrained(scores)
             top = torch.topk(scores, min(n, int(torch.isfinite(scores).sum()))).indices
             weights, contributions = self._mixture(row, top)                        # (K, n) each
         best_taste = contributions.argmax(0)
@@ -115,25 +118,34 @@ class Recommender:
         return frame
 
     def tastes(self, user_id, n=5):
-        """Each of the user's tastes: its share of the user's rated movies (the mean mixture
-        weight over them), the n movies it scores highest among all, its dominant genres (most
-        frequent among its top 20 movies), and the n of the user's own movies it speaks for
-        most (those where it has the largest mixture weight, highest weight first)."""
+        """Each of the user's tastes, as the mixture uses it: its share (the mean of its mixture
+        weight over the user's own movies: how much of the user's weight it carries); the n
+        movies it would recommend, the unrated movies on which it holds the largest mixture
+        weight, ranked by the model's score (biases included), each with that score and weight;
+        its dominant genres (the most frequent among its top 20 of those); and the user's own
+        movies on which it holds the largest weight (highest weight first)."""
         row, n = self.user_row(user_id), _count(n)
         rated = torch.from_numpy(self.rated(row))
         own = self.rated_tastes(user_id)
         with torch.no_grad():
-            shares = self._mixture(row, rated)[0].mean(1) if len(rated) else None     # (K,)
-            taste_scores = self.model.tastes[row] @ self.model.item_factors.T           # (K, n_items)
+            scores = self.model.score_all(torch.tensor([row]))[0]                    # (n_items,)
+            scores[rated] = -torch.inf
+            self._drop_untrained(scores)
+            weights = torch.softmax(self.model.attention[row] @ self.model.item_factors.T, dim=0)  # (K, n_items)
+        dominant = weights.argmax(0)
+        shares = weights[:, rated].mean(1) if len(rated) else None                 # (K,)
         answer = []
         for k in range(self.model.n_tastes):
-            top = torch.topk(taste_scores[k], min(max(n, 20), self.model.n_items)).indices.numpy()
-            genres = pd.Series([g for names in self.movies["genres"].iloc[top[:20]] for g in names])
-            mine = own[own["taste"] == k + 1].head(n)
+            held = torch.where(dominant == k, scores, -torch.inf)
+            top = torch.topk(held, min(max(n, 20), int(torch.isfinite(held).sum()))).indices
+            genres = pd.Series([g for names in self.movies["genres"].iloc[top[:20].numpy()] for g in names])
+            movies = self._movie_frame(top[:n].numpy())
+            movies[self.score_name] = self._shown(scores[top[:n]]).double().numpy().round(4)
+            movies["weight"] = weights[k, top[:n]].double().numpy().round(3)
             answer.append({"taste": k + 1, "share": None if shares is None else round(float(shares[k]), 3),
-                           "top_movies": self._movie_frame(top[:n]).to_dict("records"),
+                           "top_movies": movies.to_dict("records"),
                            "genres": genres.value_counts().head(3).index.tolist(),
-                           "rated_movies": mine.to_dict("records")})
+                           "rated_movies": own[own["taste"] == k + 1].head(n).to_dict("records")})
         return answer
 
     def rated_tastes(self, user_id):
@@ -174,6 +186,7 @@ class Recommender:
                 position = np.repeat(np.arange(len(rows)), counts)
                 seen = self.seen_items[self.seen_indptr[start]:self.seen_indptr[rows[-1] + 1]]
                 block_scores[position, seen] = -torch.inf
+                self._drop_untrained(block_scores)
                 values, items = torch.topk(block_scores, n, dim=1)
                 unrated = torch.isfinite(values).numpy().ravel()  # -inf: rated, past the user's last
                 users.append(np.repeat(self.user_ids[rows.numpy()], n)[unrated])
@@ -192,6 +205,13 @@ class Recommender:
         weights = torch.softmax(self.model.attention[row] @ vectors.T, dim=0)        # (K, m)
         return weights, weights * (self.model.tastes[row] @ vectors.T)
 
+    def _drop_untrained(self, scores):
+        """Scores (..., n_items) of the items no training row had set to -inf, in place: the model
+        never saw them chosen or rated, and their vectors hold nothing but the prior and the
+        implicit term's negatives (a rating run predicted such films 4.25 stars)."""
+        if self.untrained is not None:
+            scores[..., torch.from_numpy(self.untrained)] = -torch.inf
+
     def _shown(self, scores):
         """Scores as shown: predicted ratings clipped to the training ratings' range."""
         return scores.clamp(*self.rating_range) if self.rating_range else scores
@@ -207,13 +227,13 @@ class Recommender:
         """taste_weights.svg and item_map.svg of this run into folder (as train.py draws them)."""
         users = np.repeat(np.arange(len(self.user_ids)), np.diff(self.seen_indptr))
         pictures.run_pictures(Path(folder), self.model, (users, self.seen_items), list(self.movies["genres"]),
-                              self.config["dataset"])
+                              loader.dataset_name(self.config["dataset"]), self.untrained)
 
     def plot_map(self, path, user_id=None):
         """The movie map coloured by each movie's first genre; with user_id, the user's rated
         movies and taste vectors (projected by the same PCA) marked on it."""
         coordinates, project = pictures.item_map(self.model.item_factors.detach().numpy())
-        title = f"Item embeddings (PCA): {self.config['dataset']}, K={self.model.n_tastes}"
+        title = f"Item embeddings (PCA): {loader.dataset_name(self.config['dataset'])}, K={self.model.n_tastes}"
         rated = tastes = None
         if user_id is not None:
             row = self.user_row(user_id)
@@ -223,7 +243,7 @@ class Recommender:
             tastes = project(self.model.tastes[row].detach().numpy()) - project(np.zeros((1, self.model.dim)))
             title += f", user {user_id}"
         pictures.movie_map(path, coordinates, list(self.movies["genres"]), title, rated, tastes,
-                           f"user {user_id}")
+                           f"user {user_id}", self.untrained)
 
 
 def _count(n):
@@ -288,12 +308,14 @@ def main(argv):
         print(_text(answer, run.score_name))
     else:
         for taste in answer:
-            share = "" if taste["share"] is None else f", {taste['share']:.0%} of the user's movies"
+            share = "" if taste["share"] is None else f", {taste['share']:.0%} of the user's weight"
             genres = f"; genres: {', '.join(taste['genres'])}" if taste["genres"] else ""
             print(f"taste {taste['taste']}{share}{genres}")
-            print("\n".join(f"     {_title(m)}" for m in taste["top_movies"]))
+            print("   would recommend (the unrated movies it holds the most weight on, by the model's score):")
+            print("\n".join(f"     {_title(m)}  {run.score_name} {m[run.score_name]:.3f}  (weight {m['weight']:.2f})"
+                            for m in taste["top_movies"]) or "     (none: the other tastes hold every unrated movie)")
             if taste["rated_movies"]:
-                print("   of the user's own movies, it speaks most for:")
+                print("   the user's own movies it holds the most weight on:")
                 print("\n".join(f"     {m['title']}  (weight {m['weight']:.2f})" for m in taste["rated_movies"]))
     if args.plot:
         print(f"map written to {args.plot}", file=sys.stderr)

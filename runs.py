@@ -169,17 +169,77 @@ def resolve_config(argv, defaults, ranking_defaults, file_defaults=None):
     return cfg
 
 
+class HelpRequested(Exception):
+    """-h or --help on the command line: the caller prints its help."""
+
+
+def key_value_args(argv, defaults):
+    """The command line as ["--key=value", ...]: --key=value as it is, --key value joined, a bare
+    --flag of a boolean knob as --flag=true; -h or --help raise HelpRequested."""
+    joined, args = [], list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            raise HelpRequested
+        if arg.startswith("--") and "=" not in arg and arg[2:] in defaults:
+            if args and not args[0].startswith("--"):
+                arg = f"{arg}={args.pop(0)}"
+            elif isinstance(defaults[arg[2:]], bool):
+                arg = f"{arg}=true"
+            else:
+                raise ConfigError(f"{arg} needs a value: {arg}=VALUE or {arg} VALUE")
+        joined.append(arg)
+    return joined
+
+
 def parse_overrides(argv, defaults):
-    """--key=value pairs -> {key: value}, typed like the default; unknown keys are errors."""
+    """--key=value (or --key value) pairs -> {key: value}, typed like the default; an unknown key
+    is an error that names the closest known ones."""
+    import difflib
     overrides = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"arguments are --key=value, got {arg!r}")
-        key, text = arg[2:].split("=", 1)
+    for arg in key_value_args(argv, defaults):
+        if not arg.startswith("--"):
+            raise ConfigError(f"arguments are --key=value or --key value, got {arg!r} (--help lists the keys)")
+        key, text = arg[2:].split("=", 1) if "=" in arg else (arg[2:], None)
         if key not in defaults:
-            raise ConfigError(f"unknown hyperparameter {key!r}; valid keys: {', '.join(defaults)}")
+            close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join('--' + c for c in close)}?" if close else "--help lists them all"
+            raise ConfigError(f"unknown hyperparameter {key!r}: {hint}")
         overrides[key] = _typed(key, text, defaults[key])
     return overrides
+
+
+KNOB = re.compile(r"^(\w+) = .*?\s+# (.*)$")
+
+
+def help_text(script, usage, defaults, *variants):
+    """train.py --help: the usage lines of its docstring, then every knob of the block at the top
+    of script (between its two "# ---" rulers) with its default and its comment, grouped as
+    there; variants: (label, {key: value}) defaults that differ, shown beside (ranking, files)."""
+    lines = [line.rstrip() for line in Path(script).read_text().splitlines()]
+    rulers = [k for k, line in enumerate(lines) if line.startswith("# ---")]
+    examples = [line for line in usage.splitlines() if line.startswith("    ")]
+    out = ["usage:", *examples, "", "Every knob is --key=value or --key value (booleans: true/false/1/0); a "
+           "resumed run keeps its saved ones.", ""]
+    previous, knobs = None, {}
+    for line in lines[rulers[0] + 1:rulers[1]]:
+        knob = KNOB.match(line)
+        if knob:
+            previous = knob.group(1)
+            knobs[previous] = knob.group(2)
+            out.append(previous)                         # its line, written below
+        elif line.lstrip().startswith("# ") and line.startswith(" ") and previous in knobs:
+            knobs[previous] += " " + line.strip()[2:]    # a knob's comment, continued
+        elif line.startswith("# "):
+            if previous != "title":                      # a group's first line names it
+                out += ["", line[2:].split(": ")[0]]
+            previous = "title"
+    for k, key in enumerate(out):
+        if key in knobs:
+            beside = "".join(f"  [{label}: {changed[key]}]" for label, changed in variants
+                             if key in changed and changed[key] != defaults[key])
+            out[k] = f"  --{key}={defaults[key]}".ljust(30) + f" {knobs[key]}{beside}"
+    return "\n".join(out) + "\n"
 
 
 def _typed(key, text, default):
@@ -190,7 +250,7 @@ def _typed(key, text, default):
             return True
         if text.lower() in ("false", "0", "no"):
             return False
-        raise ConfigError(f"--{key} takes True or False, got {text!r}")
+        raise ConfigError(f"--{key} takes true or false (or 1 or 0), got {text!r}")
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -250,6 +310,24 @@ class History:
 
     def load_state_dict(self, state):
         self.rows, self.wall_seconds = list(state["rows"]), float(state["wall_seconds"])
+
+
+def epoch_line(rows, task, max_epochs):
+    """The console's line for the history's last epoch: its training loss, and when evaluated its
+    validation figure beside the best so far; the seconds of its training steps."""
+    row, key = rows[-1], f"val_{task.choose_by}"
+    line = f"epoch {row['epoch']}/{max_epochs}  loss {row['train_loss']:.4f}"
+    if key in row:
+        best = max((r for r in rows if key in r), key=lambda r: task.sign * r[key])
+        line += f"  val {task.choose_label} {row[key]:.4f} (best {best[key]:.4f} at epoch {best['epoch']})"
+    return line + f"  {row['epoch_seconds']:.1f} s"
+
+
+def say(line):
+    """Print a line above any progress bar (tqdm's write), flushed: a log shows it at once."""
+    from tqdm.auto import tqdm
+    tqdm.write(line)
+    sys.stdout.flush()
 
 
 def unstarted_run_files(run_dir):
@@ -357,6 +435,12 @@ def read_checkpoint(path):
                           "restore it from a copy, or delete the run folder and start again") from None
 
 
+def diverged(trainer):
+    """Whether the last training step's loss is NaN or infinite (TerminateOnNan then stopped)."""
+    output = trainer.state.output
+    return output is not None and not math.isfinite(float(output["loss"]))
+
+
 def divergence(state, run_dir):
     """The TrainingError of a run whose loss became NaN or infinite (Ignite's engine state)."""
     kept = (f"the checkpoint of epoch {state.epoch - 1} is kept in {run_dir}"
@@ -440,7 +524,8 @@ def save_run_data(run_dir, task, cfg):
     indptr = np.concatenate([[0], np.cumsum(np.bincount(users, minlength=task.n_users))])
     arrays = io.BytesIO()
     np.savez(arrays, user_ids=task.user_ids, item_ids=task.item_ids, seen_indptr=indptr,
-             seen_items=items[order], rating_range=np.array(task.rating_range or (), dtype=np.float64))
+             seen_items=items[order], rating_range=np.array(task.rating_range or (), dtype=np.float64),
+             trained_items=task.trained_items)
     write_atomically(run_dir / "dataset.npz", arrays.getvalue())
     try:
         movies = loader.read_items(cfg["dataset"], cfg["data_dir"], cfg["items"])

@@ -46,6 +46,7 @@ class RatingTask:
         self.rating_range = ((float(train_ratings.min()), float(train_ratings.max()))
                              if cfg["clip_predictions"] else None)
         self.counts = {f"n_{name}": len(r) for name, r in zip(SPLITS, rows)}
+        self.trained_items = np.bincount(ratings.items[rows[0]], minlength=self.n_items) > 0  # (n_items,)
         split = "the dataset's own parts" if ratings.part is not None else \
             f"{1 - cfg['test_fraction']:g}/{cfg['test_fraction']:g} by row (seed {cfg['split_seed']})"
         self.described = ratings.described + [
@@ -200,6 +201,7 @@ class RankingTask:
         # The pairs each row has in an epoch's prior: a positive's user and item, and with sampled
         # losses the user once more per negative and each item as a negative (in expectation).
         train_users, train_items = data.users[data.rows(0)], data.items[data.rows(0)]
+        self.trained_items = np.bincount(train_items, minlength=data.n_items) > 0  # (n_items,)
         per_positive = 1 if cfg["loss"] == "softmax" else 1 + cfg["n_negatives"]
         as_negative = 0 if cfg["loss"] == "softmax" else cfg["n_negatives"] * len(train_users) / data.n_items
         self.prior_scale = prior_scale(

@@ -67,8 +67,8 @@ test_fraction = 0.25       # rows held out for test, drawn as the replaced scrip
 val_fraction = 0.05        # share of the training rows held out for early stopping and model choice
 split_seed = 42            # seed of the train/test and train/val splits (42 = the replaced script's split)
 # ranking (task="ranking"): RecBole's ml-1m protocol, each user's interactions split train/val/test
-ranking_min_rating = 3.0   # a rating >= this is a positive interaction (the value is then dropped); files: -inf, all
-ranking_core = 10          # users and items with fewer positives are removed, repeatedly until none is; files: 1
+ranking_min_rating = 3.0   # a rating >= this is a positive interaction (the value is then dropped)
+ranking_core = 10          # users and items with fewer positives are removed, repeatedly until none is
 loss = "softmax"           # ranking loss: softmax (all items), sampled_softmax, bpr, adaptive_hinge (Kula's)
 n_negatives = 100          # uniform negatives per positive (sampled_softmax, bpr, adaptive_hinge takes the hardest)
 top_k = 10                 # cut-off k of NDCG, Recall, MRR, Hit and Precision; validation NDCG@k picks the epoch
@@ -120,7 +120,7 @@ run_name = ""              # runs/<run_name>/ and results/<run_name>/ ("" = data
 runs_dir = "runs"          # TensorBoard events, checkpoints and config of each run
 results_dir = "results"    # summary.json, metrics.csv and plots of each finished run
 resume = ""                # a run folder (runs/<name>) to continue from its last checkpoint
-progress = True            # show Ignite's progress bar
+progress = True            # show Ignite's progress bar (on a terminal; a log gets one line an epoch either way)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
@@ -189,12 +189,12 @@ def training(local_rank, cfg, attach=None):
     if rank == 0:
         runs.write_atomically(run_dir / "config.json", json.dumps(cfg, indent=2) + "\n")
         tb_logger = runs.attach_tensorboard(run_dir, trainer, evaluators, optimizer, task, cfg)
-        if cfg["progress"] and left is None:
-            ProgressBar(persist=False).attach(
+        if cfg["progress"] and left is None and sys.stderr.isatty():  # a redirected log gets the epoch lines only
+            ProgressBar(persist=False, desc="Epoch").attach(
                 trainer, output_transform=lambda out: {"loss": out["loss"]})
     if left is None:
         trainer.run(task.batches, max_epochs=cfg["epochs"])
-    if diverged(trainer):
+    if runs.diverged(trainer):
         if tb_logger:
             tb_logger.close()
         raise runs.divergence(trainer.state, run_dir)
@@ -217,7 +217,7 @@ def open_run(cfg, device):
         runs.check_new_run_folder(run_dir, results)
     with idist.one_rank_first():
         ratings = loader.load(cfg["dataset"], cfg["data_dir"], cfg["download"],
-                              progress=cfg["progress"] and rank == 0, columns=cfg["columns"])
+                              progress=cfg["progress"] and rank == 0 and sys.stderr.isatty(), columns=cfg["columns"])
         if cfg["items"]:  # read now, so a bad file stops the run before it trains
             loader.read_items(cfg["dataset"], cfg["data_dir"], cfg["items"])
     return run_dir, results, TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)
@@ -275,7 +275,7 @@ def attach_lr_schedule(cfg, trainer, optimizer, steps_per_epoch):
 
 # TerminateOnNan stops mid-epoch, but Ignite still fires EPOCH_COMPLETED: the handlers of that
 # event skip a diverged epoch, so no NaN model is evaluated or saved.
-EPOCH_COMPLETED = Events.EPOCH_COMPLETED(event_filter=lambda engine, _: not diverged(engine))
+EPOCH_COMPLETED = Events.EPOCH_COMPLETED(event_filter=lambda engine, _: not runs.diverged(engine))
 
 
 def evaluate_each_epoch(cfg, task, model, trainer, run_dir):
@@ -305,6 +305,8 @@ def evaluate_each_epoch(cfg, task, model, trainer, run_dir):
                 row.update({f"{split}_{m}": evaluator.state.metrics[m] for m in task.metric_names})
         if not last:
             history.rows.append(row)
+        if idist.get_rank() == 0:  # one line an epoch, whatever the progress bar does
+            runs.say(runs.epoch_line(history.rows, task, engine.state.max_epochs))
 
     def validation_score(_):  # Ignite's handlers keep the highest score
         return task.sign * evaluators["val"].state.metrics[task.choose_by]
@@ -374,7 +376,8 @@ def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, t
         return
     movies = runs.save_run_data(run_dir, task, cfg)
     trained = getattr(model, "module", model)
-    pictures.run_pictures(results, trained, task.seen, [m["genres"] for m in movies], cfg["dataset"])
+    pictures.run_pictures(results, trained, task.seen, [m["genres"] for m in movies], loader.dataset_name(cfg["dataset"]),
+                          untrained=~task.trained_items)
     runs.write_projector(tb_logger.writer, run_dir, trained.item_factors.detach().cpu(), movies)
     tb_logger.writer.add_hparams({k: v if not isinstance(v, float) or math.isfinite(v) else str(v)  # -inf: a file's
                                   for k, v in cfg.items() if k not in ("resume",)},               # ranking_min_rating
@@ -387,15 +390,12 @@ def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, t
           f"val {task.choose_by} {final[choose]:.4f}); results in {results}/")
 
 
-def diverged(trainer):
-    """Whether the last training step's loss is NaN or infinite (TerminateOnNan then stopped)."""
-    output = trainer.state.output
-    return output is not None and not math.isfinite(float(output["loss"]))
-
-
 def main(argv):
     try:
         cfg = resolve_config(argv)
+    except runs.HelpRequested:
+        print(runs.help_text(__file__, __doc__, DEFAULTS, ("ranking", RANKING_DEFAULTS), ("files", FILE_DEFAULTS)))
+        return 0
     except (ConfigError, loader.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

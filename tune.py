@@ -54,10 +54,11 @@ TUNE_KEYS = ("study", "trials", "timeout", "seed", "prune_warmup")
 
 
 def parse(argv):
-    """--key=value: this script's knobs above, and any of train.py's (fixed for every trial)."""
+    """--key=value (or --key value): this script's knobs above, and any of train.py's (fixed for
+    every trial)."""
     own = {k: globals()[k] for k in TUNE_KEYS}
     mine, theirs = [], []
-    for arg in argv:
+    for arg in runs.key_value_args(argv, {**train.DEFAULTS, **own}):
         key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
         (mine if key in own else theirs).append(arg)
     settings = {**own, **runs.parse_overrides(mine, own)}
@@ -182,6 +183,13 @@ def main(argv):
         return 2
     try:
         settings, fixed, base = parse(argv)
+    except runs.HelpRequested:
+        own = {k: globals()[k] for k in TUNE_KEYS}
+        lines = runs.help_text(__file__, __doc__, own).splitlines()
+        print("\n".join(line for line in lines if line.startswith(("usage", "    ", "  --")) or not line)
+              .replace("\n\n\n", "\n\n").rstrip() + "\n\nEach knob is --key=value or --key value. Any train.py knob "
+              "(python train.py --help) is passed to every trial and fixes it.")
+        return 0
     except (runs.ConfigError, loader.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -275,8 +275,36 @@ def test_a_movie_without_a_year_keeps_the_year_column_whole(runs):
 
 
 def test_tastes_show_as_many_movies_as_asked(runs):
-    tastes = Recommender.load(runs["mixture"]).tastes(121, n=30)
-    assert [len(t["top_movies"]) for t in tastes] == [30, 30]
+    run = Recommender.load(runs["mixture"])
+    tastes = run.tastes(121, n=30)
+    row = run.user_row(121)
+    with torch.no_grad():
+        dominant = torch.softmax(run.model.attention[row] @ run.model.item_factors.T, 0).argmax(0).numpy()
+    unrated = np.ones(len(run.item_ids), dtype=bool)
+    unrated[run.rated(row)] = False
+    assert [len(t["top_movies"]) for t in tastes] == [min(30, int((unrated & (dominant == k)).sum())) for k in (0, 1)]
+
+
+def test_a_tastes_movies_are_what_the_model_recommends_under_it(runs):
+    """Under each taste: unrated movies on which that taste holds the largest weight, by the
+    model's own score (biases included); so the model's top recommendation leads the list of
+    the taste that holds it, and the user's own movies are filed as rated_tastes files them."""
+    for name in ("mixture", "rating"):
+        run = Recommender.load(runs[name])
+        for user in (1, 61, 121, 140):
+            tastes, top = run.tastes(user, n=5), run.recommend(user, n=1).iloc[0]
+            rated = set(run.item_ids[run.rated(run.user_row(user))])
+            for taste in tastes:
+                scores = [m[run.score_name] for m in taste["top_movies"]]
+                assert scores == sorted(scores, reverse=True) and not rated & {m["movie_id"] for m in taste["top_movies"]}
+                assert all(m["weight"] >= 1 / len(tastes) for m in taste["top_movies"])
+            leads = [t["top_movies"][0]["movie_id"] for t in tastes if t["top_movies"]]
+            assert top["movie_id"] in leads
+            own = run.rated_tastes(user)
+            for taste in tastes:
+                assert [m["movie_id"] for m in taste["rated_movies"]] == \
+                    own[own["taste"] == taste["taste"]]["movie_id"].head(5).tolist()
+            assert abs(sum(t["share"] for t in tastes) - 1) < 1e-3
 
 
 @pytest.mark.parametrize("name,damage", [
@@ -328,4 +356,4 @@ def test_rated_tastes_split_a_both_groups_users_movies_by_group(runs):
     assert all(len(t["rated_movies"]) <= 3 for t in tastes)
     assert {m["movie_id"] for t in tastes for m in t["rated_movies"]} <= set(run.rated_tastes(121)["movie_id"])
     text = cli(runs["mixture"], "--user=121", "--tastes", "--n=3").stdout
-    assert "of the user's own movies, it speaks most for:" in text
+    assert "the user's own movies it holds the most weight on:" in text and "would recommend" in text

@@ -127,7 +127,7 @@ def test_resume_refuses_settings_its_checkpoint_fixes(tmp_path, synthetic_ml100k
     ("--learning_rate=0.1", "unknown hyperparameter 'learning_rate'"),
     ("--epochs=three", "--epochs takes a whole number"),
     ("--lr=fast", "--lr takes a number"),
-    ("--download=maybe", "--download takes True or False"),
+    ("--download=maybe", "--download takes true or false"),
     ("--dataset=ml-2m", "unknown dataset 'ml-2m': neither a MovieLens name (ml-100k"),
     ("--batch_size=-5", "--batch_size must not be negative"),
     ("epochs=3", "arguments are --key=value"),
@@ -405,3 +405,49 @@ def test_the_implicit_term_stops_after_its_share_of_the_epochs(tmp_path, synthet
         per_epoch = len(steps["train_step/mse"]) // 4
         assert max(steps["train_step/mse"]) == 4 * per_epoch
         assert max(steps["train_step/implicit"]) == carried * per_epoch
+
+
+def test_help_lists_every_knob_with_its_defaults_and_comments(capsys):
+    import train
+    assert train.main(["--help"]) == 0 and train.main(["-h"]) == 0
+    text = capsys.readouterr().out.split("usage:")[-1]
+    for key, value in train.DEFAULTS.items():
+        assert f"  --{key}={value}" in text, key
+    assert "--dim=32" in text and "[ranking: 160]" in text and "[files: -inf]" in text
+    assert "latent dimension d of tastes" in text and "python train.py --task=ranking" in text
+    assert "\nmodel\n" in text and "\noptimisation\n" in text  # grouped as the top of train.py
+
+
+def test_keys_take_a_space_a_bare_boolean_and_unknown_ones_name_the_closest(tmp_path):
+    import runs
+    import train
+    cfg = train.resolve_config(["--epochs", "3", "--task", "ranking", "--eval_train", "--dim=7"])
+    assert (cfg["epochs"], cfg["task"], cfg["eval_train"], cfg["dim"]) == (3, "ranking", True, 7)
+    assert cfg["n_tastes"] == 2 and cfg["lr"] == train.RANKING_DEFAULTS["lr"]
+    for argv, message in ((["--ntastes=3"], "did you mean --n_tastes"), (["--epochs"], "--epochs needs a value"),
+                          (["--progress=maybe"], "takes true or false"), (["--epochs=3.5"], "takes a whole number"),
+                          (["--frobnicate=1"], "--help lists them all")):
+        with pytest.raises(runs.ConfigError, match=message):
+            train.resolve_config(argv)
+
+
+def test_a_redirected_log_has_one_line_an_epoch_and_no_progress_bar(tmp_path, synthetic_ml100k):
+    args = [sys.executable, str(ROOT / "train.py"), "--dataset=ml-100k", f"--data_dir={synthetic_ml100k}",
+            f"--runs_dir={tmp_path / 'runs'}", f"--results_dir={tmp_path / 'results'}", "--download=False",
+            "--batch_size=512", "--dim=4", "--epochs=3", "--eval_every=2", "--patience=0"]  # progress left on
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\r" not in done.stdout + done.stderr and "Iteration" not in done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert "val MSE" not in lines[0] and "val MSE" in lines[1] and "(best " in lines[2]
+    assert done.stdout.splitlines()[0].startswith(str(synthetic_ml100k))  # what was read, first
+
+
+def test_user_results_are_ignored_by_git_and_the_reference_runs_are_not():
+    import shutil
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "results/my-run/summary.json", "results/ml-1m-default/summary.json",
+                              "results/benchmark.md"], capture_output=True, text=True, cwd=ROOT)
+    assert ignored.stdout.split() == ["results/my-run/summary.json"]
