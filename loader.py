@@ -415,8 +415,9 @@ def dataset_sources(dataset):
 
 
 def _cache_path(source, key=""):
-    """Beside the source (a file, or a folder of parts) where it is writable, else in the user
-    cache under a name keyed by its resolved path: two sources never share a cache."""
+    """Beside the source (a file, or the parts of a pre-split folder) where its folder is
+    writable, else in the user cache under a name keyed by its resolved path: two sources never
+    share a cache."""
     folder = source.parent
     name = f".{source.name}{key}.mfmixtaste.npz"
     if _is_writable(folder):
@@ -440,7 +441,7 @@ def load(dataset, data_dir="data", allow_download=True, progress=True, columns="
         files, parts = dataset_sources(dataset)
     stamp = np.array([CACHE_VERSION] + [v for f in files for v in (f.stat().st_size, f.stat().st_mtime_ns)],
                      dtype=np.int64)
-    source = files[0] if parts is None else files[0].parent
+    source = files[0] if parts is None else files[0].parent / "parts"  # a pre-split folder's cache: inside it
     cache = _cache_path(source, "" if not columns else "-" + hashlib.sha1(columns.encode()).hexdigest()[:8])
     found = _read_cache(cache, stamp)
     if found is not None:
