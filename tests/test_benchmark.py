@@ -1,4 +1,5 @@
 import importlib.util
+import itertools
 import re
 import subprocess
 import sys
@@ -334,3 +335,19 @@ def test_the_generator_has_the_marginals_of_real_sets_and_writes_a_file_the_load
     written = studies.write_interactions(path, 300, 100, 5_000, seed=1)
     found = loader.load(str(path))
     assert len(found) == written and found.has_ratings and found.timestamps is not None
+
+
+def test_the_grid_climb_finds_a_single_peaked_grids_best_with_fewer_fits():
+    grid = {"a": (1, 2, 3, 4, 5), "b": (0.1, 1.0, 10.0, 100.0), "c": ("x", "y", "z")}
+    for peak in [(0, 3, 2), (4, 0, 0), (2, 1, 1), (3, 3, 0)]:
+        def score(setting, peak=peak):  # falls with the distance in grid steps from the peak
+            index = [grid[name].index(setting[name]) for name in grid]
+            return -sum(abs(i - p) * w for i, p, w in zip(index, peak, (1.0, 1.5, 0.7))), setting["a"]
+        every = max(score(dict(zip(grid, values)))[0] for values in itertools.product(*grid.values()))
+        value, setting, result, fits = peers.grid_search(grid, score)
+        assert value == every == 0.0
+        assert [grid[name].index(setting[name]) for name in grid] == list(peak)
+        assert result == setting["a"] and fits < 5 * 4 * 3
+    # A grid of one setting (or none: popularity) is scored once.
+    assert peers.grid_search({}, lambda s: (1.0, "r")) == (1.0, {}, "r", 1)
+    assert peers.grid_search({"l2": (7.0,)}, lambda s: (s["l2"], None))[:2] == (7.0, {"l2": 7.0})

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import loader
+import peers
 import tasks
 import train
 from MFMixTaste import MFMixTaste
@@ -130,6 +131,24 @@ def test_the_evaluator_masks_training_items_and_for_test_validation_items(tmp_pa
         assert not seen.gather(1, top).any()
         position, items = task.by_user[split].pairs(users)
         assert relevant.sum() == len(items) and relevant[position, items].all()
+
+
+def test_evaluation_streams_users_in_blocks_with_the_figures_of_one_dense_block(tmp_path):
+    """Blocks of 3 users (a running sum of per-user metrics, never a users x items matrix) give
+    what one block of every user gives, ties included: scores rounded to a few levels tie often."""
+    small = _ranking_task(tmp_path, eval_batch_size=16 * 3)
+    whole = _ranking_task(tmp_path, eval_batch_size=16 * 100_000)
+    assert len(small.eval_batches["val"]) > 5 and len(whole.eval_batches["val"]) == 1
+    model = MFMixTaste(small.n_users, small.n_items, dim=4, n_tastes=2, init_std=0.5)
+    tied = peers.Scorer(lambda users: np.round(model.score_all(torch.from_numpy(users)).detach().numpy(), 1))
+    for scorer in (model, tied):
+        for split in ("val", "test"):
+            streamed, dense = small.evaluate(scorer, split), whole.evaluate(scorer, split)
+            assert streamed.keys() == dense.keys()
+            for name in dense:
+                assert abs(streamed[name] - dense[name]) < 1e-9, (split, name)
+    scores, _ = whole.scores_and_relevant(tied, torch.arange(whole.n_users), "val")
+    assert ((scores[:, :-1] == scores[:, 1:]) & torch.isfinite(scores[:, 1:])).any()  # they do tie
 
 
 @pytest.mark.parametrize("overrides,message", [
