@@ -189,12 +189,13 @@ class RankingTask:
         self.by_user = {name: loader.UserBatches(*parts[name], data.n_users, 1, shuffle=False)
                         for name in SPLITS}
         if cfg["loss"] == "softmax":
-            self.batch_size = batch_size_for(cfg, data.n_users)
+            self.batch_size = batch_size_for(cfg, data.n_users, RANKING_BATCH_STEPS,
+                                             max(1, RANKING_BATCH_SCORES // data.n_items), RANKING_BATCH_LEAST)
             self.batches = loader.UserBatches(*parts["train"], data.n_users, self.batch_size,
                                               seed=cfg["seed"], rank=rank, world_size=world_size)
         else:
-            users, items = parts["train"]
-            self.batch_size = batch_size_for(cfg, len(users))
+            users, items = parts["train"]  # batch_size=0: the 256 interactions they were measured at
+            self.batch_size = batch_size_for(cfg, len(users), most=256, least=256)
             self.batches = loader.NegativeBatches((users, items, torch.zeros(len(users))),
                                                   self.batch_size, data.n_items, cfg["n_negatives"],
                                                   seed=cfg["seed"], rank=rank, world_size=world_size)
@@ -311,6 +312,13 @@ class RankingTask:
 
 
 AUTO_BATCH_STEPS, AUTO_BATCH_MOST = 64, 8192
+# The softmax ranking loss's batch_size=0: 256 users (ML-1M's tuned batch: 24 steps an epoch), or
+# more where 256 would make more than 24 steps an epoch (Amazon Beauty: 932 users), each step's
+# (users x items) scores at most 2**25 (128 MiB in float32; ML-25M: 568 users). A fixed 256 gave
+# Amazon Beauty 88 steps an epoch: Adam at lr 0.03 moved every item vector 3.7 times as far an
+# epoch as on ML-1M, the training loss climbed for 5 epochs and the mixture ended a quarter below
+# one taste (docs/ranking.md, "Amazon").
+RANKING_BATCH_LEAST, RANKING_BATCH_STEPS, RANKING_BATCH_SCORES = 256, 24, 2 ** 25
 
 
 def bfloat16_products(cfg, device):
@@ -336,16 +344,16 @@ def bfloat16_products(cfg, device):
     return False
 
 
-def batch_size_for(cfg, n_train):
-    """The global batch: batch_size, or for batch_size=0 n_train / 64 up to 8192 (n_train:
-    ratings, users or interactions, as batch_size counts). Early stopping and the epoch cap count
+def batch_size_for(cfg, n_train, steps=AUTO_BATCH_STEPS, most=AUTO_BATCH_MOST, least=1):
+    """The global batch: batch_size, or for batch_size=0 n_train / steps within [least, most]
+    (n_train: ratings, users or interactions, as batch_size counts). Early stopping and the epoch cap count
     epochs; with one fixed batch a set ten times smaller has ten times fewer steps per epoch (ML-
     100K: 9 of 8192 ratings), so its runs stop on a handful of steps' progress and need ten times
     the epochs. At least 64 steps make an epoch mean about the same progress on any set; 8192
     keeps the large sets' steps few and fast (measured in docs/rating.md, "Defaults that hold")."""
     if cfg["batch_size"]:
         return cfg["batch_size"]
-    return max(1, min(AUTO_BATCH_MOST, math.ceil(n_train / AUTO_BATCH_STEPS)))
+    return max(1, min(most, max(least, math.ceil(n_train / steps))))
 
 
 def prior_scale(cfg, user_pairs, item_pairs, device, pairs_per_example=1):

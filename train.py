@@ -99,7 +99,8 @@ implicit_share = 0.8       # share of the epochs, from the first, that carry the
 lr = 1.5e-2                # Adam learning rate (its peak, see lr_decay)
 lr_decay = 0.4             # share of the run, at its end, over which lr falls linearly to 0 (0 = constant lr)
 batch_size = 0             # per step (the global batch): ratings; for ranking, users (softmax) or interactions;
-                           # 0 = n_train / 64 up to 8192 (ML-1M: 8192, ML-100K: ~1100), see batch_size_for
+                           # 0 = n_train / 64 up to 8192 (ML-1M: 8192, ML-100K: ~1100); ranking's softmax: 256
+                           # users, more where an epoch would take over 24 steps (see batch_size_for)
 epochs = 5                 # epochs to run, the length of the lr schedule (early stopping may end it sooner)
 patience = 2               # early stopping: evaluations without a better validation MSE (NDCG@k) before stopping
 clip_predictions = True    # clamp evaluated predictions to the training set's rating range
@@ -128,7 +129,7 @@ DEFAULTS = {k: v for k, v in globals().items()
 # on ML-1M's validation NDCG@10 (docs/ranking.md).
 RANKING_DEFAULTS = dict(test_fraction=0.1, val_fraction=0.1, split_seed=2020, dim=160, n_tastes=2,
                         prior_per="pair", prior_tastes=0.07, share_taste_prior=True, prior_attention=0.05,
-                        prior_items=0.03, prior_biases=0.0, lr=0.03, lr_decay=0.7, batch_size=256,
+                        prior_items=0.03, prior_biases=0.0, lr=0.03, lr_decay=0.7, batch_size=0,
                         epochs=15, patience=3, test_curve=False, eval_every=5)
 # What a dataset given by path changes (an explicit --key=value still wins): RecBole's ML-1M protocol
 # is MovieLens's; a file is used as it is, every row an interaction (docs/data.md).

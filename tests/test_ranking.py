@@ -320,3 +320,17 @@ def test_auto_mixed_precision_asks_the_runs_own_gpu_for_native_bfloat16(monkeypa
     cfg = {"mixed_precision": "auto", "loss": "softmax"}
     assert tasks.bfloat16_products(cfg, torch.device("cuda:1")) is native
     assert asked in ([], [torch.device("cuda:1")])
+
+
+def test_the_softmax_loss_batch_keeps_an_epoch_to_24_steps_within_its_memory_bound(tmp_path):
+    def users_per_step(n_users, n_items, **cfg):
+        return tasks.batch_size_for({"batch_size": 0, **cfg}, n_users, tasks.RANKING_BATCH_STEPS,
+                                    max(1, tasks.RANKING_BATCH_SCORES // n_items), tasks.RANKING_BATCH_LEAST)
+    assert users_per_step(6033, 3123) == 256            # ML-1M: the batch its defaults were tuned at
+    assert users_per_step(943, 1682) == 256             # smaller sets: the same batch, fewer steps
+    assert users_per_step(22363, 12101) == 932          # Amazon Beauty: 24 steps an epoch
+    assert users_per_step(162541, 59047) == 2 ** 25 // 59047  # ML-25M: the scores' bound
+    assert users_per_step(22363, 12101, batch_size=100) == 100  # an explicit batch wins
+    task = _ranking_task(tmp_path, batch_size=0)
+    assert task.batch_size == 256 and train.RANKING_DEFAULTS["batch_size"] == 0
+    assert _ranking_task(tmp_path, batch_size=0, loss="bpr").batch_size == 256  # sampled: as measured
