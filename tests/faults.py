@@ -44,6 +44,10 @@ def main(argv):
                 sys.setprofile(None)
                 os.kill(os.getpid(), target[2])
 
+    # A process started in the background by a non-interactive shell (nohup, `&` in a script: how
+    # CI may start the tests) inherits SIGINT ignored, and Python then keeps it ignored: a SIGINT
+    # point would not stop the run. Ctrl-C's own handler, whatever the parent did.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.setprofile(profile)
     try:
         status = train.main(args)
