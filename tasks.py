@@ -194,20 +194,21 @@ class RankingTask:
             self.batches = loader.UserBatches(*parts["train"], data.n_users, self.batch_size,
                                               seed=cfg["seed"], rank=rank, world_size=world_size)
         else:
-            users, items = parts["train"]  # batch_size=0: the 256 interactions they were measured at
-            self.batch_size = batch_size_for(cfg, len(users), most=256, least=256)
+            users, items = parts["train"]
+            self.batch_size = cfg["batch_size"] or SAMPLED_BATCH
             self.batches = loader.NegativeBatches((users, items, torch.zeros(len(users))),
                                                   self.batch_size, data.n_items, cfg["n_negatives"],
                                                   seed=cfg["seed"], rank=rank, world_size=world_size)
         # The pairs each row has in an epoch's prior: a positive's user and item, and with sampled
         # losses the user once more per negative and each item as a negative (in expectation).
         train_users, train_items = data.users[data.rows(0)], data.items[data.rows(0)]
-        self.trained_items = np.bincount(train_items, minlength=data.n_items) > 0  # (n_items,)
+        item_positives = np.bincount(train_items, minlength=data.n_items)       # (n_items,)
+        self.trained_items = item_positives > 0
         per_positive = 1 if cfg["loss"] == "softmax" else 1 + cfg["n_negatives"]
         as_negative = 0 if cfg["loss"] == "softmax" else cfg["n_negatives"] * len(train_users) / data.n_items
         self.prior_scale = prior_scale(
             cfg, per_positive * np.bincount(train_users, minlength=data.n_users),
-            np.bincount(train_items, minlength=data.n_items) + as_negative, device,
+            item_positives + as_negative, device,
             pairs_per_example=per_positive)
         # Evaluation goes over blocks of users; each rank takes every world_size-th user.
         eval_users = max(1, cfg["eval_batch_size"] // 16)  # a block's scores: 1024 x n_items
@@ -319,6 +320,7 @@ AUTO_BATCH_STEPS, AUTO_BATCH_MOST = 64, 8192
 # epoch as on ML-1M, the training loss climbed for 5 epochs and the mixture ended a quarter below
 # one taste (docs/ranking.md, "Amazon").
 RANKING_BATCH_LEAST, RANKING_BATCH_STEPS, RANKING_BATCH_SCORES = 256, 24, 2 ** 25
+SAMPLED_BATCH = 256  # the sampled losses' batch_size=0: the interactions a step they were measured at
 
 
 def bfloat16_products(cfg, device):

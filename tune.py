@@ -53,10 +53,15 @@ BATCH_SIZES = {"examples": [0, 1024, 2048, 4096, 8192, 16384], "ranking": [64, 1
 TUNE_KEYS = ("study", "trials", "timeout", "seed", "prune_warmup")
 
 
+def own_defaults():
+    """This script's knobs (TUNE_KEYS) with their defaults from the top of the file."""
+    return {k: globals()[k] for k in TUNE_KEYS}
+
+
 def parse(argv):
     """--key=value (or --key value): this script's knobs above, and any of train.py's (fixed for
     every trial)."""
-    own = {k: globals()[k] for k in TUNE_KEYS}
+    own = own_defaults()
     mine, theirs = [], []
     for arg in runs.key_value_args(argv, {**train.DEFAULTS, **own}):
         key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
@@ -184,8 +189,7 @@ def main(argv):
     try:
         settings, fixed, base = parse(argv)
     except runs.HelpRequested:
-        own = {k: globals()[k] for k in TUNE_KEYS}
-        lines = runs.help_text(__file__, __doc__, own).splitlines()
+        lines = runs.help_text(__file__, __doc__, own_defaults()).splitlines()
         print("\n".join(line for line in lines if line.startswith(("usage", "    ", "  --")) or not line)
               .replace("\n\n\n", "\n\n").rstrip() + "\n\nEach knob is --key=value or --key value. Any train.py knob "
               "(python train.py --help) is passed to every trial and fixes it.")
