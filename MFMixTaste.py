@@ -182,6 +182,9 @@ def _sum_of_outer(coefficients, vectors, out=None):
     return out
 
 
+SCORE_CHUNK = 1024  # items per step of score_all (see there)
+
+
 class MFMixTaste(nn.Module):
     def __init__(self, n_users, n_items, dim=32, n_tastes=4, global_mean=0.0, init_std=0.01):
         """n_users, n_items: sizes of the contiguous index spaces (see loader.IdMap).
@@ -288,19 +291,26 @@ class MFMixTaste(nn.Module):
             weights (B, K, n) = softmax over K of A_u e_j,  scores = sum_k weights * U_u e_j + biases
         One matrix product serves tastes and attention (their rows sit side by side in
         user_factors). Temporaries are B x 2K x n_items floats: score users in blocks. Under
-        bfloat16 autocast the product and the mixture are bfloat16, the biases' sum float32."""
-        return self._scores_of_all_items(self.user_factors[users], self.user_bias[users])
+        bfloat16 autocast the product and the mixture are bfloat16, the biases' sum float32.
+        The items are scored SCORE_CHUNK at a time: the (B, 2K, chunk) temporaries then stay in
+        the processor's cache instead of going through memory four times (1024 users, K=2, d=160:
+        59,047 items 1.0-1.2 s instead of 2.2 s; ML-1M's 3,706 the same time either way)."""
+        rows, user_b = self.user_factors[users], self.user_bias[users]
+        return torch.cat([self._scores_of_all_items(rows, user_b, columns=slice(start, start + SCORE_CHUNK))
+                          for start in range(0, self.n_items, SCORE_CHUNK)], dim=1)
 
-    def _scores_of_all_items(self, rows, user_b, return_weights=False):
-        """score_all from the users' rows (B, 2, K, d) of user_factors and biases (B,); with
-        return_weights, also the mixture weights (B, K, n_items)."""
-        batch, n_items = len(rows), self.n_items
-        products = (rows.view(-1, self.dim) @ self.item_factors.T).view(batch, 2, self.n_tastes, n_items)
-        taste_scores, logits = products.unbind(1)                                  # (B, K, n)
+    def _scores_of_all_items(self, rows, user_b, return_weights=False, columns=slice(None)):
+        """score_all from the users' rows (B, 2, K, d) of user_factors and biases (B,), of the
+        items in columns (a slice or an index tensor of C items; default all): (B, C); with
+        return_weights, also the mixture weights (B, K, C)."""
+        item_factors, item_bias = self.item_factors[columns], self.item_bias[columns]
+        batch, n_items = len(rows), len(item_factors)
+        products = (rows.view(-1, self.dim) @ item_factors.T).view(batch, 2, self.n_tastes, n_items)
+        taste_scores, logits = products.unbind(1)                                  # (B, K, C)
         # softmax over K of a contiguous copy: on the strided view, softmax and its backward
         # take 2-4x longer (measured at B=1024, K=2, ML-1M's 3123 items).
-        weights = torch.softmax(logits.contiguous(), dim=1)                        # (B, K, n)
-        scores = (weights * taste_scores).sum(1) + self.item_bias + (user_b + self.global_bias).unsqueeze(1)
+        weights = torch.softmax(logits.contiguous(), dim=1)                        # (B, K, C)
+        scores = (weights * taste_scores).sum(1) + item_bias + (user_b + self.global_bias).unsqueeze(1)
         return (scores, weights) if return_weights else scores
 
     def _weighted_squared_norms(self, rows, user_b, user_counts, item_counts, total=None, taste_counts=None):

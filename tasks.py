@@ -389,10 +389,12 @@ class UserBlocks:
 def top_k_items(scores, k):
     """(values, items) of the k highest scores per row, (B, k) each, best first. Ties are
     broken by item index, lower first (as a stable sort would), so results never depend on
-    how torch.topk orders equal values; rows without a tie pay only for topk."""
-    values, items = torch.topk(scores, k, dim=1)
-    kth = values[:, -1:]
-    tied = ((scores == kth).sum(1) > (values == kth).sum(1)) | (values[:, 1:] == values[:, :-1]).any(1)
+    how torch.topk orders equal values; rows without a tie pay only for topk. A tie across the
+    cut shows as the (k+1)-th value equal to the k-th: one topk of k+1 finds it, where counting
+    the scores equal to the k-th read the whole (B, n_items) block again (4x the topk's time)."""
+    values, items = torch.topk(scores, min(k + 1, scores.shape[1]), dim=1)
+    tied = (values[:, 1:] == values[:, :-1]).any(1)  # within the k, or the k-th and the (k+1)-th
+    values, items = values[:, :k], items[:, :k]
     if tied.any():
         sorted_values, order = torch.sort(scores[tied], dim=1, descending=True, stable=True)
         values[tied], items[tied] = sorted_values[:, :k], order[:, :k]
@@ -404,12 +406,11 @@ def rank_metrics(scores, relevant, k):
     rows with at least one relevant item. scores: (B, n_items), -inf for masked items, which
     never count as hits; relevant: (B, n_items) bool, the held-out items. Binary relevance;
     the ideal DCG is over min(#relevant, k) items."""
-    keep = relevant.any(1)
-    scores, relevant = scores[keep], relevant[keep]
+    keep = relevant.any(1)  # the rows kept after the top k, not before: no copy of the (B, n_items) blocks
     values, items = top_k_items(scores, k)
-    hits = relevant.gather(1, items) & torch.isfinite(values)                    # (U, k)
+    hits = (relevant.gather(1, items) & torch.isfinite(values))[keep]            # (U, k)
     discounts = 1.0 / torch.log2(torch.arange(2, k + 2, device=scores.device, dtype=torch.float64))
-    n_relevant = relevant.sum(1)                                                  # (U,)
+    n_relevant = relevant.sum(1)[keep]                                            # (U,)
     ideal = torch.cumsum(discounts, 0)[n_relevant.clamp(max=k) - 1]
     n_hits = hits.sum(1).double()
     first_hit = torch.where(hits.any(1), 1.0 / (hits.double().argmax(1) + 1), 0.0)

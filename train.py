@@ -365,14 +365,17 @@ def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, t
     if idist.get_world_size() > 1:
         for tensor in model.state_dict().values():
             idist.broadcast(tensor, src=0)
+    choose = f"val_{task.choose_by}"
+    best = max((r for r in history.rows if choose in r), key=lambda r: task.sign * r[choose])
     final = {}
     for split in ("test", "val", "train"):  # test first: the figures summary.json leads with
-        if split in task.eval_batches:
+        if split == "val":  # the model was chosen by them: evaluating it again would repeat them
+            final.update({f"val_{m}": best[f"val_{m}"] for m in task.metric_names})
+        elif split in task.eval_batches:
             evaluator = task.evaluator(model, split)
             evaluator.run(task.eval_batches[split])
             final.update({f"{split}_{m}": evaluator.state.metrics[m] for m in task.metric_names})
-    choose = f"val_{task.choose_by}"
-    best_epoch = max((r for r in history.rows if choose in r), key=lambda r: task.sign * r[choose])["epoch"]
+    best_epoch = best["epoch"]
     if idist.get_rank() != 0:
         return
     movies = runs.save_run_data(run_dir, task, cfg)
