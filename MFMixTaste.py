@@ -221,7 +221,7 @@ class MFMixTaste(nn.Module):
 
     def forward(self, users, items=None, return_prior=False, user_counts=None, item_counts=None,
                 prior_scale=None, negatives=None, implicit_temperature=1.0, share_taste_prior=False,
-                positives=None):
+                positives=None, columns=None):
         """Scores of (user, item) pairs, or of all items.
 
         users: (B,) int64. items: (B,) -> scores (B,); (B, m) -> scores (B, m) of m items per
@@ -242,7 +242,9 @@ class MFMixTaste(nn.Module):
         the two are equal. Shared, K tastes that agree cost what one taste costs; counted for
         every taste, two equal tastes cost twice one: a K=2 whose tastes agree is K=1 under
         twice the prior. With items None, sharing needs the pairs user_counts counts as
-        positives, (position in users (P,), item (P,)).
+        positives, (position in users (P,), item (P,)). columns: with items None, (C,) item
+        indices to score instead of all items (a sampled softmax): scores (B, C), and the
+        positives' own scores (P,) as a third output.
         Everything a training step needs comes out of one forward call, which is what
         DistributedDataParallel's hooks watch."""
         user_scale, item_scale = prior_scale or (self.user_bias.new_ones(self.n_users),
@@ -251,18 +253,24 @@ class MFMixTaste(nn.Module):
             # The batch's user rows gathered once for the scores and the prior: each gather's
             # backward zeroes a gradient the size of the whole user table.
             rows, user_b = self.user_factors.index_select(0, users), self.user_bias.index_select(0, users)
-            scores, weights = self._scores_of_all_items(rows, user_b, return_weights=True)
+            scores, weights = self._scores_of_all_items(rows, user_b, return_weights=True,
+                                                        columns=slice(None) if columns is None else columns)
             if not return_prior:
                 return scores
+            if columns is not None:  # the positives are not among the columns: scored as pairs
+                position, pair_items = positives
+                pair_scores, pair_weights = self._positive_scores(rows, user_b, position, pair_items)
             batch_scale, taste_counts = user_scale[users], None                       # (B,)
             if share_taste_prior:  # the pairs' shares of each taste, summed per user: (B, K)
                 position, pair_items = positives
-                shares = weights.detach()[position, :, pair_items].float()              # (P, K)
+                shares = (weights.detach()[position, :, pair_items] if columns is None
+                          else pair_weights.detach()).float()                            # (P, K)
                 taste_counts = shares.new_zeros(len(users), self.n_tastes).index_add_(0, position, shares) \
                     * batch_scale.unsqueeze(1)
-            return scores, self._weighted_squared_norms(
+            squared_norms = self._weighted_squared_norms(
                 rows, user_b, user_counts * batch_scale, item_counts * item_scale,
                 total=user_counts.sum(), taste_counts=taste_counts)
+            return (scores, squared_norms) if columns is None else (scores, squared_norms, pair_scores)
         pair_users = users if items.dim() == 1 else users.unsqueeze(1).expand_as(items).reshape(-1)
         if not return_prior and not torch.is_grad_enabled():  # evaluation: no norms, no saved tensors
             return self._pair_scores(pair_users, items.reshape(-1)).view(items.shape)
@@ -284,6 +292,18 @@ class MFMixTaste(nn.Module):
         taste_scores, logits = products[:, :self.n_tastes], products[:, self.n_tastes:]   # (B, K)
         mixed = (torch.softmax(logits, dim=-1) * taste_scores).sum(-1)
         return mixed + self.user_bias.index_select(0, users) + self.item_bias.index_select(0, items) + self.global_bias
+
+    def _positive_scores(self, rows, user_b, position, items):
+        """The scores (P,) and mixture weights (P, K) of pairs given as a position in the users
+        whose rows (B, 2, K, d) and biases (B,) are given, and an item: forward's formula with
+        autograd ops, for the positives of a sampled softmax."""
+        pair_rows = rows.index_select(0, position).view(len(position), 2 * self.n_tastes, self.dim)
+        products = torch.bmm(pair_rows, self.item_factors.index_select(0, items).unsqueeze(-1)).squeeze(-1)
+        taste_scores, logits = products[:, :self.n_tastes], products[:, self.n_tastes:]   # (P, K)
+        weights = torch.softmax(logits, dim=-1)
+        scores = (weights * taste_scores).sum(-1) + self.item_bias.index_select(0, items) \
+            + user_b.index_select(0, position) + self.global_bias
+        return scores, weights
 
     def score_all(self, users):
         """Scores of every item for each user: (B, n_items), for ranking. The same formula as

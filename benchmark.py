@@ -4,6 +4,7 @@
     python benchmark.py --data_dir=../shared/data --only=mfmixtaste,svd # a quick look
     python benchmark.py --scaling                                       # time/memory vs size
     python benchmark.py --generate=ml-25m --to=big/ratings.csv          # a synthetic set of ML-25M's shape
+    python benchmark.py --large=big/ratings.csv                         # issue 29's figures on such a file
     python benchmark.py --sizes --data_dir=../shared/data               # defaults on small sets
     python benchmark.py --shared-accounts --data_dir=../shared/data     # real users pooled into accounts
     python benchmark.py --shared-accounts --accounts_seed=1 ...         # another draw of the accounts
@@ -261,6 +262,11 @@ def main():
     parser.add_argument("--scaling_epochs", type=int, default=2)
     parser.add_argument("--large_batch", type=int, default=65536,
                         help="batch size for the synthetic large sets")
+    parser.add_argument("--large", default="",
+                        help="a large file (e.g. --generate=ml-25m's): a one-epoch rating run against ALS, then ranking")
+    parser.add_argument("--large_repeats", type=int, default=3, help="--large: pairs of rating and ALS processes")
+    parser.add_argument("--large_ranking_epochs", type=int, default=1,
+                        help="--large: epochs of the ranking run, each evaluated (0: none)")
     parser.add_argument("--generate", choices=list(studies.SHAPES),
                         help="write synthetic interactions of a real set's shape (users, items, rows) as a CSV "
                              "that --dataset reads (to --to), instead of a benchmark")
@@ -284,7 +290,8 @@ def main():
         if args._row:
             run_row(args._row, args.task, args.dataset, args.data_dir, args.columns)
             return
-        section, study = (("scaling", studies.scaling) if args.scaling else ("sizes", studies.sizes) if args.sizes
+        section, study = (("scaling", studies.scaling) if args.scaling else ("large", studies.large) if args.large
+                          else ("sizes", studies.sizes) if args.sizes
                           else ("shared-accounts", studies.shared_accounts) if args.shared_accounts
                           else ("ranking", ranking_peers) if args.task == "ranking" else ("peers", rating_peers))
         report = study(args)

@@ -820,16 +820,20 @@ class UserBatches(_SeededShuffle):
     global_pairs). Each pass shuffles the users (seeded generator, saved with checkpoints);
     pair_users/pair_items are the batch users' training interactions, pair_users giving the
     position of the user in the batch. With world_size > 1 each rank takes every world_size-th
-    user of the global batch; global_pairs counts the whole global batch's interactions."""
+    user of the global batch; global_pairs counts the whole global batch's interactions. With
+    columns (a number) and probabilities (n_items,), each batch also yields that many items drawn
+    with replacement by those probabilities (the same on every rank: one generator): the items
+    of a sampled softmax."""
 
     def __init__(self, users, items, n_users, batch_size, seed=0, shuffle=True, rank=0,
-                 world_size=1):
+                 world_size=1, columns=0, probabilities=None):
         order = torch.argsort(users * (int(items.max()) + 1 if len(items) else 1) + items)
         self.items_sorted = items[order]                                   # grouped by user
         self.counts = torch.bincount(users, minlength=n_users)              # (n_users,)
         self.offsets = torch.cumsum(self.counts, 0) - self.counts           # (n_users,)
         self.n_users, self.batch_size, self.shuffle = n_users, batch_size, shuffle
         self.rank, self.world_size = rank, world_size
+        self.columns, self.probabilities = columns, probabilities
         super().__init__(seed)
 
     def __len__(self):
@@ -849,7 +853,12 @@ class UserBatches(_SeededShuffle):
             batch = order[start:start + self.batch_size]
             share = batch[self.rank::self.world_size]
             position, items = self.pairs(share)
-            yield share, position, items, int(self.counts[batch].sum())
+            if not self.columns:
+                yield share, position, items, int(self.counts[batch].sum())
+                continue
+            columns = torch.multinomial(self.probabilities, self.columns, replacement=True,
+                                        generator=self.generator)
+            yield share, position, items, int(self.counts[batch].sum()), columns.to(share.device)
 
 
 class NegativeBatches(BatchIterator):

@@ -108,6 +108,8 @@ def check(cfg):
                           "losses run through the fused node, in float32: use --mixed_precision=off")
     if cfg["top_k"] < 1 or cfg["n_negatives"] < 1 or cfg["ranking_core"] < 1:
         raise ConfigError("--top_k, --n_negatives and --ranking_core must be positive")
+    if cfg["softmax_items"] < 0:
+        raise ConfigError(f"--softmax_items={cfg['softmax_items']} must be 0 (the rule) or a number of items")
     if cfg["task"] == "ranking" and cfg["test_fraction"] + cfg["val_fraction"] >= 1:
         raise ConfigError("--test_fraction and --val_fraction leave nothing to train on")
     for key, limit in (("seed", 2 ** 64), ("split_seed", 2 ** 32)):  # torch's and numpy's generators

@@ -726,3 +726,81 @@ def scaling(args):
               machine_lines(f"python benchmark.py --scaling --data_dir={args.data_dir_given}")]
     report = "\n".join(lines) + "\n"
     return report
+
+
+# A three-iteration implicit ALS (64 factors) over every row of a file, as one whole process: the
+# yardstick of a one-epoch rating run on the same file (docs/scale.md).
+ALS_PROCESS = """
+import sys, time
+sys.path.insert(0, {root!r})
+import numpy as np, implicit, loader
+from scipy.sparse import csr_matrix
+from threadpoolctl import threadpool_limits
+ratings = loader.load({dataset!r}, allow_download=False)
+X = csr_matrix((np.ones(len(ratings), dtype=np.float32), (ratings.users, ratings.items)),
+               shape=(ratings.n_users, ratings.n_items))
+with threadpool_limits(1, "blas"):
+    started = time.perf_counter()
+    implicit.cpu.als.AlternatingLeastSquares(factors=64, iterations=3, random_state=0).fit(X, show_progress=False)
+print("fit_seconds", time.perf_counter() - started)
+"""
+
+
+def large(args):
+    """Scale at one file's size (benchmark.py --large=FILE, e.g. --generate=ml-25m's): whole
+    processes measured side by side, args.large_repeats times, medians and ranges: a one-epoch
+    rating run against a three-iteration implicit ALS (64 factors) with its loading; then one
+    ranking run of args.large_ranking_epochs epochs, each evaluated (every item ranked for every
+    user), its phases read from its own metrics."""
+    import csv
+    dataset = str(Path(args.large).resolve())
+    started = time.perf_counter()
+    ratings = loader.load(dataset, allow_download=False)  # parse once (and fill the cache): the runs read the cache
+    lines = [f"## Large data: {Path(dataset).name}", "",
+             f"{len(ratings):,} rows, {ratings.n_users:,} users, {ratings.n_items:,} items; first parse "
+             f"{time.perf_counter() - started:.1f} s. Whole processes (imports, loading from the parse cache, "
+             "the run, its files), each the median of the repeats run side by side, with the range.", "",
+             "| process | wall s (median, range) | peak GiB | figures |", "|---|---|---|---|"]
+    del ratings
+    with tempfile.TemporaryDirectory(prefix="mfmixtaste-large-") as scratch:
+        common = [f"--dataset={dataset}", "--download=False", "--progress=False", f"--runs_dir={scratch}/runs",
+                  f"--results_dir={scratch}/results"]
+        timings = {"rating, 1 epoch": [], "implicit ALS, 64 factors, 3 iterations": []}
+        figures = {}
+        for repeat in range(args.large_repeats):
+            rating = [sys.executable, str(ROOT / "train.py"), *common, "--epochs=1", f"--run_name=rating{repeat}"]
+            als = [sys.executable, "-c", ALS_PROCESS.format(root=str(ROOT), dataset=dataset)]
+            for name, command in zip(timings, (rating, als)):
+                wall, peak, out, err, code = measure(command)
+                if code:
+                    raise loader.DataError(f"{name} failed: {err.strip()[-300:]}")
+                timings[name].append((wall, peak))
+                figures[name] = (out.strip().splitlines() or [""])[-1][:120]
+                print(f"{name}: {wall:.1f} s, {peak / 1024:.2f} GiB", flush=True)
+        for name, runs in timings.items():
+            walls = sorted(w for w, _ in runs)
+            lines.append(f"| {name} | {np.median(walls):.1f} ({walls[0]:.1f}-{walls[-1]:.1f}) | "
+                         f"{max(p for _, p in runs) / 1024:.2f} | {figures[name]} |")
+        rating_walls, als_walls = ([w for w, _ in runs] for runs in timings.values())
+        ratios = sorted(r / a for r, a in zip(rating_walls, als_walls))
+        lines += ["", f"One-epoch rating run over ALS, pair by pair: median {np.median(ratios):.2f} "
+                      f"({ratios[0]:.2f}-{ratios[-1]:.2f}).", ""]
+        if args.large_ranking_epochs:
+            name = "ranking"
+            command = [sys.executable, str(ROOT / "train.py"), *common, "--task=ranking", f"--run_name={name}",
+                       f"--epochs={args.large_ranking_epochs}", "--eval_every=1", "--patience=0"]
+            wall, peak, out, err, code = measure(command)
+            if code:
+                raise loader.DataError(f"the ranking run failed: {err.strip()[-300:]}")
+            with open(Path(scratch) / "results" / name / "metrics.csv") as f:
+                rows = list(csv.DictReader(f))
+            summary = json.loads((Path(scratch) / "results" / name / "summary.json").read_text())
+            lines += [f"Ranking, {args.large_ranking_epochs} epoch(s), each evaluated: whole process {wall:.0f} s, "
+                      f"peak {peak / 1024:.2f} GiB; epochs' training "
+                      f"{', '.join(r['epoch_seconds'] for r in rows)} s; a validation ranking (every item for every "
+                      f"user) {', '.join(r['val_seconds'] for r in rows)} s; test NDCG@10 {summary['test_ndcg@10']:.4f}, "
+                      f"validation {summary['val_ndcg@10']:.4f}. Its first lines:", "", "```",
+                      *[line for line in out.splitlines() if not line.startswith("epoch ")][:12], "```", ""]
+            print("\n".join(lines[-8:]), flush=True)
+    lines += [machine_lines(f"python benchmark.py --large={args.large}")]
+    return "\n".join(lines) + "\n"

@@ -70,6 +70,8 @@ split_seed = 42            # seed of the train/test and train/val splits (42 = t
 ranking_min_rating = 3.0   # a rating >= this is a positive interaction (the value is then dropped)
 ranking_core = 10          # users and items with fewer positives are removed, repeatedly until none is
 loss = "softmax"           # ranking loss: softmax (all items), sampled_softmax, bpr, adaptive_hinge (Kula's)
+softmax_items = 0          # items in each step's softmax: 0 = all up to 32,768 items, above that a shared sample of
+                           # 4,096 a step (half by popularity, logQ-corrected; docs/scale.md); N = a sample of N
 n_negatives = 100          # uniform negatives per positive (sampled_softmax, bpr, adaptive_hinge takes the hardest)
 top_k = 10                 # cut-off k of NDCG, Recall, MRR, Hit and Precision; validation NDCG@k picks the epoch
 # model
@@ -304,6 +306,7 @@ def evaluate_each_epoch(cfg, task, model, trainer, run_dir):
             for split, evaluator in evaluators.items():
                 evaluator.run(task.eval_batches[split])
                 row.update({f"{split}_{m}": evaluator.state.metrics[m] for m in task.metric_names})
+                row[f"{split}_seconds"] = round(evaluator.state.times[Events.COMPLETED.name], 3)
         if not last:
             history.rows.append(row)
         if idist.get_rank() == 0:  # one line an epoch, whatever the progress bar does

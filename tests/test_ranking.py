@@ -200,15 +200,17 @@ def test_the_sampled_losses_train(tmp_path, synthetic_ml100k, loss):
     assert 0 < json.loads((tmp_path / "results" / "s" / "summary.json").read_text())["test_ndcg@10"] <= 1
 
 
-def test_a_ranking_run_resumes_to_the_same_model(tmp_path, synthetic_ml100k):
+@pytest.mark.parametrize("sampled", ["--softmax_items=0", "--softmax_items=40"])
+def test_a_ranking_run_resumes_to_the_same_model(tmp_path, synthetic_ml100k, sampled):
     from test_train import read_csv
     # A constant lr: a run stopped at --epochs=1 and resumed with --epochs=3 re-plans a decaying
     # lr over the longer run (tests/test_train.py resumes a decaying lr after an interruption).
     # Every epoch evaluated: with eval_every=3, the stopped run's last epoch (1) is evaluated too.
+    # A sampled softmax's draws come from the saved generator: the resumed run draws the same.
     run_ranking(tmp_path, synthetic_ml100k, "--epochs=3", "--patience=0", "--run_name=straight", "--lr_decay=0",
-                "--eval_every=1")
+                "--eval_every=1", sampled)
     run_ranking(tmp_path, synthetic_ml100k, "--epochs=1", "--patience=0", "--run_name=split", "--lr_decay=0",
-                "--eval_every=1")
+                "--eval_every=1", sampled)
     run_ranking(tmp_path, synthetic_ml100k, f"--resume={tmp_path / 'runs' / 'split'}", "--epochs=3")
     straight = read_csv(tmp_path / "results" / "straight" / "metrics.csv")
     split = read_csv(tmp_path / "results" / "split" / "metrics.csv")
@@ -334,3 +336,60 @@ def test_the_softmax_loss_batch_keeps_an_epoch_to_24_steps_within_its_memory_bou
     task = _ranking_task(tmp_path, batch_size=0)
     assert task.batch_size == 256 and train.RANKING_DEFAULTS["batch_size"] == 0
     assert _ranking_task(tmp_path, batch_size=0, loss="bpr").batch_size == 256  # sampled: as measured
+
+
+def _softmax_forward(model, users, position, items, **kwargs):
+    counts = dict(user_counts=torch.bincount(position, minlength=len(users)).float(),
+                  item_counts=torch.bincount(items, minlength=model.n_items).float())
+    return model(users, return_prior=True, positives=(position, items), share_taste_prior=True, **counts, **kwargs)
+
+
+def test_a_softmax_sampled_over_every_item_once_is_the_full_softmax_gradients_included():
+    torch.manual_seed(0)
+    model = MFMixTaste(7, 9, dim=4, n_tastes=3, init_std=0.5)
+    users, position, items = torch.tensor([0, 3, 5]), torch.tensor([0, 0, 1, 2, 2]), torch.tensor([1, 8, 0, 4, 5])
+    full, full_norms = _softmax_forward(model, users, position, items)
+    (-torch.log_softmax(full, 1)[position, items].sum() + full_norms.sum()).backward()
+    full_gradients = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    every = torch.arange(9).flip(0)  # in any order: the columns are the drawn items, scores in their order
+    sampled, norms, positive = _softmax_forward(model, users, position, items, columns=every)
+    assert torch.allclose(sampled, full[:, every]) and torch.allclose(norms, full_norms)
+    assert torch.allclose(positive, full[position, items])
+    log_draws = torch.zeros(9)  # each item drawn once: C q = 9 * (1/9)
+    column_of = torch.full((9,), -1)
+    log_probabilities = tasks.sampled_log_softmax(sampled, positive, position, items, every, torch.ones(9),
+                                                  log_draws, column_of)
+    assert torch.allclose(log_probabilities, torch.log_softmax(full, 1)[position, items])
+    assert (column_of == -1).all()  # the scratch tensor is left as found
+    (-log_probabilities.sum() + norms.sum()).backward()
+    for p, expected in zip(model.parameters(), full_gradients):
+        assert torch.allclose(p.grad, expected, atol=1e-6)
+
+
+def test_the_sampled_normaliser_is_corrected_for_the_draw_probabilities():
+    """Draws from a skewed q, with log(C q) subtracted, estimate log sum_j exp(s_j) over all items;
+    uncorrected, the popular items' overdraw would bias it."""
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randn(2, 50, generator=generator)                         # (users, all items)
+    q = torch.rand(50, generator=generator) ** 2 + 0.05
+    q /= q.sum()
+    drawn = torch.multinomial(q, 200_000, replacement=True, generator=generator)
+    exact = torch.logsumexp(scores, 1)
+    estimate = torch.logsumexp(scores[:, drawn] - (q[drawn] * len(drawn)).log(), 1)
+    assert torch.allclose(estimate, exact, atol=0.02)
+    uncorrected = torch.logsumexp(scores[:, drawn], 1) - math.log(len(drawn)) + math.log(50)
+    assert not torch.allclose(uncorrected, exact, atol=0.02)
+
+
+def test_the_rule_samples_the_softmax_only_above_its_catalogue_size(tmp_path):
+    cfg = {"softmax_items": 0}
+    assert tasks.softmax_items(cfg, 3706) is None and tasks.softmax_items(cfg, tasks.SOFTMAX_ALL_UP_TO) is None
+    assert tasks.softmax_items(cfg, 59047) == tasks.SOFTMAX_SAMPLE
+    assert tasks.softmax_items({"softmax_items": 500}, 3706) == 500
+    assert tasks.softmax_items({"softmax_items": 5000}, 3706) is None  # at least the catalogue: all of it
+    task = _ranking_task(tmp_path, softmax_items=30)
+    users, position, items, global_pairs, columns = next(iter(task.batches))
+    assert columns.shape == (30,) and int(columns.max()) < task.n_items
+    assert any("softmax over 30 of" in line for line in task.described)
+    assert len(next(iter(_ranking_task(tmp_path).batches))) == 4  # every item: no draws
