@@ -27,6 +27,8 @@ The module is pure: forward() computes scores, prior_terms() the L2 penalties of
 optimisation and step counting live in train.py.
 """
 
+import warnings
+
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
@@ -183,6 +185,9 @@ def _sum_of_outer(coefficients, vectors, out=None):
 
 
 SCORE_CHUNK = 1024  # items per step of score_all (see there)
+# _positive_scores' sampled product builds a sparse CSR pattern; torch says once per process that
+# CSR support is "in beta", which a run's log need not repeat.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 class MFMixTaste(nn.Module):
@@ -294,11 +299,33 @@ class MFMixTaste(nn.Module):
         return mixed + self.user_bias.index_select(0, users) + self.item_bias.index_select(0, items) + self.global_bias
 
     def _positive_scores(self, rows, user_b, position, items):
-        """The scores (P,) and mixture weights (P, K) of pairs given as a position in the users
-        whose rows (B, 2, K, d) and biases (B,) are given, and an item: forward's formula with
-        autograd ops, for the positives of a sampled softmax."""
-        pair_rows = rows.index_select(0, position).view(len(position), 2 * self.n_tastes, self.dim)
-        products = torch.bmm(pair_rows, self.item_factors.index_select(0, items).unsqueeze(-1)).squeeze(-1)
+        """The scores (P,) and mixture weights (P, K) of distinct pairs given as a position in
+        the users whose rows (B, 2, K, d) and biases (B,) are given, and an item: forward's
+        formula with autograd ops, for the positives of a sampled softmax.
+        The 2K products of each pair are one sampled matrix product (torch.sparse.sampled_addmm:
+        the (B*2K, d) rows times the (d, n_items) item vectors, only where a row's user has the
+        item): gathering every pair's user rows instead moved P x 2K x d floats, 3.5x the time
+        of a step's pairs (1,727 users, 210k pairs, d=160)."""
+        batch, vectors = len(rows), 2 * self.n_tastes
+        order = torch.argsort(position * self.n_items + items)  # CSR wants rows in order, columns sorted
+        sorted_position, sorted_items = position[order], items[order]
+        per_user = torch.bincount(sorted_position, minlength=batch)                    # (B,)
+        user_start = torch.cumsum(per_user, 0) - per_user
+        # Row b*2K + r of the pattern holds user b's items, for each of its 2K vectors r.
+        per_row = per_user.repeat_interleave(vectors)                                  # (B*2K,)
+        row_start = torch.cumsum(per_row, 0) - per_row
+        crow = torch.cat([row_start, row_start.new_tensor([int(per_row.sum())])])
+        within = torch.arange(len(crow) - 1, device=rows.device).repeat_interleave(per_row)
+        column_index = user_start.repeat_interleave(vectors)[within] + \
+            torch.arange(int(per_row.sum()), device=rows.device) - row_start[within]
+        pattern = torch.sparse_csr_tensor(crow, sorted_items[column_index], rows.new_zeros(int(per_row.sum())),
+                                          size=(batch * vectors, self.n_items), check_invariants=False)
+        values = torch.sparse.sampled_addmm(pattern, rows.reshape(batch * vectors, self.dim),
+                                            self.item_factors.T, beta=0.0).values()
+        # Pair p (in sorted order) of user b, vector r: values[row_start[b*2K + r] + p - user_start[b]].
+        offset = torch.arange(len(order), device=rows.device) - user_start[sorted_position]
+        where = row_start.view(batch, vectors)[sorted_position] + offset.unsqueeze(1)     # (P, 2K)
+        products = torch.empty_like(where, dtype=values.dtype).index_put_((order,), values[where])
         taste_scores, logits = products[:, :self.n_tastes], products[:, self.n_tastes:]   # (P, K)
         weights = torch.softmax(logits, dim=-1)
         scores = (weights * taste_scores).sum(-1) + self.item_bias.index_select(0, items) \
