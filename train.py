@@ -101,7 +101,8 @@ implicit_share = 0.8       # share of the epochs, from the first, that carry the
 lr = 1.5e-2                # Adam learning rate (its peak, see lr_decay)
 lr_decay = 0.4             # share of the run, at its end, over which lr falls linearly to 0 (0 = constant lr)
 batch_size = 0             # per step (the global batch): ratings; for ranking, users (softmax) or interactions;
-                           # 0 = n_train / 64 up to 8192 (ML-1M: 8192, ML-100K: ~1100); ranking's softmax: 256
+                           # 0 = n_train / 64 up to 8192 (ML-1M: 8192, ML-100K: ~1100), more where an epoch would
+                           # take over 256 steps (ML-25M: 68,206); ranking's softmax: 256
                            # users, more where an epoch would take over 24 steps (see batch_size_for)
 epochs = 5                 # epochs to run, the length of the lr schedule (early stopping may end it sooner)
 patience = 2               # early stopping: evaluations without a better validation MSE (NDCG@k) before stopping
@@ -372,8 +373,10 @@ def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, t
     best = max((r for r in history.rows if choose in r), key=lambda r: task.sign * r[choose])
     final = {}
     for split in ("test", "val", "train"):  # test first: the figures summary.json leads with
-        if split == "val":  # the model was chosen by them: evaluating it again would repeat them
-            final.update({f"val_{m}": best[f"val_{m}"] for m in task.metric_names})
+        # The chosen epoch's own evaluations are not repeated (its training figures, read from
+        # the epoch's batches while the model moved, are: a full pass of the chosen model).
+        if split != "train" and f"{split}_{task.choose_by}" in best:
+            final.update({f"{split}_{m}": best[f"{split}_{m}"] for m in task.metric_names})
         elif split in task.eval_batches:
             evaluator = task.evaluator(model, split)
             evaluator.run(task.eval_batches[split])
