@@ -4,7 +4,8 @@
     python benchmark.py --data_dir=../shared/data --only=mfmixtaste,svd # a quick look
     python benchmark.py --scaling                                       # time/memory vs size
     python benchmark.py --generate=ml-25m --to=big/ratings.csv          # a synthetic set of ML-25M's shape
-    python benchmark.py --large=big/ratings.csv                         # issue 29's figures on such a file
+    python benchmark.py --large=big/ratings.csv                         # rating, ranking and ALS on such a file
+    python benchmark.py --cost_curve                                    # time/memory vs interactions, users, items
     python benchmark.py --sizes --data_dir=../shared/data               # defaults on small sets
     python benchmark.py --shared-accounts --data_dir=../shared/data     # real users pooled into accounts
     python benchmark.py --shared-accounts --accounts_seed=1 ...         # another draw of the accounts
@@ -262,6 +263,8 @@ def main():
     parser.add_argument("--scaling_epochs", type=int, default=2)
     parser.add_argument("--large_batch", type=int, default=65536,
                         help="batch size for the synthetic large sets")
+    parser.add_argument("--cost_curve", action="store_true",
+                        help="time and memory against interactions, users and items (synthetic sets), with ALS and EASE")
     parser.add_argument("--large", default="",
                         help="a large file (e.g. --generate=ml-25m's): a one-epoch rating run against ALS, then ranking")
     parser.add_argument("--large_repeats", type=int, default=3, help="--large: pairs of rating and ALS processes")
@@ -291,6 +294,7 @@ def main():
             run_row(args._row, args.task, args.dataset, args.data_dir, args.columns)
             return
         section, study = (("scaling", studies.scaling) if args.scaling else ("large", studies.large) if args.large
+                          else ("cost-curve", studies.cost_curve) if args.cost_curve
                           else ("sizes", studies.sizes) if args.sizes
                           else ("shared-accounts", studies.shared_accounts) if args.shared_accounts
                           else ("ranking", ranking_peers) if args.task == "ranking" else ("peers", rating_peers))

@@ -200,3 +200,25 @@ def account_map(path, coordinates, rated, person, taste, title):
     fig.subplots_adjust(**{**MARGINS, "left": 0.07, "bottom": 0.1, "top": 0.88, "wspace": 0.08})
     fig.savefig(path)
     plt.close(fig)
+
+
+def cost_curve(path, rows):
+    """benchmark.py --cost_curve's picture: one panel per axis (interactions, users, items), the
+    seconds of a rating epoch, a ranking epoch, a validation ranking, ALS and EASE fits against
+    that axis (log-log), the other two held at the base shape. rows: studies.cost_curve's dicts."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    series = [("rating_epoch", "rating epoch"), ("ranking_epoch", "ranking epoch"),
+              ("ranking_eval", "validation ranking (all items)"), ("als_fit", "ALS, 3 iterations"),
+              ("ease_fit", "EASE fit")]
+    for ax, axis in zip(axes, ("interactions", "users", "items")):
+        points = sorted((r for r in rows if r["axis"] in (axis, "base")), key=lambda r: r[axis])
+        for key, label in series:
+            xs = [r[axis] for r in points if key in r]
+            if xs:
+                ax.plot(xs, [r[key] for r in points if key in r], marker="o", label=label)
+        ax.set(xscale="log", yscale="log", xlabel=axis, ylabel="seconds", title=f"against {axis}")
+    axes[0].legend(fontsize=8)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.9, wspace=0.25)
+    fig.savefig(path)
+    plt.close(fig)

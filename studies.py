@@ -730,20 +730,29 @@ def scaling(args):
 
 # A three-iteration implicit ALS (64 factors) over every row of a file, as one whole process: the
 # yardstick of a one-epoch rating run on the same file (docs/scale.md).
-ALS_PROCESS = """
+PEER_PROCESS = """
 import sys, time
 sys.path.insert(0, {root!r})
-import numpy as np, implicit, loader
+import numpy as np, implicit, loader, peers
 from scipy.sparse import csr_matrix
 from threadpoolctl import threadpool_limits
 ratings = loader.load({dataset!r}, allow_download=False)
 X = csr_matrix((np.ones(len(ratings), dtype=np.float32), (ratings.users, ratings.items)),
                shape=(ratings.n_users, ratings.n_items))
-with threadpool_limits(1, "blas"):
-    started = time.perf_counter()
-    implicit.cpu.als.AlternatingLeastSquares(factors=64, iterations=3, random_state=0).fit(X, show_progress=False)
+started = time.perf_counter()
+if {peer!r} == "als":
+    with threadpool_limits(1, "blas"):
+        implicit.cpu.als.AlternatingLeastSquares(factors=64, iterations=3, random_state=0).fit(X, show_progress=False)
+else:
+    peers.ease(X, 100.0)
 print("fit_seconds", time.perf_counter() - started)
 """
+
+
+def peer_process(dataset, peer="als"):
+    """The command of a whole process fitting a peer on every row of a file: "als" (implicit,
+    64 factors, 3 iterations) or "ease" (L2 100)."""
+    return [sys.executable, "-c", PEER_PROCESS.format(root=str(ROOT), dataset=dataset, peer=peer)]
 
 
 def large(args):
@@ -769,7 +778,7 @@ def large(args):
         figures = {}
         for repeat in range(args.large_repeats):
             rating = [sys.executable, str(ROOT / "train.py"), *common, "--epochs=1", f"--run_name=rating{repeat}"]
-            als = [sys.executable, "-c", ALS_PROCESS.format(root=str(ROOT), dataset=dataset)]
+            als = peer_process(dataset)
             for name, command in zip(timings, (rating, als)):
                 wall, peak, out, err, code = measure(command)
                 if code:
@@ -803,4 +812,75 @@ def large(args):
                       *[line for line in out.splitlines() if not line.startswith("epoch ")][:12], "```", ""]
             print("\n".join(lines[-8:]), flush=True)
     lines += [machine_lines(f"python benchmark.py --large={args.large}")]
+    return "\n".join(lines) + "\n"
+
+
+# The cost curve's sizes: a base shape and each axis at 1/8, 1/4 and 1/2 of it, the others held.
+CURVE_BASE = (32_000, 8_000, 4_000_000)  # users, items, interactions
+CURVE_EASE_MOST = 16_000  # EASE's items x items inverse in float64: 2 GB at 16k items, 14 GB at ML-25M's 59k
+
+
+def cost_curve(args):
+    """Time and peak memory against interactions, users and items (benchmark.py --cost_curve):
+    synthetic sets (write_interactions) at CURVE_BASE and each axis at 1/8, 1/4, 1/2 of it, the
+    others held; per set, whole processes: a one-epoch rating run, a one-epoch ranking run with
+    one validation ranking, ALS (3 iterations, 64 factors) and EASE where its items allow.
+    The figures go to the table and to docs' picture (pictures.cost_curve)."""
+    import csv
+    base_users, base_items, base_rows = CURVE_BASE
+    shapes = [("base", base_users, base_items, base_rows)]
+    for share in (8, 4, 2):
+        shapes += [("interactions", base_users, base_items, base_rows // share),
+                   ("users", base_users // share, base_items, base_rows),
+                   ("items", base_users, base_items // share, base_rows)]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mfmixtaste-curve-") as scratch:
+        for axis, n_users, n_items, n_rows in shapes:
+            path = Path(scratch) / f"{n_users}-{n_items}-{n_rows}.csv"
+            if not path.is_file():
+                write_interactions(path, n_users, n_items, n_rows)
+            loader.load(str(path), allow_download=False)  # the parse cache, outside the timings
+            found = {"axis": axis, "users": n_users, "items": n_items, "interactions": n_rows}
+            common = [sys.executable, str(ROOT / "train.py"), f"--dataset={path}", "--download=False",
+                      "--progress=False", f"--runs_dir={scratch}/runs", f"--results_dir={scratch}/results",
+                      "--epochs=1", "--patience=0"]
+            for task, extra in (("rating", []), ("ranking", ["--task=ranking", "--eval_every=1"])):
+                name = f"{task}-{path.stem}"
+                wall, peak, out, err, code = measure([*common, *extra, f"--run_name={name}"])
+                if code:
+                    raise loader.DataError(f"{name} failed: {err.strip()[-300:]}")
+                with open(Path(scratch) / "results" / name / "metrics.csv") as f:
+                    [epoch] = list(csv.DictReader(f))
+                found.update({f"{task}_epoch": float(epoch["epoch_seconds"]), f"{task}_wall": wall,
+                              f"{task}_peak": peak / 1024})
+                if task == "ranking":
+                    found["ranking_eval"] = float(epoch["val_seconds"])
+            for peer in ("als", "ease"):
+                if peer == "ease" and n_items > CURVE_EASE_MOST:
+                    continue
+                wall, peak, out, err, code = measure(peer_process(str(path), peer))
+                if code:
+                    raise loader.DataError(f"{peer} failed: {err.strip()[-300:]}")
+                found.update({f"{peer}_fit": float(out.split()[-1]), f"{peer}_wall": wall, f"{peer}_peak": peak / 1024})
+            rows.append(found)
+            print(found, flush=True)
+            shutil.rmtree(Path(scratch) / "runs", ignore_errors=True)
+    lines = ["## Cost curve: time and memory against interactions, users and items", "",
+             "| axis | users | items | interactions | rating: epoch s, whole s, GiB | ranking: epoch s, "
+             "validation ranking s, whole s, GiB | ALS 3 it.: fit s, whole s, GiB | EASE: fit s, whole s, GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    order = ("base", "interactions", "users", "items")
+    for r in sorted(rows, key=lambda r: (order.index(r["axis"]), r["interactions"], r["users"], r["items"])):
+        ease = (f"{r['ease_fit']:.1f}, {r['ease_wall']:.1f}, {r['ease_peak']:.2f}" if "ease_fit" in r
+                else f"not run (over {CURVE_EASE_MOST:,} items)")
+        lines.append(f"| {r['axis']} | {r['users']:,} | {r['items']:,} | {r['interactions']:,} | "
+                     f"{r['rating_epoch']:.1f}, {r['rating_wall']:.1f}, {r['rating_peak']:.2f} | "
+                     f"{r['ranking_epoch']:.1f}, {r['ranking_eval']:.1f}, {r['ranking_wall']:.1f}, "
+                     f"{r['ranking_peak']:.2f} | {r['als_fit']:.1f}, {r['als_wall']:.1f}, {r['als_peak']:.2f} | {ease} |")
+    picture = Path(args.output).parent / "cost_curve.svg"
+    from pictures import cost_curve as draw
+    draw(picture, rows)
+    lines += ["", f"Each a single whole process (imports, loading from the parse cache, the run, its files); "
+              f"the picture is {picture.name}. Synthetic sets of studies.write_interactions, seed 0.", "",
+              machine_lines("python benchmark.py --cost_curve")]
     return "\n".join(lines) + "\n"

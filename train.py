@@ -70,8 +70,7 @@ split_seed = 42            # seed of the train/test and train/val splits (42 = t
 ranking_min_rating = 3.0   # a rating >= this is a positive interaction (the value is then dropped)
 ranking_core = 10          # users and items with fewer positives are removed, repeatedly until none is
 loss = "softmax"           # ranking loss: softmax (all items), sampled_softmax, bpr, adaptive_hinge (Kula's)
-softmax_items = 0          # items in each step's softmax: 0 = all up to 32,768 items, above that a shared sample of
-                           # 4,096 a step (half by popularity, logQ-corrected; docs/scale.md); N = a sample of N
+softmax_items = 0          # items in a step's softmax: 0 = all up to 32,768 items, else 4,096 drawn (docs/scale.md); N: N
 n_negatives = 100          # uniform negatives per positive (sampled_softmax, bpr, adaptive_hinge takes the hardest)
 top_k = 10                 # cut-off k of NDCG, Recall, MRR, Hit and Precision; validation NDCG@k picks the epoch
 # model
@@ -100,10 +99,9 @@ implicit_share = 0.8       # share of the epochs, from the first, that carry the
 # optimisation
 lr = 1.5e-2                # Adam learning rate (its peak, see lr_decay)
 lr_decay = 0.4             # share of the run, at its end, over which lr falls linearly to 0 (0 = constant lr)
-batch_size = 0             # per step (the global batch): ratings; for ranking, users (softmax) or interactions;
-                           # 0 = n_train / 64 up to 8192 (ML-1M: 8192, ML-100K: ~1100), more where an epoch would
-                           # take over 256 steps (ML-25M: 68,206); ranking's softmax: 256
-                           # users, more where an epoch would take over 24 steps (see batch_size_for)
+batch_size = 0             # per step (the global batch): ratings; for ranking, users (softmax) or interactions; 0 =
+                           # n_train / 64 within 8192 and 256 steps an epoch (ML-1M: 8192, ML-25M: 68,206); ranking's
+                           # softmax: 256 users, more where an epoch would take over 24 steps (see batch_size_for)
 epochs = 5                 # epochs to run, the length of the lr schedule (early stopping may end it sooner)
 patience = 2               # early stopping: evaluations without a better validation MSE (NDCG@k) before stopping
 clip_predictions = True    # clamp evaluated predictions to the training set's rating range
@@ -360,28 +358,25 @@ def save_and_resume(cfg, to_save, run_dir, started, task):
 
 
 def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, tb_logger, wall_seconds):
-    """The final figures: the best-by-validation model on every split. Rank 0 reads it and sends
-    it to the others, so every rank evaluates the same model even without a shared disk; rank 0
-    then writes the run data, pictures and results, summary.json last (a run interrupted before
-    it is resumable: this stage runs again; one that has it is finished)."""
+    """The final figures: the best-by-validation model on every split its epoch did not evaluate.
+    Rank 0 reads it and sends it to the others (every rank evaluates the same model without a
+    shared disk), then writes the run data, pictures and results, summary.json last (a run
+    interrupted before it resumes at this stage; one that has it is finished)."""
+    choose = f"val_{task.choose_by}"
     if idist.get_rank() == 0:
         Checkpoint.load_objects({"model": model}, runs.read_checkpoint(best_file))
     if idist.get_world_size() > 1:
         for tensor in model.state_dict().values():
             idist.broadcast(tensor, src=0)
-    choose = f"val_{task.choose_by}"
     best = max((r for r in history.rows if choose in r), key=lambda r: task.sign * r[choose])
     final = {}
     for split in ("test", "val", "train"):  # test first: the figures summary.json leads with
-        # The chosen epoch's own evaluations are not repeated (its training figures, read from
-        # the epoch's batches while the model moved, are: a full pass of the chosen model).
-        if split != "train" and f"{split}_{task.choose_by}" in best:
+        if split != "train" and f"{split}_{task.choose_by}" in best:  # the chosen epoch's own: not repeated
             final.update({f"{split}_{m}": best[f"{split}_{m}"] for m in task.metric_names})
         elif split in task.eval_batches:
             evaluator = task.evaluator(model, split)
             evaluator.run(task.eval_batches[split])
             final.update({f"{split}_{m}": evaluator.state.metrics[m] for m in task.metric_names})
-    best_epoch = best["epoch"]
     if idist.get_rank() != 0:
         return
     movies = runs.save_run_data(run_dir, task, cfg)
@@ -393,10 +388,10 @@ def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, t
                                   for k, v in cfg.items() if k not in ("resume",)},               # ranking_min_rating
                                  {f"hparam/{k}": v for k, v in final.items()}, name="hparams")
     tb_logger.close()
-    summary = {**final, "best_epoch": best_epoch, "epochs_run": epochs_run,
+    summary = {**final, "best_epoch": best["epoch"], "epochs_run": epochs_run,
                "wall_seconds": round(wall_seconds, 2), **runs.describe(cfg, task, model)}
     runs.write_results(results, summary, history.rows, task.plots)
-    print(f"{task.headline(final)} (best epoch {best_epoch} of {epochs_run}, "
+    print(f"{task.headline(final)} (best epoch {best['epoch']} of {epochs_run}, "
           f"val {task.choose_by} {final[choose]:.4f}); results in {results}/")
 
 
