@@ -195,10 +195,9 @@ class RankingTask:
             most = RANKING_BATCH_SCORES // (self.softmax_items or data.n_items)
             probabilities = None
             if self.softmax_items:
-                # The positives are scored pair by pair ((P, 2K, d) temporaries): the users a
-                # step are bounded by them too.
-                pair_floats = len(train_users) / data.n_users * 2 * cfg["n_tastes"] * cfg["dim"]
-                most = min(most, int(RANKING_BATCH_PAIR_FLOATS // max(pair_floats, 1)))
+                # The positives are scored pair by pair (about 150 bytes of indices and products
+                # a pair): the users a step are bounded by them too.
+                most = min(most, int(RANKING_BATCH_PAIRS // max(len(train_users) / data.n_users, 1)))
                 # Half the draws by popularity, half uniform: a popular item carries more of a
                 # user's normaliser (less variance than uniform draws), and a rare one still gets
                 # pushed down (ML-1M, 1024 draws, validation NDCG@10: half 0.2283, uniform
@@ -351,8 +350,12 @@ RANKING_BATCH_LEAST, RANKING_BATCH_STEPS, RANKING_BATCH_SCORES = 256, 24, 2 ** 2
 SAMPLED_BATCH = 256  # the sampled losses' batch_size=0: the interactions a step they were measured at
 # softmax_items=0: every item in each step's softmax up to SOFTMAX_ALL_UP_TO items (ML-1M, ML-20M,
 # the Amazon sets), above it SOFTMAX_SAMPLE items drawn a step (ML-25M: 14x fewer scores a step);
-# the sampled steps' users are also bounded by their positives' (P, 2K, d) floats.
-SOFTMAX_ALL_UP_TO, SOFTMAX_SAMPLE, RANKING_BATCH_PAIR_FLOATS = 2 ** 15, 4096, 2 ** 27
+# the sampled steps' users are also bounded by their positives, RANKING_BATCH_PAIRS a step. With
+# the scores' bound alone the batch rule keeps an epoch to 24 steps here too (ML-25M: 6,773 users);
+# bounded by the positives' (P, 2K, d) floats of an earlier version (1,727 users, 95 steps), the
+# training loss climbed from 10.5 to 16.0 over the first three epochs, as Amazon Beauty's did at
+# 88 steps (docs/ranking.md).
+SOFTMAX_ALL_UP_TO, SOFTMAX_SAMPLE, RANKING_BATCH_PAIRS = 2 ** 15, 4096, 2 ** 21
 
 
 def softmax_items(cfg, n_items):

@@ -393,3 +393,13 @@ def test_the_rule_samples_the_softmax_only_above_its_catalogue_size(tmp_path):
     assert columns.shape == (30,) and int(columns.max()) < task.n_items
     assert any("softmax over 30 of" in line for line in task.described)
     assert len(next(iter(_ranking_task(tmp_path).batches))) == 4  # every item: no draws
+
+
+def test_the_rating_batch_keeps_an_epoch_within_256_steps_on_large_sets():
+    def ratings_per_step(n_train, **cfg):
+        return tasks.batch_size_for({"batch_size": 0, **cfg}, n_train, most_steps=tasks.AUTO_STEPS_MOST)
+    assert ratings_per_step(712_672) == 8192              # ML-1M's training rows: the batch it was tuned at
+    assert ratings_per_step(70_000) == 1094               # small sets: 64 steps an epoch
+    assert ratings_per_step(2_097_152) == 8192            # up to 256 steps of 8192: unchanged
+    assert ratings_per_step(17_460_674) == 68_206         # ML-25M's shape: 256 steps an epoch
+    assert ratings_per_step(17_460_674, batch_size=8192) == 8192  # an explicit batch wins
