@@ -184,7 +184,7 @@ def ranking_peers(args):
         for name in chosen:
             print(f"running {name} ...", flush=True)
             row = measure_row(name, args, Path(scratch), ["--task=ranking"])
-            print("  ", {k: v for k, v in row.items() if k != "run_dir"}, flush=True)
+            print("  ", {k: v for k, v in row.items() if k not in ("run_dir", "stdout")}, flush=True)
             results.append(row)
         speed = speed_pairs(results, "ease_single", lambda r: r["wall"], args, Path(scratch), ["--task=ranking"])
         report = ranking_table(results, args, task, speed)

@@ -138,7 +138,7 @@ RUN_NUMBERS = itertools.count()  # one scratch folder may see a row's name sever
 
 def train_row(name, args, scratch, extra_overrides=()):
     """A whole `python train.py` run as one row: its test figures (keys without "test_"),
-    wall time and peak memory, and its run folder (for later analysis)."""
+    wall time and peak memory, its run folder (for later analysis) and what it printed."""
     run_name = f"bench-{name}-{os.getpid()}-{next(RUN_NUMBERS)}"
     command = [sys.executable, str(ROOT / "train.py"), f"--dataset={args.dataset}",
                f"--data_dir={args.data_dir}", "--download=False", "--progress=False",
@@ -151,7 +151,7 @@ def train_row(name, args, scratch, extra_overrides=()):
     summary = json.loads((scratch / "results" / run_name / "summary.json").read_text())
     return {"row": name, **{k[len("test_"):]: v for k, v in summary.items() if k.startswith("test_")},
             "val": {k[len("val_"):]: v for k, v in summary.items() if k.startswith("val_")},
-            "wall": wall, "peak_mib": peak, "run_dir": scratch / "runs" / run_name,
+            "wall": wall, "peak_mib": peak, "run_dir": scratch / "runs" / run_name, "stdout": out,
             "note": f"best epoch {summary['best_epoch']} of {summary['epochs_run']}",
             "command": "python train.py " + " ".join(extra_overrides)}
 

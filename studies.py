@@ -9,6 +9,7 @@ Each study returns its report as markdown (benchmark.py writes it into results/b
 """
 
 import argparse
+import csv
 import json
 import shutil
 import sys
@@ -711,7 +712,6 @@ def scaling(args):
                 continue
             results = Path(scratch) / "results" / run_name
             summary = json.loads((results / "summary.json").read_text())
-            import csv
             with open(results / "metrics.csv") as f:
                 epoch_seconds = [float(r["epoch_seconds"]) for r in csv.DictReader(f)]
             # ru_maxrss of the children is the largest single process, i.e. per process.
@@ -755,13 +755,22 @@ def peer_process(dataset, peer="als"):
     return [sys.executable, "-c", PEER_PROCESS.format(root=str(ROOT), dataset=dataset, peer=peer)]
 
 
+def timed_train_run(name, args, dataset, scratch, overrides):
+    """A whole train.py process on a file, timed with its peak memory (peers.train_row): its row
+    and the rows of its metrics.csv; a failed run stops the study with the line it ended on."""
+    row = train_row(name, argparse.Namespace(dataset=dataset, data_dir=args.data_dir), Path(scratch), overrides)
+    if "error" in row:
+        raise loader.DataError(f"{name} failed: {row['error']}")
+    with open(Path(scratch) / "results" / row["run_dir"].name / "metrics.csv") as f:
+        return row, list(csv.DictReader(f))
+
+
 def large(args):
     """Scale at one file's size (benchmark.py --large=FILE, e.g. --generate=ml-25m's): whole
     processes measured side by side, args.large_repeats times, medians and ranges: a one-epoch
     rating run against a three-iteration implicit ALS (64 factors) with its loading; then one
     ranking run of args.large_ranking_epochs epochs, each evaluated (every item ranked for every
     user), its phases read from its own metrics."""
-    import csv
     dataset = str(Path(args.large).resolve())
     started = time.perf_counter()
     ratings = loader.load(dataset, allow_download=False)  # parse once (and fill the cache): the runs read the cache
@@ -772,20 +781,19 @@ def large(args):
              "| process | wall s (median, range) | peak GiB | figures |", "|---|---|---|---|"]
     del ratings
     with tempfile.TemporaryDirectory(prefix="mfmixtaste-large-") as scratch:
-        common = [f"--dataset={dataset}", "--download=False", "--progress=False", f"--runs_dir={scratch}/runs",
-                  f"--results_dir={scratch}/results"]
-        timings = {"rating, 1 epoch": [], "implicit ALS, 64 factors, 3 iterations": []}
-        figures = {}
-        for repeat in range(args.large_repeats):
-            rating = [sys.executable, str(ROOT / "train.py"), *common, "--epochs=1", f"--run_name=rating{repeat}"]
-            als = peer_process(dataset)
-            for name, command in zip(timings, (rating, als)):
-                wall, peak, out, err, code = measure(command)
-                if code:
-                    raise loader.DataError(f"{name} failed: {err.strip()[-300:]}")
-                timings[name].append((wall, peak))
-                figures[name] = (out.strip().splitlines() or [""])[-1][:120]
-                print(f"{name}: {wall:.1f} s, {peak / 1024:.2f} GiB", flush=True)
+        rating, als = "rating, 1 epoch", "implicit ALS, 64 factors, 3 iterations"
+        timings, figures = {rating: [], als: []}, {}
+        for _ in range(args.large_repeats):
+            row, _ = timed_train_run("rating", args, dataset, scratch, ["--epochs=1"])
+            timings[rating].append((row["wall"], row["peak_mib"]))
+            figures[rating] = (row["stdout"].strip().splitlines() or [""])[-1][:120]
+            wall, peak, out, err, code = measure(peer_process(dataset))
+            if code:
+                raise loader.DataError(f"{als} failed: {err.strip()[-300:]}")
+            timings[als].append((wall, peak))
+            figures[als] = (out.strip().splitlines() or [""])[-1][:120]
+            for name in timings:
+                print(f"{name}: {timings[name][-1][0]:.1f} s, {timings[name][-1][1] / 1024:.2f} GiB", flush=True)
         for name, runs in timings.items():
             walls = sorted(w for w, _ in runs)
             lines.append(f"| {name} | {np.median(walls):.1f} ({walls[0]:.1f}-{walls[-1]:.1f}) | "
@@ -795,21 +803,14 @@ def large(args):
         lines += ["", f"One-epoch rating run over ALS, pair by pair: median {np.median(ratios):.2f} "
                       f"({ratios[0]:.2f}-{ratios[-1]:.2f}).", ""]
         if args.large_ranking_epochs:
-            name = "ranking"
-            command = [sys.executable, str(ROOT / "train.py"), *common, "--task=ranking", f"--run_name={name}",
-                       f"--epochs={args.large_ranking_epochs}", "--eval_every=1", "--patience=0"]
-            wall, peak, out, err, code = measure(command)
-            if code:
-                raise loader.DataError(f"the ranking run failed: {err.strip()[-300:]}")
-            with open(Path(scratch) / "results" / name / "metrics.csv") as f:
-                rows = list(csv.DictReader(f))
-            summary = json.loads((Path(scratch) / "results" / name / "summary.json").read_text())
-            lines += [f"Ranking, {args.large_ranking_epochs} epoch(s), each evaluated: whole process {wall:.0f} s, "
-                      f"peak {peak / 1024:.2f} GiB; epochs' training "
+            row, rows = timed_train_run("ranking", args, dataset, scratch, [
+                "--task=ranking", f"--epochs={args.large_ranking_epochs}", "--eval_every=1", "--patience=0"])
+            lines += [f"Ranking, {args.large_ranking_epochs} epoch(s), each evaluated: whole process {row['wall']:.0f} s, "
+                      f"peak {row['peak_mib'] / 1024:.2f} GiB; epochs' training "
                       f"{', '.join(r['epoch_seconds'] for r in rows)} s; a validation ranking (every item for every "
-                      f"user) {', '.join(r['val_seconds'] for r in rows)} s; test NDCG@10 {summary['test_ndcg@10']:.4f}, "
-                      f"validation {summary['val_ndcg@10']:.4f}. Its first lines:", "", "```",
-                      *[line for line in out.splitlines() if not line.startswith("epoch ")][:12], "```", ""]
+                      f"user) {', '.join(r['val_seconds'] for r in rows)} s; test NDCG@10 {row['ndcg@10']:.4f}, "
+                      f"validation {row['val']['ndcg@10']:.4f}. Its first lines:", "", "```",
+                      *[line for line in row["stdout"].splitlines() if not line.startswith("epoch ")][:12], "```", ""]
             print("\n".join(lines[-8:]), flush=True)
     lines += [machine_lines(f"python benchmark.py --large={args.large}")]
     return "\n".join(lines) + "\n"
@@ -826,7 +827,6 @@ def cost_curve(args):
     others held; per set, whole processes: a one-epoch rating run, a one-epoch ranking run with
     one validation ranking, ALS (3 iterations, 64 factors) and EASE where its items allow.
     The figures go to the table and to docs' picture (pictures.cost_curve)."""
-    import csv
     base_users, base_items, base_rows = CURVE_BASE
     shapes = [("base", base_users, base_items, base_rows)]
     for share in (8, 4, 2):
@@ -841,18 +841,11 @@ def cost_curve(args):
                 write_interactions(path, n_users, n_items, n_rows)
             loader.load(str(path), allow_download=False)  # the parse cache, outside the timings
             found = {"axis": axis, "users": n_users, "items": n_items, "interactions": n_rows}
-            common = [sys.executable, str(ROOT / "train.py"), f"--dataset={path}", "--download=False",
-                      "--progress=False", f"--runs_dir={scratch}/runs", f"--results_dir={scratch}/results",
-                      "--epochs=1", "--patience=0"]
             for task, extra in (("rating", []), ("ranking", ["--task=ranking", "--eval_every=1"])):
-                name = f"{task}-{path.stem}"
-                wall, peak, out, err, code = measure([*common, *extra, f"--run_name={name}"])
-                if code:
-                    raise loader.DataError(f"{name} failed: {err.strip()[-300:]}")
-                with open(Path(scratch) / "results" / name / "metrics.csv") as f:
-                    [epoch] = list(csv.DictReader(f))
-                found.update({f"{task}_epoch": float(epoch["epoch_seconds"]), f"{task}_wall": wall,
-                              f"{task}_peak": peak / 1024})
+                row, [epoch] = timed_train_run(f"{task}-{path.stem}", args, str(path), scratch,
+                                               ["--epochs=1", "--patience=0", *extra])
+                found.update({f"{task}_epoch": float(epoch["epoch_seconds"]), f"{task}_wall": row["wall"],
+                              f"{task}_peak": row["peak_mib"] / 1024})
                 if task == "ranking":
                     found["ranking_eval"] = float(epoch["val_seconds"])
             for peer in ("als", "ease"):
