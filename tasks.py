@@ -205,7 +205,6 @@ class RankingTask:
                 # counted exactly, 0.1292 against half's 0.2170: rare items were never pushed down).
                 probabilities = torch.from_numpy(0.5 * item_positives / max(item_positives.sum(), 1)
                                                  + 0.5 / data.n_items).float()
-                self.drawn_once = torch.full((data.n_items,), -1, dtype=torch.long, device=device)
                 self.log_draws = (probabilities * self.softmax_items).log().to(device)      # (n_items,)
             self.batch_size = batch_size_for(cfg, data.n_users, RANKING_BATCH_STEPS, max(1, most),
                                              RANKING_BATCH_LEAST)
@@ -255,7 +254,7 @@ class RankingTask:
             scores, squared_norms = outputs[:2]
             if drawn:
                 data_term = -sampled_log_softmax(scores, outputs[2], position, items, columns, draws,
-                                                 self.log_draws, self.drawn_once).sum()
+                                                 self.log_draws).sum()
             else:
                 data_term = -torch.log_softmax(scores, dim=1)[position, items].sum()
             data_term = data_term / max(len(items), 1)
@@ -364,7 +363,7 @@ def softmax_items(cfg, n_items):
     return None if wanted >= n_items else wanted
 
 
-def sampled_log_softmax(scores, positive_scores, position, items, columns, draws, log_draws, column_of):
+def sampled_log_softmax(scores, positive_scores, position, items, columns, draws, log_draws):
     """Each positive's log-probability under the softmax over all items, its normaliser made of
     the user's own positives, exactly, and the other items estimated from C draws with
     replacement by probabilities q (logQ correction: their sum of exp(s_j) is estimated by
@@ -373,20 +372,19 @@ def sampled_log_softmax(scores, positive_scores, position, items, columns, draws
     overweighted (on ML-1M, 1024 draws: validation NDCG@10 0.2170 against the full softmax's
     0.2357).
     scores: (B, U) the users' scores of the U distinct drawn items, columns (U,), draws (U,) how
-    often each was drawn; positive_scores, position, items (P,): the positive pairs; log_draws
-    (n_items,) log(C q); column_of (n_items,) a -1 filled scratch tensor. With every item drawn
-    once at q = 1/n this is log_softmax exactly (tests/test_ranking.py)."""
+    often each was drawn, in any order; positive_scores, position, items (P,): the positive
+    pairs; log_draws (n_items,) log(C q). With every item drawn once at q = 1/n this is
+    log_softmax exactly (tests/test_ranking.py)."""
     batch = len(scores)
     # The user's own positives, exactly: a logsumexp per user over its pairs.
     top = scores.new_full((batch,), -torch.inf).scatter_reduce(0, position, positive_scores.detach(), "amax")
     own = scores.new_zeros(batch).index_add(0, position, torch.exp(positive_scores - top[position]))
     log_own = own.log() + top                                                      # (B,)
     # The drawn items that are not the user's positives, each weighted count / (C q).
-    column_of[columns] = torch.arange(len(columns), device=columns.device)
-    hit = column_of[items]                                                         # (P,) -1: not drawn
-    column_of[columns] = -1
+    in_order, order = torch.sort(columns)
+    found = torch.searchsorted(in_order, items).clamp(max=len(columns) - 1)        # (P,)
+    drawn_positive, hit = in_order[found] == items, order[found]                  # (P,): the positive's column
     weighted = scores + (draws.log() - log_draws[columns])                         # (B, U)
-    drawn_positive = hit >= 0
     weighted = weighted.index_put((position[drawn_positive], hit[drawn_positive]),
                                   weighted.new_tensor(-torch.inf))
     log_normaliser = torch.logaddexp(log_own, torch.logsumexp(weighted, dim=1))    # (B,)

@@ -357,14 +357,23 @@ def test_a_softmax_sampled_over_every_item_once_is_the_full_softmax_gradients_in
     assert torch.allclose(sampled, full[:, every]) and torch.allclose(norms, full_norms)
     assert torch.allclose(positive, full[position, items])
     log_draws = torch.zeros(9)  # each item drawn once: C q = 9 * (1/9)
-    column_of = torch.full((9,), -1)
     log_probabilities = tasks.sampled_log_softmax(sampled, positive, position, items, every, torch.ones(9),
-                                                  log_draws, column_of)
+                                                  log_draws)
     assert torch.allclose(log_probabilities, torch.log_softmax(full, 1)[position, items])
-    assert (column_of == -1).all()  # the scratch tensor is left as found
     (-log_probabilities.sum() + norms.sum()).backward()
     for p, expected in zip(model.parameters(), full_gradients):
         assert torch.allclose(p.grad, expected, atol=1e-6)
+    # Some items drawn, some positives among them (item 8 for user 0, item 4 for user 2) and some
+    # not: each user's normaliser is its own positives plus the drawn non-positives, each weighted
+    # by its draws over C q, written out user by user.
+    with torch.no_grad():
+        drawn, draws, log_draws = torch.tensor([8, 2, 4]), torch.tensor([2.0, 1.0, 3.0]), torch.randn(9)
+        got = tasks.sampled_log_softmax(full[:, drawn], full[position, items], position, items, drawn, draws, log_draws)
+        for pair, (user, item) in enumerate(zip(position.tolist(), items.tolist())):
+            own = [full[user, j] for u, j in zip(position.tolist(), items.tolist()) if u == user]
+            mine = set(j for u, j in zip(position.tolist(), items.tolist()) if u == user)
+            rest = [full[user, j] + draws[c].log() - log_draws[j] for c, j in enumerate(drawn.tolist()) if j not in mine]
+            assert torch.isclose(got[pair], full[user, item] - torch.logsumexp(torch.stack(own + rest), 0))
 
 
 def test_the_sampled_normaliser_is_corrected_for_the_draw_probabilities():
