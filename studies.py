@@ -804,7 +804,8 @@ def large(args):
                       f"({ratios[0]:.2f}-{ratios[-1]:.2f}).", ""]
         if args.large_ranking_epochs:
             row, rows = timed_train_run("ranking", args, dataset, scratch, [
-                "--task=ranking", f"--epochs={args.large_ranking_epochs}", "--eval_every=1", "--patience=0"])
+                "--task=ranking", f"--epochs={args.large_ranking_epochs}", "--eval_every=1", "--patience=0",
+                "--test_curve=False"])  # val_seconds: a validation ranking alone
             lines += [f"Ranking, {args.large_ranking_epochs} epoch(s), each evaluated: whole process {row['wall']:.0f} s, "
                       f"peak {row['peak_mib'] / 1024:.2f} GiB; epochs' training "
                       f"{', '.join(r['epoch_seconds'] for r in rows)} s; a validation ranking (every item for every "
@@ -841,7 +842,7 @@ def cost_curve(args):
                 write_interactions(path, n_users, n_items, n_rows)
             loader.load(str(path), allow_download=False)  # the parse cache, outside the timings
             found = {"axis": axis, "users": n_users, "items": n_items, "interactions": n_rows}
-            for task, extra in (("rating", []), ("ranking", ["--task=ranking", "--eval_every=1"])):
+            for task, extra in (("rating", []), ("ranking", ["--task=ranking", "--eval_every=1", "--test_curve=False"])):
                 row, [epoch] = timed_train_run(f"{task}-{path.stem}", args, str(path), scratch,
                                                ["--epochs=1", "--patience=0", *extra])
                 found.update({f"{task}_epoch": float(epoch["epoch_seconds"]), f"{task}_wall": row["wall"],

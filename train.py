@@ -131,7 +131,7 @@ DEFAULTS = {k: v for k, v in globals().items()
 RANKING_DEFAULTS = dict(test_fraction=0.1, val_fraction=0.1, split_seed=2020, dim=160, n_tastes=2,
                         prior_per="pair", prior_tastes=0.07, share_taste_prior=True, prior_attention=0.05,
                         prior_items=0.03, prior_biases=0.0, lr=0.03, lr_decay=0.7, batch_size=0,
-                        epochs=15, patience=3, test_curve=False, eval_every=5)
+                        epochs=15, patience=3, eval_every=5)
 # What a dataset given by path changes (an explicit --key=value still wins): RecBole's ML-1M protocol
 # is MovieLens's; a file is used as it is, every row an interaction (docs/data.md).
 FILE_DEFAULTS = dict(ranking_min_rating=float("-inf"), ranking_core=1)
@@ -162,9 +162,10 @@ def training(local_rank, cfg, attach=None):
     idist.barrier()  # every rank has looked, and built its model, before rank 0 makes the folders
     if rank == 0:
         runs.make_run_folders(run_dir, results)
-    evaluators, history, best_checkpoint, stopper, evaluate = evaluate_each_epoch(cfg, task, model, trainer, run_dir)
+    evaluators, validation, history, best_checkpoint, stopper, evaluate = evaluate_each_epoch(
+        cfg, task, model, trainer, run_dir)
     if attach:
-        attach(trainer, evaluators["val"], task)
+        attach(trainer, validation, task)
     to_save = {"model": model, "optimizer": optimizer, "trainer": trainer, "batches": task.batches,
                "history": history, "best_checkpoint": best_checkpoint}
     if stopper:
@@ -287,7 +288,8 @@ def evaluate_each_epoch(cfg, task, model, trainer, run_dir):
     nothing: it is only measured."""
     evaluated = [s for s in SPLITS if s in task.eval_batches and not (s == "train" and task.free_train_metrics)
                  and (s != "test" or cfg["test_curve"])]
-    evaluators = {split: task.evaluator(model, split) for split in evaluated}
+    evaluators = task.evaluators(model, evaluated)  # [(splits, engine)]: ranking scores val and test at once
+    validation = next(engine for splits, engine in evaluators if "val" in splits)
     history = runs.History()
 
     @trainer.on(EPOCH_COMPLETED)
@@ -300,30 +302,30 @@ def evaluate_each_epoch(cfg, task, model, trainer, run_dir):
             row = {"epoch": engine.state.epoch, "train_loss": engine.state.metrics["loss"],
                    "epoch_seconds": round(engine.state.times[Events.EPOCH_COMPLETED.name], 3)}
             if task.free_train_metrics:
-                row.update({f"train_{m}": engine.state.metrics[m] for m in task.metric_names})
+                row.update({f"train_{m}": engine.state.metrics[f"train_{m}"] for m in task.metric_names})
         if last or engine.state.epoch % cfg["eval_every"] == 0 or engine.state.epoch == engine.state.max_epochs:
-            for split, evaluator in evaluators.items():
-                evaluator.run(task.eval_batches[split])
-                row.update({f"{split}_{m}": evaluator.state.metrics[m] for m in task.metric_names})
-                row[f"{split}_seconds"] = round(evaluator.state.times[Events.COMPLETED.name], 3)
+            for splits, evaluator in evaluators:
+                evaluator.run(task.eval_batches[splits[0]])
+                row.update({f"{s}_{m}": evaluator.state.metrics[f"{s}_{m}"] for s in splits for m in task.metric_names})
+                row["_".join(splits) + "_seconds"] = round(evaluator.state.times[Events.COMPLETED.name], 3)
         if not last:
             history.rows.append(row)
         if idist.get_rank() == 0:  # one line an epoch, whatever the progress bar does
             runs.say(runs.epoch_line(history.rows, task, engine.state.max_epochs))
 
     def validation_score(_):  # Ignite's handlers keep the highest score
-        return task.sign * evaluators["val"].state.metrics[task.choose_by]
+        return task.sign * validation.state.metrics[f"val_{task.choose_by}"]
 
     score_name = ("" if task.higher_is_better else "neg_") + "val_" + task.choose_by.replace("@", "_at_")
     best_checkpoint = Checkpoint(
         {"model": model}, runs.RunFolderSaver(run_dir), filename_prefix="best",
         score_function=validation_score, score_name=score_name, n_saved=1,
         global_step_transform=global_step_from_engine(trainer))
-    evaluators["val"].add_event_handler(Events.COMPLETED, best_checkpoint)
+    validation.add_event_handler(Events.COMPLETED, best_checkpoint)
     stopper = EarlyStopping(cfg["patience"], validation_score, trainer) if cfg["patience"] else None
     if stopper:
-        evaluators["val"].add_event_handler(Events.COMPLETED, stopper)
-    return evaluators, history, best_checkpoint, stopper, evaluate
+        validation.add_event_handler(Events.COMPLETED, stopper)
+    return evaluators, validation, history, best_checkpoint, stopper, evaluate
 
 
 def save_and_resume(cfg, to_save, run_dir, started, task):
@@ -369,21 +371,21 @@ def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, t
         for tensor in model.state_dict().values():
             idist.broadcast(tensor, src=0)
     best = max((r for r in history.rows if choose in r), key=lambda r: task.sign * r[choose])
-    final = {}
-    for split in ("test", "val", "train"):  # test first: the figures summary.json leads with
-        if split != "train" and f"{split}_{task.choose_by}" in best:  # the chosen epoch's own: not repeated
-            final.update({f"{split}_{m}": best[f"{split}_{m}"] for m in task.metric_names})
-        elif split in task.eval_batches:
-            evaluator = task.evaluator(model, split)
-            evaluator.run(task.eval_batches[split])
-            final.update({f"{split}_{m}": evaluator.state.metrics[m] for m in task.metric_names})
+    known = {f"{s}_{m}": best[f"{s}_{m}"] for s in ("test", "val") if f"{s}_{task.choose_by}" in best
+             for m in task.metric_names}  # the chosen epoch's own figures: not evaluated again
+    missing = [s for s in ("test", "val", "train") if f"{s}_{task.choose_by}" not in known and s in task.eval_batches]
+    for splits, evaluator in task.evaluators(model, missing) if missing else ():
+        evaluator.run(task.eval_batches[splits[0]])
+        known.update({f"{s}_{m}": evaluator.state.metrics[f"{s}_{m}"] for s in splits for m in task.metric_names})
+    final = {f"{s}_{m}": known[f"{s}_{m}"] for s in ("test", "val", "train") if f"{s}_{task.choose_by}" in known
+             for m in task.metric_names}  # test first: the figures summary.json leads with
     if idist.get_rank() != 0:
         return
     movies = runs.save_run_data(run_dir, task, cfg)
     trained = getattr(model, "module", model)
     pictures.run_pictures(results, trained, task.seen, [m["genres"] for m in movies], loader.dataset_name(cfg["dataset"]),
                           untrained=~task.trained_items)
-    runs.write_projector(tb_logger.writer, run_dir, trained.item_factors.detach().cpu(), movies)
+    runs.write_projector(tb_logger.writer, run_dir, trained.item_factors.detach().cpu(), movies, task.seen[1])
     tb_logger.writer.add_hparams({k: v if not isinstance(v, float) or math.isfinite(v) else str(v)  # -inf: a file's
                                   for k, v in cfg.items() if k not in ("resume",)},               # ranking_min_rating
                                  {f"hparam/{k}": v for k, v in final.items()}, name="hparams")

@@ -140,7 +140,7 @@ def run_trial(trial, fixed, base, runs_dir, results_dir):
                                                     f"--run_name=trial-{trial.number}", "--progress=False"])
 
     def attach(trainer, validation, task):
-        handler = PyTorchIgnitePruningHandler(trial, task.choose_by, trainer)
+        handler = PyTorchIgnitePruningHandler(trial, f"val_{task.choose_by}", trainer)
         validation.add_event_handler(Events.COMPLETED, handler)
 
     try:

@@ -62,8 +62,8 @@ def test_ties_are_broken_by_item_index_and_masked_items_never_count():
 def test_the_ignite_metric_averages_over_users_with_held_out_items_across_batches():
     metric = tasks.RankingMetrics(K)
     metric.reset()
-    metric.update((SCORES[:2], RELEVANT[:2]))
-    metric.update((SCORES[2:], RELEVANT[2:]))
+    metric.update(tasks.rank_metrics(SCORES[:2], RELEVANT[:2], K))
+    metric.update(tasks.rank_metrics(SCORES[2:], RELEVANT[2:], K))
     result = metric.compute()
     assert list(result) == [f"{m}@{K}" for m in tasks.RANK_METRICS]
     for column, name in enumerate(tasks.RANK_METRICS):
@@ -118,9 +118,8 @@ def test_the_evaluator_masks_training_items_and_for_test_validation_items(tmp_pa
         position, items = task.by_user["train"].pairs(torch.arange(task.n_users))
         model.item_bias.index_add_(0, items, torch.ones(len(items)))
     for split, masked in (("val", ("train",)), ("test", ("train", "val"))):
-        evaluator = task.evaluator(model, split)
         users = next(iter(task.eval_batches[split]))
-        scores, relevant = evaluator._process_function(evaluator, users)
+        scores, relevant = task.scores_and_relevant(model, users, split)
         for part in masked:
             position, items = task.by_user[part].pairs(users)
             assert torch.isneginf(scores[position, items]).all()
@@ -149,6 +148,28 @@ def test_evaluation_streams_users_in_blocks_with_the_figures_of_one_dense_block(
                 assert abs(streamed[name] - dense[name]) < 1e-9, (split, name)
     scores, _ = whole.scores_and_relevant(tied, torch.arange(whole.n_users), "val")
     assert ((scores[:, :-1] == scores[:, 1:]) & torch.isfinite(scores[:, 1:])).any()  # they do tie
+
+
+def test_validation_and_test_ranked_from_one_scoring_equal_each_ranked_alone(tmp_path):
+    """The evaluator of both splits scores every item once and masks the validation items only
+    for test: its figures are those of one evaluator per split, and of task.evaluate."""
+    task = _ranking_task(tmp_path, eval_batch_size=16 * 7)
+    model = MFMixTaste(task.n_users, task.n_items, dim=4, n_tastes=2, init_std=0.5)
+    (splits, both), = task.evaluators(model, ("val", "test"))
+    assert splits == ("val", "test")
+    both.run(task.eval_batches["val"])
+    scored = []
+    model.score_all = lambda users, score_all=model.score_all: scored.append(len(users)) or score_all(users)
+    both.run(task.eval_batches["val"])
+    assert sum(scored) == task.n_users  # every user's items scored once for the two splits
+    for split in splits:
+        alone = task.evaluator(model, split)
+        alone.run(task.eval_batches[split])
+        direct = task.evaluate(model, split)
+        for name in direct:
+            assert both.state.metrics[f"{split}_{name}"] == pytest.approx(alone.state.metrics[f"{split}_{name}"], abs=1e-12)
+            assert both.state.metrics[f"{split}_{name}"] == pytest.approx(direct[name], abs=1e-12)
+    assert both.state.metrics["val_ndcg@10"] != both.state.metrics["test_ndcg@10"]
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -195,9 +216,11 @@ def test_the_sampled_losses_train(tmp_path, synthetic_ml100k, loss):
                 "--n_negatives=5", "--batch_size=256", "--lr=0.02", "--run_name=s")
     rows = read_csv(tmp_path / "results" / "s" / "metrics.csv")
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
-    # Ranking scores the test set once, for the chosen model: no per-epoch test curve by default.
-    assert "val_ndcg@10" in rows[0] and "test_ndcg@10" not in rows[0]
-    assert 0 < json.loads((tmp_path / "results" / "s" / "summary.json").read_text())["test_ndcg@10"] <= 1
+    # By default each evaluation ranks test beside validation, from the same scores (one timing),
+    # and the chosen epoch's (here the only evaluated one) test figures are the summary's.
+    assert rows[-1]["val_ndcg@10"] and float(rows[-1]["val_test_seconds"]) > 0 and "val_seconds" not in rows[-1]
+    summary = json.loads((tmp_path / "results" / "s" / "summary.json").read_text())
+    assert 0 < summary["test_ndcg@10"] == pytest.approx(float(rows[-1]["test_ndcg@10"]), abs=1e-9)
 
 
 @pytest.mark.parametrize("sampled", ["--softmax_items=0", "--softmax_items=40"])

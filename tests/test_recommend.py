@@ -121,6 +121,38 @@ def test_a_finished_run_leaves_its_pictures_and_projector(runs):
     assert "Café 1 (1990)" in json.loads((runs["mixture"] / "movies.json").read_text(encoding="utf-8"))[0]["title"]
 
 
+def test_large_runs_picture_a_sample_of_users_and_project_their_most_used_items(tmp_path, monkeypatch):
+    """Above PICTURE_USERS users the taste histograms hold that many drawn users, each with the
+    mean over all of its pairs; above PROJECTOR_ITEMS items the projector shows the most used."""
+    from tensorboardX import SummaryWriter
+
+    import pictures
+    import runs
+    from MFMixTaste import MFMixTaste
+    torch.manual_seed(0)
+    model = MFMixTaste(50, 30, dim=4, n_tastes=3, global_mean=0.0, init_std=1.0)
+    rng = np.random.default_rng(1)
+    users, items = rng.integers(0, 50, 2000), rng.integers(0, 30, 2000)
+    drawn = {}
+    monkeypatch.setattr(pictures, "PICTURE_USERS", 7)
+    monkeypatch.setattr(pictures, "taste_weights", lambda path, mean, title, note: drawn.update(mean=mean, note=note))
+    pictures.run_pictures(tmp_path, model, (users, items), [[]] * 30, "set")
+    every_user = pictures.mean_weights(model, users, items, 50)                  # (50, K)
+    assert drawn["mean"].shape == (7, 3) and "7 users drawn of 50" in drawn["note"]
+    matches = [np.flatnonzero(np.isclose(every_user, row).all(1)) for row in drawn["mean"]]
+    assert all(len(m) == 1 for m in matches) and len({m[0] for m in matches}) == 7
+    monkeypatch.setattr(runs, "PROJECTOR_ITEMS", 5)
+    popular = [3, 11, 17, 22, 29]
+    seen = np.concatenate([np.arange(30), np.repeat(popular, 4)])
+    movies = [{"title": f"m{i}", "genres": []} for i in range(30)]
+    with SummaryWriter(str(tmp_path / "run")) as writer:
+        runs.write_projector(writer, tmp_path / "run", model.item_factors.detach(), movies, seen)
+    shown = (tmp_path / "run" / "00000" / "item_embeddings" / "metadata.tsv").read_text().split("\n")[1:6]
+    assert [line.split("\t")[0] for line in shown] == [f"m{i}" for i in popular]
+    vectors = np.loadtxt(tmp_path / "run" / "00000" / "item_embeddings" / "tensors.tsv")
+    assert np.allclose(vectors, model.item_factors.detach().numpy()[popular], atol=1e-4)
+
+
 def cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "recommend.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=120)
