@@ -36,7 +36,7 @@ KILLS = {
                ("os.replace:4:SIGKILL", -9)],        # the end again, summary.json being renamed
     "ranking": [("os.replace:2:SIGKILL", -9),        # epoch 1's checkpoint (no evaluation yet)
                 ("train_step:6:SIGINT", 130),        # epoch 2, before the first evaluation
-                ("evaluate_step:3:SIGKILL", -9),     # resumed after epoch 1: epoch 2's evaluation
+                ("evaluate_step:1:SIGKILL", -9),     # resumed after epoch 1: epoch 2's evaluation
                 ("os.replace:3:SIGKILL", -9),        # epoch 2's best model written, its checkpoint not
                 ("write_projector:1:SIGINT", 130),   # the end, TensorBoard's projector
                 ("finish:1:SIGKILL", -9)],           # the end again
