@@ -48,7 +48,7 @@ import pictures
 import runs
 from MFMixTaste import PRIOR_TERMS, MFMixTaste
 from runs import ConfigError, TrainingError
-from tasks import SPLITS, TASKS
+from tasks import SPLITS, TASKS, run_evaluators
 
 gc.freeze()
 gc.enable()
@@ -304,10 +304,7 @@ def evaluate_each_epoch(cfg, task, model, trainer, run_dir):
             if task.free_train_metrics:
                 row.update({f"train_{m}": engine.state.metrics[f"train_{m}"] for m in task.metric_names})
         if last or engine.state.epoch % cfg["eval_every"] == 0 or engine.state.epoch == engine.state.max_epochs:
-            for splits, evaluator in evaluators:
-                evaluator.run(task.eval_batches[splits[0]])
-                row.update({f"{s}_{m}": evaluator.state.metrics[f"{s}_{m}"] for s in splits for m in task.metric_names})
-                row["_".join(splits) + "_seconds"] = round(evaluator.state.times[Events.COMPLETED.name], 3)
+            row.update(run_evaluators(task, evaluators))
         if not last:
             history.rows.append(row)
         if idist.get_rank() == 0:  # one line an epoch, whatever the progress bar does
@@ -374,9 +371,7 @@ def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, t
     known = {f"{s}_{m}": best[f"{s}_{m}"] for s in ("test", "val") if f"{s}_{task.choose_by}" in best
              for m in task.metric_names}  # the chosen epoch's own figures: not evaluated again
     missing = [s for s in ("test", "val", "train") if f"{s}_{task.choose_by}" not in known and s in task.eval_batches]
-    for splits, evaluator in task.evaluators(model, missing) if missing else ():
-        evaluator.run(task.eval_batches[splits[0]])
-        known.update({f"{s}_{m}": evaluator.state.metrics[f"{s}_{m}"] for s in splits for m in task.metric_names})
+    known.update(run_evaluators(task, task.evaluators(model, missing)))
     final = {f"{s}_{m}": known[f"{s}_{m}"] for s in ("test", "val", "train") if f"{s}_{task.choose_by}" in known
              for m in task.metric_names}  # test first: the figures summary.json leads with
     if idist.get_rank() != 0:

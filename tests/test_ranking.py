@@ -163,7 +163,7 @@ def test_validation_and_test_ranked_from_one_scoring_equal_each_ranked_alone(tmp
     both.run(task.eval_batches["val"])
     assert sum(scored) == task.n_users  # every user's items scored once for the two splits
     for split in splits:
-        alone = task.evaluator(model, split)
+        alone = task.evaluator(model, (split,))
         alone.run(task.eval_batches[split])
         direct = task.evaluate(model, split)
         for name in direct:
