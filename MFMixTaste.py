@@ -257,7 +257,7 @@ class MFMixTaste(nn.Module):
         if items is None:
             # The batch's user rows gathered once for the scores and the prior: each gather's
             # backward zeroes a gradient the size of the whole user table.
-            rows, user_b = self.user_factors.index_select(0, users), self.user_bias.index_select(0, users)
+            rows, user_b = self.user_rows(users), self.user_bias.index_select(0, users)
             scores, weights = self._scores_of_all_items(rows, user_b, return_weights=True,
                                                         columns=slice(None) if columns is None else columns)
             if not return_prior:
@@ -288,6 +288,13 @@ class MFMixTaste(nn.Module):
         if negatives is not None:
             return prediction, squared_norms, implicit
         return (prediction, squared_norms) if return_prior else prediction
+
+    def user_rows(self, users):
+        """(B, 2, K, d) tastes and attention vectors of the users (B,) int64, as every scoring of
+        all items reads them (the ranking task's training and evaluation): a variant that builds
+        its users another way overrides this (variants.py). The pairs' scores of the rating task
+        read user_factors in _MixtureOfTastes directly."""
+        return self.user_factors.index_select(0, users)
 
     def _pair_scores(self, users, items):
         """forward's scores of (user, item) pairs, (B,) each, without the prior's norms or anything
@@ -342,7 +349,7 @@ class MFMixTaste(nn.Module):
         The items are scored SCORE_CHUNK at a time: the (B, 2K, chunk) temporaries then stay in
         the processor's cache instead of going through memory four times (1024 users, K=2, d=160:
         59,047 items 1.0-1.2 s instead of 2.2 s; ML-1M's 3,706 the same time either way)."""
-        rows, user_b = self.user_factors[users], self.user_bias[users]
+        rows, user_b = self.user_rows(users), self.user_bias[users]
         return torch.cat([self._scores_of_all_items(rows, user_b, columns=slice(start, start + SCORE_CHUNK))
                           for start in range(0, self.n_items, SCORE_CHUNK)], dim=1)
 
