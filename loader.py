@@ -815,6 +815,16 @@ def _draw_parts(users, n_users, fractions, seed):
     return part.astype(np.int8)
 
 
+def user_pairs(users, counts, offsets, items_sorted):
+    """(positions in users, items) of the users' (B,) interactions, from each user's count and
+    offset (n_users,) into items_sorted (their items grouped by user): a CSR matrix's row lengths,
+    row starts and column indices."""
+    counts = counts[users]
+    position = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)
+    first = torch.repeat_interleave(offsets[users] - (torch.cumsum(counts, 0) - counts), counts)
+    return position, items_sorted[first + torch.arange(len(position), device=users.device)]
+
+
 class UserBatches(_SeededShuffle):
     """Batches of users for the full-softmax ranking loss: (users, pair_users, pair_items,
     global_pairs). Each pass shuffles the users (seeded generator, saved with checkpoints);
@@ -841,10 +851,7 @@ class UserBatches(_SeededShuffle):
 
     def pairs(self, users):
         """(positions in users, items) of the given users' interactions."""
-        counts = self.counts[users]
-        position = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)
-        first = torch.repeat_interleave(self.offsets[users] - (torch.cumsum(counts, 0) - counts), counts)
-        return position, self.items_sorted[first + torch.arange(len(position), device=users.device)]
+        return user_pairs(users, self.counts, self.offsets, self.items_sorted)
 
     def __iter__(self):
         order = (torch.randperm(self.n_users, generator=self.generator) if self.shuffle

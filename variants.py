@@ -13,13 +13,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import loader
 from MFMixTaste import MFMixTaste
 
 
 class TasteCountUsers(MFMixTaste):
     """A taste count per user that grows with the user's history, MIND's dynamic interest number
     K_u = max(1, min(K, floor(log2 n_u))) for n_u training items: a user's tastes beyond K_u are
-    their first taste again (with its attention vector), so their mixture is that one taste."""
+    their first taste again (with its attention vector). A user of K_u = 1 is then exactly that
+    one taste; one of 1 < K_u < K (only with K > 2; issue 28's runs had K=2) keeps K_u distinct
+    tastes, the copies adding weight to the first."""
 
     def __init__(self, n_users, n_items, training, **kwargs):
         super().__init__(n_users, n_items, **kwargs)
@@ -53,12 +56,10 @@ class ItemBagUsers(MFMixTaste):
         self.register_buffer("indices", torch.from_numpy(training.indices).long())
 
     def user_rows(self, users):
-        starts = self.indptr[users]
-        lengths = self.indptr[users + 1] - starts                                  # (B,)
-        offsets = torch.cumsum(lengths, 0) - lengths
-        within = torch.arange(int(lengths.sum()), device=users.device) - offsets.repeat_interleave(lengths)
-        chosen = self.indices[starts.repeat_interleave(lengths) + within]         # (P,)
-        weights = lengths.clamp(min=1).float().rsqrt().repeat_interleave(lengths)  # (P,)
+        lengths = self.indptr[1:] - self.indptr[:-1]                               # (n_users,)
+        position, chosen = loader.user_pairs(users, lengths, self.indptr[:-1], self.indices)  # (P,) each
+        weights = lengths[users].clamp(min=1).float().rsqrt()[position]            # (P,)
+        offsets = torch.cumsum(lengths[users], 0) - lengths[users]                 # (B,): each bag's start
         if self.training:
             weights = weights * (torch.rand_like(weights) >= self.DROPOUT) / (1 - self.DROPOUT)
         rows = nn.functional.embedding_bag(chosen, self.item_inputs, offsets, mode="sum",
@@ -81,17 +82,16 @@ class ItemItemMixture(MFMixTaste):
         self.register_buffer("item_item_scores", torch.from_numpy(scores), persistent=False)
         self.item_item_scale = nn.Parameter(torch.tensor(self.SCALE))
 
-    def item_item(self, users, columns=None):
-        scores = self.item_item_scores[users]                                      # (B, n_items)
-        return self.item_item_scale * (scores if columns is None else scores[:, columns])
+    def item_item(self, users):
+        return self.item_item_scale * self.item_item_scores[users]                 # (B, n_items)
 
     def forward(self, users, items=None, return_prior=False, columns=None, **kwargs):
         if items is not None or columns is not None:  # train_variant allows the full softmax only
             raise ValueError("ItemItemMixture scores all items (the ranking task's full softmax) only")
-        out = super().forward(users, None, return_prior, columns=columns, **kwargs)
+        out = super().forward(users, None, return_prior, **kwargs)
         if not return_prior:
-            return out + self.item_item(users, columns)
-        return (out[0] + self.item_item(users, columns), *out[1:])
+            return out + self.item_item(users)
+        return (out[0] + self.item_item(users), *out[1:])
 
     def score_all(self, users):
         return super().score_all(users) + self.item_item(users)
@@ -107,7 +107,7 @@ def train_variant(name, argv):
     built_task, open_run = {}, train.open_run
 
     def opening(cfg, device):  # the task, kept for the model (train.py builds the model from sizes)
-        if cfg["task"] != "ranking" or cfg["loss"] != "softmax" or cfg["softmax_items"] not in (0, ):
+        if cfg["task"] != "ranking" or cfg["loss"] != "softmax" or cfg["softmax_items"] != 0:
             raise train.ConfigError(f"--variant={name} needs --task=ranking with its softmax loss over "
                                     "every item (--loss=softmax, --softmax_items=0)")
         run_dir, results, task = open_run(cfg, device)
