@@ -94,7 +94,7 @@ def check(cfg):
         if cfg[key] <= 0:
             raise ConfigError(f"--{key} must be positive, got {cfg[key]}")
     for key in ("patience", "threads", "init_std", "batch_size", "implicit_weight", "implicit_negatives") \
-            + tuple(f"prior_{name}" for name in PRIOR_TERMS):
+            + tuple(f"prior_{name}" for name in PRIOR_TERMS + ("user_pairs",)):
         if cfg[key] < 0:
             raise ConfigError(f"--{key} must not be negative, got {cfg[key]}")
     if not 0 <= cfg["implicit_share"] <= 1:

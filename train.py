@@ -88,6 +88,8 @@ prior_tastes = 10.0        # on the users' taste vectors U (with t=0.02 and lr 0
 prior_attention = 0.5      # on the attention vectors A: they only pick among the tastes (at 5 they stayed at 0)
 prior_items = 10.0         # on the item vectors e
 prior_biases = 3.0         # on user and item biases
+prior_user_pairs = 0       # prior_per="pair": tastes' and attention's weights are for users of this many interactions
+                           # on average; sparser data scales them by it / its mean (0 = off; tasks.prior_weights)
 share_taste_prior = False  # a pair's prior on the tastes shared among them by its mixture weights (a taste held
                            # by the pairs it serves), not counted for every taste (docs/tastes.md, fourth round)
 # implicit feedback in the rating task: which movies a user chose to rate (MFMixTaste's docstring)
@@ -129,9 +131,9 @@ DEFAULTS = {k: v for k, v in globals().items()
 # What --task=ranking changes in the defaults above (an explicit --key=value still wins): chosen
 # on ML-1M's validation NDCG@10 (docs/ranking.md).
 RANKING_DEFAULTS = dict(test_fraction=0.1, val_fraction=0.1, split_seed=2020, dim=160, n_tastes=2,
-                        prior_per="pair", prior_tastes=0.07, share_taste_prior=True, prior_attention=0.05,
-                        prior_items=0.03, prior_biases=0.0, lr=0.03, lr_decay=0.7, batch_size=0,
-                        epochs=15, patience=3, eval_every=5)
+                        prior_per="pair", prior_user_pairs=100, prior_tastes=0.07, share_taste_prior=True,
+                        prior_attention=0.05, prior_items=0.03, prior_biases=0.0, lr=0.03, lr_decay=0.7,
+                        batch_size=0, epochs=15, patience=3, eval_every=5)
 # What a dataset given by path changes (an explicit --key=value still wins): RecBole's ML-1M protocol
 # is MovieLens's; a file is used as it is, every row an interaction (docs/data.md).
 FILE_DEFAULTS = dict(ranking_min_rating=float("-inf"), ranking_core=1)
@@ -238,7 +240,7 @@ def build_trainer(cfg, task, device):
     # (on CPU as on GPU); with batches of 8192 ratings, a dense update costs less than the
     # bookkeeping of sparse ones (SparseAdam measured 1.3x slower per epoch on ML-1M).
     optimizer = idist.auto_optim(torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=True))
-    prior_weights = torch.tensor([cfg[f"prior_{name}"] for name in PRIOR_TERMS], device=device)
+    prior_weights = torch.tensor([task.prior_weights[name] for name in PRIOR_TERMS], device=device)
 
     def train_step(engine, batch):
         model.train()

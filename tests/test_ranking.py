@@ -435,3 +435,40 @@ def test_the_rating_batch_keeps_an_epoch_within_256_steps_on_large_sets():
     assert ratings_per_step(2_097_152) == 8192            # up to 256 steps of 8192: unchanged
     assert ratings_per_step(17_460_674) == 68_206         # ML-25M's shape: 256 steps an epoch
     assert ratings_per_step(17_460_674, batch_size=8192) == 8192  # an explicit batch wins
+
+
+def test_sparse_users_scale_the_user_side_priors_by_the_interactions_they_lack():
+    cfg = {**train.DEFAULTS, **train.RANKING_DEFAULTS, "task": "ranking"}
+    chosen = {name: cfg[f"prior_{name}"] for name in ("tastes", "attention", "items", "biases")}
+    described = []
+    sparse = tasks.prior_weights(cfg, np.array([4, 6, 0, 5]), described)  # 5 a user with any
+    assert sparse["tastes"] == pytest.approx(chosen["tastes"] * 20)
+    assert sparse["attention"] == pytest.approx(chosen["attention"] * 20)
+    assert (sparse["items"], sparse["biases"]) == (chosen["items"], chosen["biases"])
+    assert len(described) == 1 and "x20.00" in described[0] and "5.0 training interactions" in described[0]
+    described = []
+    assert tasks.prior_weights(cfg, np.array([112, 90, 130]), described) == chosen  # as rich as ML-1M
+    assert described == []
+    for off in ({"prior_user_pairs": 0}, {"prior_per": "row"}):
+        assert tasks.prior_weights({**cfg, **off}, np.array([4, 6]), []) == chosen
+
+
+def test_the_scaled_priors_train_as_the_same_weights_given_by_hand(tmp_path, synthetic_ml100k):
+    cfg = {**train.DEFAULTS, **train.RANKING_DEFAULTS, "task": "ranking", "dataset": "ml-100k",
+           "ranking_core": 10, "dim": 8, "batch_size": 32}
+    weights = tasks.RankingTask(cfg, loader.load("ml-100k", synthetic_ml100k, allow_download=False),
+                                "cpu", 0, 1).prior_weights
+    assert weights["tastes"] > cfg["prior_tastes"]  # the synthetic users are sparser than 100
+    common = ("--epochs=2", "--patience=0", "--eval_every=1")
+    ruled = run_ranking(tmp_path, synthetic_ml100k, *common, "--run_name=rule")
+    assert "prior on tastes and attention x" in ruled.stdout + ruled.stderr
+    run_ranking(tmp_path, synthetic_ml100k, *common, "--run_name=hand", "--prior_user_pairs=0",
+                f"--prior_tastes={weights['tastes']!r}", f"--prior_attention={weights['attention']!r}")
+    summaries = [json.loads((tmp_path / "results" / name / "summary.json").read_text()) for name in ("rule", "hand")]
+    for key in ("val_ndcg@10", "test_ndcg@10", "best_epoch"):
+        assert summaries[0][key] == summaries[1][key]
+
+
+def test_a_negative_prior_user_pairs_is_one_clear_error(tmp_path, synthetic_ml100k):
+    done = run_ranking(tmp_path, synthetic_ml100k, "--prior_user_pairs=-1", check=False)
+    assert done.returncode == 2 and "--prior_user_pairs must not be negative" in done.stderr
