@@ -23,6 +23,7 @@ from ignite.metrics import MeanAbsoluteError, MeanSquaredError, Metric, MetricsL
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 import loader
+from MFMixTaste import PRIOR_TERMS
 
 SPLITS = ("train", "val", "test")
 RANK_METRICS = ("ndcg", "recall", "mrr", "hit", "precision")
@@ -505,7 +506,7 @@ def prior_weights(cfg, user_pairs, described):
     round). So the tastes' and attention's weights are scaled by prior_user_pairs / the mean
     interactions of a user with any, where that is over 1: a set as rich as the one the weights
     were chosen on keeps them exactly. The item side is left as measured (one weight)."""
-    weights = {name: cfg[f"prior_{name}"] for name in ("tastes", "attention", "items", "biases")}
+    weights = {name: cfg[f"prior_{name}"] for name in PRIOR_TERMS}
     if cfg["prior_per"] != "pair" or not cfg["prior_user_pairs"]:
         return weights
     mean = float(user_pairs.sum() / max(1, np.count_nonzero(user_pairs)))
