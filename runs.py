@@ -596,10 +596,11 @@ def attach_tensorboard(run_dir, trainer, evaluators, optimizer, task, cfg):
 
 def describe(cfg, task, model):
     """What summary.json records of a run beside its figures: task, data, sizes, processes,
-    versions and every hyperparameter."""
+    versions, every hyperparameter and the prior weights trained with."""
     import ignite
     return {"task": cfg["task"], "dataset": cfg["dataset"], "n_users": task.n_users,
             "n_items": task.n_items, **task.counts, "batch_size_used": task.batch_size,
+            "prior_weights_used": task.prior_weights,  # the knobs' weights after tasks.prior_weights' rule
             "world_size": idist.get_world_size(), "backend": idist.backend() or "none",
             "device": str(next(model.parameters()).device),
             "training_products": "bfloat16" if task.bfloat16 else "float32", "torch": torch.__version__,

@@ -467,6 +467,8 @@ def test_the_scaled_priors_train_as_the_same_weights_given_by_hand(tmp_path, syn
     summaries = [json.loads((tmp_path / "results" / name / "summary.json").read_text()) for name in ("rule", "hand")]
     for key in ("val_ndcg@10", "test_ndcg@10", "best_epoch"):
         assert summaries[0][key] == summaries[1][key]
+    assert summaries[0]["prior_weights_used"] == summaries[1]["prior_weights_used"] == weights
+    assert summaries[0]["hyperparameters"]["prior_tastes"] == cfg["prior_tastes"]  # the knob as given
 
 
 def test_a_negative_prior_user_pairs_is_one_clear_error(tmp_path, synthetic_ml100k):
