@@ -11,7 +11,7 @@ import loader
 import peers
 import tasks
 import train
-from MFMixTaste import MFMixTaste
+from MFMixTaste import PRIOR_TERMS, MFMixTaste
 
 K = 3
 # Five users, six items; columns are items. -inf marks an item masked out (seen in training).
@@ -439,7 +439,7 @@ def test_the_rating_batch_keeps_an_epoch_within_256_steps_on_large_sets():
 
 def test_sparse_users_scale_the_user_side_priors_by_the_interactions_they_lack():
     cfg = {**train.DEFAULTS, **train.RANKING_DEFAULTS, "task": "ranking"}
-    chosen = {name: cfg[f"prior_{name}"] for name in ("tastes", "attention", "items", "biases")}
+    chosen = {name: cfg[f"prior_{name}"] for name in PRIOR_TERMS}
     described = []
     sparse = tasks.prior_weights(cfg, np.array([4, 6, 0, 5]), described)  # 5 a user with any
     assert sparse["tastes"] == pytest.approx(chosen["tastes"] * 20)
