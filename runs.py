@@ -93,7 +93,7 @@ def check(cfg):
     for key in positive:
         if cfg[key] <= 0:
             raise ConfigError(f"--{key} must be positive, got {cfg[key]}")
-    for key in ("patience", "threads", "init_std", "batch_size", "implicit_weight", "implicit_negatives") \
+    for key in ("patience", "threads", "init_std", "batch_size", "implicit_weight", "implicit_negatives", "lr_steps") \
             + tuple(f"prior_{name}" for name in PRIOR_TERMS + ("user_pairs",)):
         if cfg[key] < 0:
             raise ConfigError(f"--{key} must not be negative, got {cfg[key]}")
@@ -601,6 +601,7 @@ def describe(cfg, task, model):
     return {"task": cfg["task"], "dataset": cfg["dataset"], "n_users": task.n_users,
             "n_items": task.n_items, **task.counts, "batch_size_used": task.batch_size,
             "prior_weights_used": task.prior_weights,  # the knobs' weights after tasks.prior_weights' rule
+            "lr_used": cfg["lr"] * task.lr_scale,  # the peak lr after tasks.lr_scale's rule
             "world_size": idist.get_world_size(), "backend": idist.backend() or "none",
             "device": str(next(model.parameters()).device),
             "training_products": "bfloat16" if task.bfloat16 else "float32", "torch": torch.__version__,

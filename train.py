@@ -101,6 +101,7 @@ implicit_share = 0.8       # share of the epochs, from the first, that carry the
 # optimisation
 lr = 1.5e-2                # Adam learning rate (its peak, see lr_decay)
 lr_decay = 0.4             # share of the run, at its end, over which lr falls linearly to 0 (0 = constant lr)
+lr_steps = 0               # ranking softmax: lr is for epochs of this many steps, longer ones scale it (tasks.lr_scale)
 batch_size = 0             # per step (the global batch): ratings; for ranking, users (softmax) or interactions; 0 =
                            # n_train / 64 within 8192 and 256 steps an epoch (ML-1M: 8192, ML-25M: 68,206); ranking's
                            # softmax: 256 users, more where an epoch would take over 24 steps (see batch_size_for)
@@ -133,7 +134,7 @@ DEFAULTS = {k: v for k, v in globals().items()
 RANKING_DEFAULTS = dict(test_fraction=0.1, val_fraction=0.1, split_seed=2020, dim=160, n_tastes=2,
                         prior_per="pair", prior_user_pairs=100, prior_tastes=0.07, share_taste_prior=True,
                         prior_attention=0.05, prior_items=0.03, prior_biases=0.0, lr=0.03, lr_decay=0.7,
-                        batch_size=0, epochs=15, patience=3, eval_every=5)
+                        lr_steps=24, batch_size=0, epochs=15, patience=3, eval_every=5)
 # What a dataset given by path changes (an explicit --key=value still wins): RecBole's ML-1M protocol
 # is MovieLens's; a file is used as it is, every row an interaction (docs/data.md).
 FILE_DEFAULTS = dict(ranking_min_rating=float("-inf"), ranking_core=1)
@@ -239,7 +240,7 @@ def build_trainer(cfg, task, device):
     # Adam for the whole model: the fused kernel updates the dense tables in one pass per step
     # (on CPU as on GPU); with batches of 8192 ratings, a dense update costs less than the
     # bookkeeping of sparse ones (SparseAdam measured 1.3x slower per epoch on ML-1M).
-    optimizer = idist.auto_optim(torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=True))
+    optimizer = idist.auto_optim(torch.optim.Adam(model.parameters(), lr=cfg["lr"] * task.lr_scale, fused=True))
     prior_weights = torch.tensor([task.prior_weights[name] for name in PRIOR_TERMS], device=device)
 
     def train_step(engine, batch):

@@ -474,3 +474,41 @@ def test_the_scaled_priors_train_as_the_same_weights_given_by_hand(tmp_path, syn
 def test_a_negative_prior_user_pairs_is_one_clear_error(tmp_path, synthetic_ml100k):
     done = run_ranking(tmp_path, synthetic_ml100k, "--prior_user_pairs=-1", check=False)
     assert done.returncode == 2 and "--prior_user_pairs must not be negative" in done.stderr
+
+
+def test_an_epoch_of_more_steps_than_lr_steps_scales_the_softmax_lr_down():
+    cfg = {**train.DEFAULTS, **train.RANKING_DEFAULTS, "task": "ranking"}
+    described = []
+    assert tasks.lr_scale(cfg, 88, 256, described) == pytest.approx(24 / 88)  # Amazon Beauty's 22,363 users
+    assert len(described) == 1 and "88 steps an epoch of 256 users" in described[0]
+    described = []
+    assert tasks.lr_scale(cfg, 24, 256, described) == 1.0 and described == []  # ML-1M's 6,033: as tuned
+    assert tasks.lr_scale(cfg, 3, 256, []) == 1.0  # fewer steps: never scaled up
+    assert tasks.lr_scale({**cfg, "lr_steps": 0}, 88, 256, []) == 1.0
+
+
+def test_the_softmax_batch_is_256_users_and_an_explicit_smaller_one_scales_the_lr(tmp_path):
+    task = _ranking_task(tmp_path, batch_size=0)
+    assert task.batch_size == 256 and task.lr_scale == 1.0  # the 120 users: one step
+    small = _ranking_task(tmp_path, batch_size=4)  # an explicit batch: more steps, a smaller lr
+    steps = -(-small.n_users // 4)
+    assert steps > 24 and small.lr_scale == pytest.approx(24 / steps)
+    assert _ranking_task(tmp_path, batch_size=4, lr_steps=0).lr_scale == 1.0
+    assert _ranking_task(tmp_path, batch_size=4, loss="bpr").lr_scale == 1.0  # the sampled losses: lr as given
+
+
+def test_the_scaled_lr_trains_as_the_same_lr_given_by_hand(tmp_path, synthetic_ml100k):
+    common = ("--epochs=2", "--patience=0", "--eval_every=1", "--batch_size=4")
+    ruled = run_ranking(tmp_path, synthetic_ml100k, *common, "--run_name=rule")
+    assert "lr is set for 24 (lr_steps)" in ruled.stdout + ruled.stderr
+    summary = json.loads((tmp_path / "results" / "rule" / "summary.json").read_text())
+    assert summary["lr_used"] < summary["hyperparameters"]["lr"]
+    run_ranking(tmp_path, synthetic_ml100k, *common, "--run_name=hand", "--lr_steps=0", f"--lr={summary['lr_used']!r}")
+    hand = json.loads((tmp_path / "results" / "hand" / "summary.json").read_text())
+    for key in ("val_ndcg@10", "test_ndcg@10", "best_epoch", "lr_used"):
+        assert summary[key] == hand[key]
+
+
+def test_a_negative_lr_steps_is_one_clear_error(tmp_path, synthetic_ml100k):
+    done = run_ranking(tmp_path, synthetic_ml100k, "--lr_steps=-1", check=False)
+    assert done.returncode == 2 and "--lr_steps must not be negative" in done.stderr
