@@ -399,12 +399,13 @@ class RankingTask:
 
 
 AUTO_BATCH_STEPS, AUTO_BATCH_MOST, AUTO_STEPS_MOST = 64, 8192, 256
-# The softmax ranking loss's batch_size=0: 256 users (ML-1M's tuned batch: 24 steps an epoch), or
-# more where 256 would make more than 24 steps an epoch (Amazon Beauty: 932 users), each step's
-# (users x items) scores at most 2**25 (128 MiB in float32; ML-25M: 568 users). A fixed 256 gave
-# Amazon Beauty 88 steps an epoch: Adam at lr 0.03 moved every item vector 3.7 times as far an
-# epoch as on ML-1M, the training loss climbed for 5 epochs and the mixture ended a quarter below
-# one taste (docs/ranking.md, "Amazon").
+# The softmax ranking loss's batch_size=0 with every item in the softmax: 256 users (ML-1M's tuned
+# batch: 24 steps an epoch), the lr scaled down where that makes more steps (tasks.lr_scale). A
+# fixed 256 at a fixed lr gave Amazon Beauty 88 steps an epoch: Adam at lr 0.03 moved every item
+# vector 3.7 times as far an epoch as on ML-1M, the training loss climbed for 5 epochs and the
+# mixture ended a quarter below one taste (docs/ranking.md, "Amazon"). With lr_steps=0, and for a
+# sampled softmax, the batch grows instead where 256 would make more than 24 steps an epoch
+# (Beauty: 932 users), each step's (users x items) scores at most 2**25 (128 MiB in float32).
 RANKING_BATCH_LEAST, RANKING_BATCH_STEPS, RANKING_BATCH_SCORES = 256, 24, 2 ** 25
 SAMPLED_BATCH = 256  # the sampled losses' batch_size=0: the interactions a step they were measured at
 # softmax_items=0: every item in each step's softmax up to SOFTMAX_ALL_UP_TO items (ML-1M, ML-20M,
@@ -511,8 +512,9 @@ def lr_scale(cfg, steps, batch, described):
     in every step's softmax), so an epoch of more steps moves them further: Amazon Beauty at 256
     users a step has 88 steps an epoch against ML-1M's 24, and at ML-1M's lr its training loss
     climbed for five epochs. Growing the batch to keep 24 steps (lr_steps=0, the earlier rule)
-    cures that; keeping 256 users a step and scaling the lr cures it better (Beauty, d=160:
-    validation NDCG@10 +2%, docs/ranking.md, eighth round). ML-1M (24 steps) keeps lr as it is."""
+    cures that; keeping 256 users a step and scaling the lr cures it better (validation NDCG@10,
+    means of three seeds: Beauty +3%, Sports +5%; docs/ranking.md, eighth round). ML-1M (24
+    steps) keeps lr as it is."""
     if not cfg["lr_steps"] or steps <= cfg["lr_steps"]:
         return 1.0
     scale = cfg["lr_steps"] / steps
