@@ -104,7 +104,7 @@ lr_decay = 0.4             # share of the run, at its end, over which lr falls l
 lr_steps = 0               # ranking softmax: lr is for epochs of this many steps, longer ones scale it (tasks.lr_scale)
 batch_size = 0             # per step (the global batch): ratings; for ranking, users (softmax) or interactions; 0 =
                            # n_train / 64 within 8192 and 256 steps an epoch (ML-1M: 8192, ML-25M: 68,206); ranking's
-                           # softmax: 256 users, more where an epoch would take over 24 steps (see batch_size_for)
+                           # softmax: 256 users (lr_steps=0 or a sampled softmax: more, to keep 24 steps an epoch)
 epochs = 5                 # epochs to run, the length of the lr schedule (early stopping may end it sooner)
 patience = 2               # early stopping: evaluations without a better validation MSE (NDCG@k) before stopping
 clip_predictions = True    # clamp evaluated predictions to the training set's rating range
