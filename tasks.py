@@ -254,9 +254,9 @@ class RankingTask:
         self.prior_scale = prior_scale(cfg, per_positive * user_positives, item_positives + as_negative, device,
                                        pairs_per_example=per_positive)
         self.prior_weights = prior_weights(cfg, user_positives, self.described)
-        self.lr_scale = 1.0
-        if cfg["loss"] == "softmax":
-            self.lr_scale = lr_scale(cfg, -(-data.n_users // self.batch_size), self.batch_size, self.described)
+        # The steps an epoch are the batches' own count, as the lr schedule takes them (train.py).
+        self.lr_scale = (lr_scale(cfg, len(self.batches), self.batch_size, self.described)
+                         if cfg["loss"] == "softmax" else 1.0)
         # Evaluation goes over blocks of users; each rank takes every world_size-th user.
         eval_users = max(1, cfg["eval_batch_size"] // 16)  # a block's scores: 1024 x n_items
         self.eval_batches = {split: UserBlocks(data.n_users, eval_users, rank, world_size, device)
