@@ -227,12 +227,7 @@ class RankingTask:
                 probabilities = torch.from_numpy(0.5 * item_positives / max(item_positives.sum(), 1)
                                                  + 0.5 / data.n_items).float()
                 self.log_draws = (probabilities * self.softmax_items).log().to(device)      # (n_items,)
-            if cfg["lr_steps"] and not self.softmax_items:
-                # Every item in each step's softmax: 256 users a step and the lr scaled below.
-                self.batch_size = cfg["batch_size"] or max(1, min(most, RANKING_BATCH_LEAST))
-            else:
-                self.batch_size = batch_size_for(cfg, data.n_users, RANKING_BATCH_STEPS, max(1, most),
-                                                 RANKING_BATCH_LEAST)
+            self.batch_size = softmax_batch_size(cfg, data.n_users, most)
             self.batches = loader.UserBatches(*parts["train"], data.n_users, self.batch_size,
                                               seed=cfg["seed"], rank=rank, world_size=world_size,
                                               columns=self.softmax_items or 0, probabilities=probabilities)
@@ -399,23 +394,28 @@ class RankingTask:
 
 
 AUTO_BATCH_STEPS, AUTO_BATCH_MOST, AUTO_STEPS_MOST = 64, 8192, 256
-# The softmax ranking loss's batch_size=0 with every item in the softmax: 256 users (ML-1M's tuned
-# batch: 24 steps an epoch), the lr scaled down where that makes more steps (tasks.lr_scale). A
-# fixed 256 at a fixed lr gave Amazon Beauty 88 steps an epoch: Adam at lr 0.03 moved every item
-# vector 3.7 times as far an epoch as on ML-1M, the training loss climbed for 5 epochs and the
-# mixture ended a quarter below one taste (docs/ranking.md, "Amazon"). With lr_steps=0, and for a
-# sampled softmax, the batch grows instead where 256 would make more than 24 steps an epoch
-# (Beauty: 932 users), each step's (users x items) scores at most 2**25 (128 MiB in float32).
+# The softmax ranking loss's batch_size=0: 256 users a step (ML-1M's tuned batch: 24 steps an
+# epoch), the lr scaled down where that makes more steps (tasks.lr_scale). A fixed 256 at a fixed
+# lr gave Amazon Beauty 88 steps an epoch: Adam at lr 0.03 moved every item vector 3.7 times as
+# far an epoch as on ML-1M, the training loss climbed for 5 epochs and the mixture ended a quarter
+# below one taste (docs/ranking.md, "Amazon"). Where 256 users would make more than
+# AUTO_STEPS_MOST steps an epoch (ML-25M: 635), and with lr_steps=0, the batch grows instead to
+# keep 24 steps an epoch (ML-25M: 6,773 users): every step updates the whole tables (dense Adam),
+# which at that size costs more than the step's scores (batch_size_for). Each step's (users x
+# items) scores are at most 2**25 (128 MiB in float32).
 RANKING_BATCH_LEAST, RANKING_BATCH_STEPS, RANKING_BATCH_SCORES = 256, 24, 2 ** 25
 SAMPLED_BATCH = 256  # the sampled losses' batch_size=0: the interactions a step they were measured at
-# softmax_items=0: every item in each step's softmax up to SOFTMAX_ALL_UP_TO items (ML-1M, ML-20M,
-# the Amazon sets), above it SOFTMAX_SAMPLE items drawn a step (ML-25M: 14x fewer scores a step);
-# the sampled steps' users are also bounded by their positives, RANKING_BATCH_PAIRS a step. With
-# the scores' bound alone the batch rule keeps an epoch to 24 steps here too (ML-25M: 6,773 users);
-# bounded by the positives' (P, 2K, d) floats of an earlier version (1,727 users, 95 steps), the
-# training loss climbed from 10.5 to 16.0 over the first three epochs, as Amazon Beauty's did at
-# 88 steps (docs/ranking.md).
-SOFTMAX_ALL_UP_TO, SOFTMAX_SAMPLE, RANKING_BATCH_PAIRS = 2 ** 15, 4096, 2 ** 21
+# softmax_items=0: every item in each step's softmax up to SOFTMAX_ALL_UP_TO items (ML-1M's 3,706),
+# above it SOFTMAX_SAMPLE items drawn a step, at most half the catalogue (Amazon Beauty's 12,101
+# items: a third, the epoch 2.0x faster; Sports' 18,357: 2.5x; ML-25M's 59,047: 14x fewer scores
+# a step). On the Amazon sets the sample ranks as the full softmax did (validation NDCG@10, seed
+# 0: Beauty 0.0599 against 0.0603, Sports 0.0421 against 0.0423; docs/ranking.md, the ninth
+# round); on ML-1M a third of the items drawn cost 3% (docs/scale.md), so it keeps them all. The
+# sampled steps' users are also bounded by their positives, RANKING_BATCH_PAIRS a step; bounded
+# by the positives' (P, 2K, d) floats of an earlier version (ML-25M: 1,727 users, 95 steps at
+# the full lr), the training loss climbed from 10.5 to 16.0 over the first three epochs, as
+# Amazon Beauty's did at 88 steps.
+SOFTMAX_ALL_UP_TO, SOFTMAX_SAMPLE, RANKING_BATCH_PAIRS = 2 ** 13, 4096, 2 ** 21
 
 
 def softmax_items(cfg, n_items):
@@ -491,6 +491,17 @@ def batch_size_for(cfg, n_train, steps=AUTO_BATCH_STEPS, most=AUTO_BATCH_MOST, l
         return cfg["batch_size"]
     batch = max(1, min(most, max(least, math.ceil(n_train / steps))))
     return max(batch, math.ceil(n_train / most_steps)) if most_steps else batch
+
+
+def softmax_batch_size(cfg, n_users, most):
+    """The softmax loss's users a step (batch_size, or for 0 the rule of RANKING_BATCH_LEAST's
+    comment): 256 where that makes at most AUTO_STEPS_MOST steps an epoch (the lr then scaled by
+    lr_scale), else, or with lr_steps=0, as many as keep 24 steps an epoch; never more than most
+    (the scores' and positives' bounds of a step)."""
+    least = max(1, min(most, RANKING_BATCH_LEAST))
+    if cfg["lr_steps"] and math.ceil(n_users / least) <= AUTO_STEPS_MOST:
+        return cfg["batch_size"] or least
+    return batch_size_for(cfg, n_users, RANKING_BATCH_STEPS, max(1, most), RANKING_BATCH_LEAST)
 
 
 def prior_scale(cfg, user_pairs, item_pairs, device, pairs_per_example=1):

@@ -70,7 +70,7 @@ split_seed = 42            # seed of the train/test and train/val splits (42 = t
 ranking_min_rating = 3.0   # a rating >= this is a positive interaction (the value is then dropped)
 ranking_core = 10          # users and items with fewer positives are removed, repeatedly until none is
 loss = "softmax"           # ranking loss: softmax (all items), sampled_softmax, bpr, adaptive_hinge (Kula's)
-softmax_items = 0          # items in a step's softmax: 0 = all up to 32,768 items, else 4,096 drawn (docs/scale.md); N: N
+softmax_items = 0          # items in a step's softmax: 0 = all up to 8,192 items, else 4,096 drawn (docs/scale.md); N: N
 n_negatives = 100          # uniform negatives per positive (sampled_softmax, bpr, adaptive_hinge takes the hardest)
 top_k = 10                 # cut-off k of NDCG, Recall, MRR, Hit and Precision; validation NDCG@k picks the epoch
 # model
@@ -104,7 +104,7 @@ lr_decay = 0.4             # share of the run, at its end, over which lr falls l
 lr_steps = 0               # ranking softmax: lr is for epochs of this many steps, longer ones scale it (tasks.lr_scale)
 batch_size = 0             # per step (the global batch): ratings; for ranking, users (softmax) or interactions; 0 =
                            # n_train / 64 within 8192 and 256 steps an epoch (ML-1M: 8192, ML-25M: 68,206); ranking's
-                           # softmax: 256 users (lr_steps=0 or a sampled softmax: more, to keep 24 steps an epoch)
+                           # softmax: 256 users (lr_steps=0 or past 256 steps an epoch: more, to keep 24 steps an epoch)
 epochs = 5                 # epochs to run, the length of the lr schedule (early stopping may end it sooner)
 patience = 2               # early stopping: evaluations without a better validation MSE (NDCG@k) before stopping
 clip_predictions = True    # clamp evaluated predictions to the training set's rating range

@@ -418,6 +418,9 @@ def test_the_rule_samples_the_softmax_only_above_its_catalogue_size(tmp_path):
     cfg = {"softmax_items": 0}
     assert tasks.softmax_items(cfg, 3706) is None and tasks.softmax_items(cfg, tasks.SOFTMAX_ALL_UP_TO) is None
     assert tasks.softmax_items(cfg, 59047) == tasks.SOFTMAX_SAMPLE
+    # Amazon Beauty's 12,101 items: a third drawn; just above the threshold, at most half.
+    assert tasks.softmax_items(cfg, 12101) == tasks.softmax_items(cfg, tasks.SOFTMAX_ALL_UP_TO + 1) == 4096
+    assert tasks.SOFTMAX_SAMPLE <= (tasks.SOFTMAX_ALL_UP_TO + 1) / 2
     assert tasks.softmax_items({"softmax_items": 500}, 3706) == 500
     assert tasks.softmax_items({"softmax_items": 5000}, 3706) is None  # at least the catalogue: all of it
     task = _ranking_task(tmp_path, softmax_items=30)
@@ -495,6 +498,18 @@ def test_the_softmax_batch_is_256_users_and_an_explicit_smaller_one_scales_the_l
     assert steps > 24 and small.lr_scale == pytest.approx(24 / steps)
     assert _ranking_task(tmp_path, batch_size=4, lr_steps=0).lr_scale == 1.0
     assert _ranking_task(tmp_path, batch_size=4, loss="bpr").lr_scale == 1.0  # the sampled losses: lr as given
+
+
+def test_the_softmax_batch_is_256_users_up_to_256_steps_an_epoch_then_24_steps():
+    cfg = {**train.DEFAULTS, **train.RANKING_DEFAULTS, "task": "ranking"}
+    most = tasks.RANKING_BATCH_SCORES // tasks.SOFTMAX_SAMPLE
+    assert tasks.softmax_batch_size(cfg, 6033, most) == 256           # ML-1M: 24 steps, as tuned
+    assert tasks.softmax_batch_size(cfg, 22363, most) == 256          # Amazon Beauty, sampled: 88 steps
+    assert tasks.softmax_batch_size(cfg, 256 * 256, most) == 256      # 256 steps: still 256 users
+    assert tasks.softmax_batch_size(cfg, 162541, most) == 6773        # ML-25M's shape: 24 steps, as measured
+    assert tasks.softmax_batch_size(cfg, 162541, 1000) == 1000        # never past the step's bound
+    assert tasks.softmax_batch_size({**cfg, "lr_steps": 0}, 22363, most) == 932  # the earlier rule
+    assert tasks.softmax_batch_size({**cfg, "batch_size": 64}, 162541, most) == 64  # an explicit batch wins
 
 
 def test_the_scaled_lr_trains_as_the_same_lr_given_by_hand(tmp_path, synthetic_ml100k):
