@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import benchmark
 import loader
@@ -351,3 +352,23 @@ def test_the_grid_climb_finds_a_single_peaked_grids_best_with_fewer_fits():
     # A grid of one setting (or none: popularity) is scored once.
     assert peers.grid_search({}, lambda s: (1.0, "r")) == (1.0, {}, "r", 1)
     assert peers.grid_search({"l2": (7.0,)}, lambda s: (s["l2"], None))[:2] == (7.0, {"l2": 7.0})
+
+
+def test_a_baseline_setting_that_diverges_scores_below_every_other(monkeypatch, synthetic_ml100k):
+    """implicit's BPR at too large a learning rate ends in NaN factors (ModelFitError, Amazon
+    Beauty at 1.0): the grid's climb then keeps the best setting that fitted, not a crash."""
+    pytest.importorskip("implicit")
+    from implicit.recommender_base import ModelFitError
+    fitted = []
+
+    def fit(name, X, setting):  # validation NDCG that rises with lr, until lr 0.03 diverges
+        if setting["learning_rate"] >= 0.03:
+            raise ModelFitError("NaN encountered in factors")
+        fitted.append(setting["learning_rate"])
+        counts = np.asarray(X.sum(0)).ravel() * (setting["learning_rate"] >= 0.01)
+        return peers.Scorer(lambda users: np.broadcast_to(counts, (len(users), len(counts))))
+
+    monkeypatch.setattr(peers, "fit_ranking_baseline", fit)
+    test, extra = peers.ranking_baseline("bpr", "ml-100k", str(synthetic_ml100k))
+    assert "learning_rate=0.01," in extra["chosen on val"] and 0 < test["ndcg@10"] <= 1
+    assert 0.01 in fitted and all(lr < 0.03 for lr in fitted)
