@@ -405,12 +405,12 @@ AUTO_BATCH_STEPS, AUTO_BATCH_MOST, AUTO_STEPS_MOST = 64, 8192, 256
 # items) scores are at most 2**25 (128 MiB in float32).
 RANKING_BATCH_LEAST, RANKING_BATCH_STEPS, RANKING_BATCH_SCORES = 256, 24, 2 ** 25
 SAMPLED_BATCH = 256  # the sampled losses' batch_size=0: the interactions a step they were measured at
-# softmax_items=0: every item in each step's softmax up to SOFTMAX_ALL_UP_TO items (ML-1M's 3,706),
+# softmax_items=0: every item in each step's softmax up to SOFTMAX_ALL_UP_TO items (ML-1M's 3,123),
 # above it SOFTMAX_SAMPLE items drawn a step, at most half the catalogue (Amazon Beauty's 12,101
 # items: a third, the epoch 2.0x faster; Sports' 18,357: 2.5x; ML-25M's 59,047: 14x fewer scores
-# a step). On the Amazon sets the sample ranks as the full softmax did (validation NDCG@10, seed
-# 0: Beauty 0.0599 against 0.0603, Sports 0.0421 against 0.0423; docs/ranking.md, the ninth
-# round); on ML-1M a third of the items drawn cost 3% (docs/scale.md), so it keeps them all. The
+# a step). On the Amazon sets the sample ranks as the full softmax did (validation NDCG@10, means
+# of three seeds: Beauty 0.0603 against 0.0604, Sports 0.0422 against 0.0424; docs/ranking.md,
+# the ninth round); on ML-1M a third of the items drawn cost 3% (docs/scale.md), so it keeps them all. The
 # sampled steps' users are also bounded by their positives, RANKING_BATCH_PAIRS a step; bounded
 # by the positives' (P, 2K, d) floats of an earlier version (ML-25M: 1,727 users, 95 steps at
 # the full lr), the training loss climbed from 10.5 to 16.0 over the first three epochs, as
