@@ -410,11 +410,11 @@ SAMPLED_BATCH = 256  # the sampled losses' batch_size=0: the interactions a step
 # items: a third, the epoch 2.0x faster; Sports' 18,357: 2.5x; ML-25M's 59,047: 14x fewer scores
 # a step). On the Amazon sets the sample ranks as the full softmax did (validation NDCG@10, means
 # of three seeds: Beauty 0.0603 against 0.0604, Sports 0.0422 against 0.0424; docs/ranking.md,
-# the ninth round); on ML-1M a third of the items drawn cost 3% (docs/scale.md), so it keeps them all. The
-# sampled steps' users are also bounded by their positives, RANKING_BATCH_PAIRS a step; bounded
-# by the positives' (P, 2K, d) floats of an earlier version (ML-25M: 1,727 users, 95 steps at
-# the full lr), the training loss climbed from 10.5 to 16.0 over the first three epochs, as
-# Amazon Beauty's did at 88 steps.
+# the ninth round); on ML-1M a third of the items drawn cost 3% (docs/scale.md), so it keeps
+# them all. The sampled steps' users are also bounded by their positives, RANKING_BATCH_PAIRS a
+# step; bounded by the positives' (P, 2K, d) floats of an earlier version (ML-25M: 1,727 users,
+# 95 steps at the full lr), the training loss climbed from 10.5 to 16.0 over the first three
+# epochs, as Amazon Beauty's did at 88 steps.
 SOFTMAX_ALL_UP_TO, SOFTMAX_SAMPLE, RANKING_BATCH_PAIRS = 2 ** 13, 4096, 2 ** 21
 
 
