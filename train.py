@@ -402,7 +402,7 @@ def main(argv):
         print(runs.help_text(__file__, __doc__, DEFAULTS, ("ranking", RANKING_DEFAULTS), ("files", FILE_DEFAULTS)))
         return 0
     except (ConfigError, loader.DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        report(error)
         return 2
     backend = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
@@ -417,8 +417,18 @@ def main(argv):
         print("interrupted: the checkpoint of the last finished epoch is kept; continue with "
               "--resume=<run folder>", file=sys.stderr)
         return 130
-    print(f"error: {error}", file=sys.stderr)
+    report(error)
     return 1 if isinstance(error, TrainingError) else 2
+
+
+def report(error):
+    """The one line that says what went wrong. Under torchrun every process reads the same
+    command line and data and meets the same bad input: rank 0 says it for all of them (any
+    other error, a full disk or a loss that turned NaN on one process's share, may be that
+    process's own and is said where it happens)."""
+    same_everywhere = isinstance(error, (ConfigError, loader.DataError))
+    if not same_everywhere or int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {error}", file=sys.stderr)
 
 
 def run_released(parallel, cfg):

@@ -140,3 +140,13 @@ def test_ranking_on_two_processes_matches_one(tmp_path, synthetic_ml100k, gloo):
     assert dual["world_size"] == 2 and dual["n_users"] == single["n_users"]
     for key in ("test_ndcg@10", "test_recall@10", "val_ndcg@10", "val_mrr@10"):
         assert abs(dual[key] - single[key]) < 1e-4, (key, dual[key], single[key])
+
+
+@pytest.mark.parametrize("bad", ["--n_tastes=0", "--no_such_knob=1", "--dataset=no-such-set"])
+def test_bad_input_is_said_once_not_once_a_process(tmp_path, synthetic_ml100k, gloo, bad):
+    """Every process reads the same command line and data: one line says what is wrong, from rank 0."""
+    code, out, err = torchrun(tmp_path, [str(ROOT / "train.py"), f"--data_dir={synthetic_ml100k}",
+                                         "--download=False", f"--runs_dir={tmp_path / 'runs'}",
+                                         f"--results_dir={tmp_path / 'results'}", bad])
+    assert code != 0
+    assert err.count("error: ") == 1, err[-3000:]
