@@ -89,10 +89,21 @@ def test_benchmark_runs_a_variant_as_a_train_py_run(tmp_path, synthetic_ml100k):
     assert "item_inputs" in model                                                  # the variant was trained
 
 
+def test_a_user_side_variant_trains_under_the_sampled_softmax(tmp_path, synthetic_ml100k):
+    """taste_count and item_bag build the users' rows, which a sampled step reads as a full one:
+    a catalogue above the full softmax's threshold (Amazon Beauty's) runs them."""
+    done = run_variant(tmp_path, synthetic_ml100k, "--variant=taste_count", "--task=ranking", "--epochs=1",
+                       "--softmax_items=64", "--run_name=counts")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "results" / "counts" / "summary.json").read_text())
+    assert "a softmax over 64 of the" in done.stdout and 0 <= summary["test_ndcg@10"] <= 1
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--variant=nope", "--task=ranking"], "not one of taste_count, item_bag, item_item"),
     (["--variant=item_bag"], "needs --task=ranking"),
     (["--variant=item_item", "--task=ranking", "--loss=bpr"], "needs --task=ranking"),
+    (["--variant=item_item", "--task=ranking", "--softmax_items=64"], "needs the softmax over every item"),
 ])
 def test_a_variant_that_cannot_run_is_one_clear_error(tmp_path, synthetic_ml100k, arguments, message):
     done = run_variant(tmp_path, synthetic_ml100k, *arguments)
