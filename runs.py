@@ -88,11 +88,13 @@ CHANGEABLE_ON_RESUME = {"resume", "epochs", "patience", "data_dir", "download", 
 
 def check(cfg):
     """Values that would fail later, refused before anything runs."""
-    positive = ("dim", "n_tastes", "epochs", "eval_batch_size", "eval_every", "log_interval", "lr",
+    positive = ("n_tastes", "epochs", "eval_batch_size", "eval_every", "log_interval", "lr",
                 "implicit_temperature")
     for key in positive:
         if cfg[key] <= 0:
             raise ConfigError(f"--{key} must be positive, got {cfg[key]}")
+    if cfg["dim"] < 0 or (cfg["dim"] == 0 and cfg["task"] != "ranking"):
+        raise ConfigError(f"--dim must be positive (0, from the data, serves the ranking task), got {cfg['dim']}")
     for key in ("patience", "threads", "init_std", "batch_size", "implicit_weight", "implicit_negatives", "lr_steps") \
             + tuple(f"prior_{name}" for name in PRIOR_TERMS + ("user_pairs",)):
         if cfg[key] < 0:

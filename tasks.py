@@ -75,7 +75,7 @@ class RatingTask:
         user_pairs = np.bincount(ratings.users[rows[0]], minlength=self.n_users)             # (n_users,)
         self.prior_scale = prior_scale(cfg, user_pairs,
                                        np.bincount(ratings.items[rows[0]], minlength=self.n_items), device)
-        self.prior_weights = prior_weights(cfg, user_pairs, self.described)
+        self.prior_weights = prior_weights(cfg, user_pairs, self.described, cfg["dim"])
         self.eval_batches = {split: loader.BatchIterator(tensors[split], cfg["eval_batch_size"],
                                                          shuffle=False, rank=rank, world_size=world_size)
                              for split in SPLITS}
@@ -248,7 +248,8 @@ class RankingTask:
         user_positives = np.bincount(train_users, minlength=data.n_users)                  # (n_users,)
         self.prior_scale = prior_scale(cfg, per_positive * user_positives, item_positives + as_negative, device,
                                        pairs_per_example=per_positive)
-        self.prior_weights = prior_weights(cfg, user_positives, self.described)
+        self.dim = dim_for(cfg, user_positives, self.described)
+        self.prior_weights = prior_weights(cfg, user_positives, self.described, self.dim)
         # The steps an epoch are the batches' own count, as the lr schedule takes them (train.py).
         self.lr_scale = (lr_scale(cfg, len(self.batches), self.batch_size, self.described)
                          if cfg["loss"] == "softmax" else 1.0)
@@ -534,26 +535,62 @@ def lr_scale(cfg, steps, batch, described):
     return scale
 
 
-def prior_weights(cfg, user_pairs, described):
+def sparsity(cfg, user_pairs):
+    """(mean, factor): the mean training interactions of a user with any (user_pairs,
+    (n_users,)), and how many times fewer that is than prior_user_pairs, the users the ranking
+    defaults were chosen for (ML-1M's 112 a user), at least 1 (1 where prior_user_pairs is 0)."""
+    mean = float(user_pairs.sum() / max(1, np.count_nonzero(user_pairs)))
+    return mean, max(1.0, cfg["prior_user_pairs"] / max(mean, 1e-9)) if cfg["prior_user_pairs"] else 1.0
+
+
+# dim=0 (the ranking defaults): d from the data. DIM_FOR_RICH_USERS where users have
+# prior_user_pairs interactions or more (ML-1M: 160, its figures and its speed), growing with the
+# fourth root of how many times sparser the users are, at most DIM_GROWTH_MOST times, in steps of
+# DIM_STEP: Amazon Beauty (6.7 a user: x15) and Sports (6.2: x16) d=320.
+DIM_FOR_RICH_USERS, DIM_GROWTH_MOST, DIM_STEP = 160, 2.0, 32
+
+
+def dim_for(cfg, user_pairs, described):
+    """d of the model: cfg's dim, or with dim=0 the rule above. On sparse product data the
+    user-side priors are many times ML-1M's (prior_weights), and it is there that a larger d
+    paid: Amazon Beauty at d=320 +4% validation NDCG@10 over d=160, d=640 no better (means of
+    seeds, docs/ranking.md, tenth round), while ML-1M at d=320 gains 1% for twice its time.
+    A sampled step (above SOFTMAX_ALL_UP_TO items) pays for it: Beauty's epoch at d=320 costs
+    what d=160's full softmax did."""
+    if cfg["dim"]:
+        return cfg["dim"]
+    mean, factor = sparsity(cfg, user_pairs)
+    growth = min(DIM_GROWTH_MOST, factor ** 0.25)
+    dim = max(DIM_STEP, DIM_STEP * round(DIM_FOR_RICH_USERS * growth / DIM_STEP))
+    described.append(f"d={dim}: {mean:.1f} training interactions a user, d={DIM_FOR_RICH_USERS} is set for "
+                     f"{cfg['prior_user_pairs']:g} or more (dim=0: tasks.dim_for)")
+    return dim
+
+
+def prior_weights(cfg, user_pairs, described, dim):
     """The L2 prior's weight of each term of MFMixTaste.PRIOR_TERMS (a dict), from the prior_*
     knobs. With prior_per="pair" a user's whole prior grows with their training interactions
     (user_pairs, (n_users,)), so a weight chosen on ML-1M (112 a user) holds a user of Amazon
     Beauty (6.7) 17 times more loosely: there the best weights of the user side were about 16
-    times ML-1M's at d=160 and 8 times at d=640, K=1 and K=2 alike (docs/ranking.md, seventh
-    round). So the tastes' and attention's weights are scaled by prior_user_pairs / the mean
-    interactions of a user with any, where that is over 1: a set as rich as the one the weights
-    were chosen on keeps them exactly. The item side is left as measured (one weight)."""
+    times ML-1M's at d=160, K=1 and K=2 alike (docs/ranking.md, seventh round). So the tastes'
+    and attention's weights are scaled by f = prior_user_pairs / the mean interactions of a user
+    with any, where that is over 1: a set as rich as the one the weights were chosen on keeps
+    them exactly. Above d=160 (the model's dim) less of that excess is wanted: the scale is
+    1 + (f - 1) sqrt(160 / d). On Beauty the best factor was x16 at d=160, x11 at d=320 (against
+    x15: +1.3% validation NDCG@10 on two seeds) and x8 at d=640; on ML-1M (f = 1) d=320 wanted
+    its weights as they are (x0.71 lost 2%). The item side is left as measured (one weight)."""
     weights = {name: cfg[f"prior_{name}"] for name in PRIOR_TERMS}
     if cfg["prior_per"] != "pair" or not cfg["prior_user_pairs"]:
         return weights
-    mean = float(user_pairs.sum() / max(1, np.count_nonzero(user_pairs)))
-    scale = max(1.0, cfg["prior_user_pairs"] / max(mean, 1e-9))
+    mean, sparser = sparsity(cfg, user_pairs)
+    scale = 1 + (sparser - 1) * math.sqrt(DIM_FOR_RICH_USERS / max(dim, DIM_FOR_RICH_USERS))
     if scale > 1:
         weights["tastes"] *= scale
         weights["attention"] *= scale
         described.append(f"prior on tastes and attention x{scale:.2f} ({weights['tastes']:.3g}, "
                          f"{weights['attention']:.3g}): {mean:.1f} training interactions a user, "
-                         f"the weights are set for {cfg['prior_user_pairs']:g} (prior_user_pairs)")
+                         f"the weights are set for {cfg['prior_user_pairs']:g} (prior_user_pairs)"
+                         + (f" at d={DIM_FOR_RICH_USERS}, this is d={dim}" if dim > DIM_FOR_RICH_USERS else ""))
     return weights
 
 

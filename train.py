@@ -74,7 +74,8 @@ softmax_items = 0          # items in a step's softmax: 0 = all up to 8,192 item
 n_negatives = 100          # uniform negatives per positive (sampled_softmax, bpr, adaptive_hinge takes the hardest)
 top_k = 10                 # cut-off k of NDCG, Recall, MRR, Hit and Precision; validation NDCG@k picks the epoch
 # model
-dim = 32                   # latent dimension d of tastes, attention and item vectors
+dim = 32                   # latent dimension d of tastes, attention and item vectors (ranking's 0: from the data,
+                           # 160 for users of prior_user_pairs interactions, up to 320 for sparser ones: tasks.dim_for)
 n_tastes = 2               # tastes per user, K (1 = biased matrix factorisation)
 init_std = 0.01            # std of the factors at start (see MFMixTaste.__init__)
 # L2 prior: loss = MSE + (1/n_train) * sum over rows of weight * |row|^2 (prior_per="row"), a
@@ -131,7 +132,7 @@ DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 # What --task=ranking changes in the defaults above (an explicit --key=value still wins): chosen
 # on ML-1M's validation NDCG@10 (docs/ranking.md).
-RANKING_DEFAULTS = dict(test_fraction=0.1, val_fraction=0.1, split_seed=2020, dim=160, n_tastes=2,
+RANKING_DEFAULTS = dict(test_fraction=0.1, val_fraction=0.1, split_seed=2020, dim=0, n_tastes=2,
                         prior_per="pair", prior_user_pairs=100, prior_tastes=0.07, share_taste_prior=True,
                         prior_attention=0.05, prior_items=0.03, prior_biases=0.0, lr=0.03, lr_decay=0.7,
                         lr_steps=24, batch_size=0, epochs=15, patience=3, eval_every=5)
@@ -226,7 +227,11 @@ def open_run(cfg, device):
                               progress=cfg["progress"] and rank == 0 and sys.stderr.isatty(), columns=cfg["columns"])
         if cfg["items"]:  # read now, so a bad file stops the run before it trains
             loader.read_items(cfg["dataset"], cfg["data_dir"], cfg["items"])
-    return run_dir, results, TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)
+    task = TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)
+    # dim=0: the ranking task's d from the data; the run's config keeps the d it trains, which
+    # a resumed run and recommend.py then read.
+    cfg["dim"] = cfg["dim"] or task.dim
+    return run_dir, results, task
 
 
 def build_trainer(cfg, task, device):

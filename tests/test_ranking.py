@@ -444,16 +444,32 @@ def test_sparse_users_scale_the_user_side_priors_by_the_interactions_they_lack()
     cfg = {**train.DEFAULTS, **train.RANKING_DEFAULTS, "task": "ranking"}
     chosen = {name: cfg[f"prior_{name}"] for name in PRIOR_TERMS}
     described = []
-    sparse = tasks.prior_weights(cfg, np.array([4, 6, 0, 5]), described)  # 5 a user with any
+    sparse = tasks.prior_weights(cfg, np.array([4, 6, 0, 5]), described, 160)  # 5 a user with any
     assert sparse["tastes"] == pytest.approx(chosen["tastes"] * 20)
     assert sparse["attention"] == pytest.approx(chosen["attention"] * 20)
     assert (sparse["items"], sparse["biases"]) == (chosen["items"], chosen["biases"])
     assert len(described) == 1 and "x20.00" in described[0] and "5.0 training interactions" in described[0]
     described = []
-    assert tasks.prior_weights(cfg, np.array([112, 90, 130]), described) == chosen  # as rich as ML-1M
+    assert tasks.prior_weights(cfg, np.array([112, 90, 130]), described, 160) == chosen  # as rich as ML-1M
     assert described == []
     for off in ({"prior_user_pairs": 0}, {"prior_per": "row"}):
-        assert tasks.prior_weights({**cfg, **off}, np.array([4, 6]), []) == chosen
+        assert tasks.prior_weights({**cfg, **off}, np.array([4, 6]), [], 160) == chosen
+
+
+def test_above_d160_the_sparse_users_priors_grow_less():
+    """scale = 1 + (f - 1) sqrt(160 / d): f=20 gives x20 at d=160 and below, x14.4 at d=320,
+    x10.5 at d=640; a set as rich as ML-1M (f = 1) keeps its weights at any d."""
+    cfg = {**train.DEFAULTS, **train.RANKING_DEFAULTS, "task": "ranking"}
+    five = np.array([4, 6, 0, 5])
+    def tastes(users, dim):
+        return tasks.prior_weights(cfg, users, [], dim)["tastes"] / cfg["prior_tastes"]
+    assert tastes(five, 32) == pytest.approx(20) and tastes(five, 160) == pytest.approx(20)
+    assert tastes(five, 320) == pytest.approx(1 + 19 / math.sqrt(2))
+    assert tastes(five, 640) == pytest.approx(1 + 19 / 2)
+    assert tasks.prior_weights(cfg, np.array([112, 90, 130]), [], 640)["tastes"] == cfg["prior_tastes"]
+    described = []
+    tasks.prior_weights(cfg, five, described, 320)
+    assert "x14.44" in described[0] and "at d=160, this is d=320" in described[0]
 
 
 def test_the_scaled_priors_train_as_the_same_weights_given_by_hand(tmp_path, synthetic_ml100k):
@@ -527,3 +543,45 @@ def test_the_scaled_lr_trains_as_the_same_lr_given_by_hand(tmp_path, synthetic_m
 def test_a_negative_lr_steps_is_one_clear_error(tmp_path, synthetic_ml100k):
     done = run_ranking(tmp_path, synthetic_ml100k, "--lr_steps=-1", check=False)
     assert done.returncode == 2 and "--lr_steps must not be negative" in done.stderr
+
+
+def test_dim_zero_grows_d_with_the_users_sparsity_up_to_twice_ml1ms():
+    cfg = {**train.DEFAULTS, **train.RANKING_DEFAULTS, "task": "ranking"}
+    assert cfg["dim"] == 0                                                   # the ranking defaults' rule
+    def dim(mean, **knobs):
+        return tasks.dim_for({**cfg, **knobs}, np.full(50, mean), [])
+    assert dim(112) == dim(100) == 160                       # as rich as ML-1M: its d, its figures
+    assert dim(6.7) == dim(6.2) == 320                       # Amazon Beauty, Sports
+    assert dim(1) == 320                                     # at most twice
+    assert dim(25) == 224                                    # 4 times sparser: 160 x 4^(1/4) = 226, in steps of 32
+    assert dim(6.7, dim=64) == 64 and dim(6.7, prior_user_pairs=0) == 160
+    described = []
+    tasks.dim_for(cfg, np.array([4, 6, 0, 5]), described)
+    assert described and "d=320" in described[0] and "5.0 training interactions" in described[0]
+
+
+def test_the_d_from_the_data_is_the_runs_own_on_resume_and_in_recommend(tmp_path):
+    """A sparse file at dim=0: the run trains d=320, its config says so, a resumed run keeps it
+    (the rule is not applied to it again) and recommend.py rebuilds the same model."""
+    from recommend import Recommender
+    rng = np.random.default_rng(0)
+    lines = [f"u{u} " + " ".join(f"i{i}" for i in rng.choice(40, 5 + u % 3, replace=False)) for u in range(60)]
+    data = tmp_path / "baskets.txt"
+    data.write_text("\n".join(lines) + "\n")
+    args = [f"--dataset={data}", "--task=ranking", "--n_tastes=1", "--batch_size=16", "--eval_every=1",
+            "--lr_decay=0", "--progress=False", f"--runs_dir={tmp_path / 'runs'}",
+            f"--results_dir={tmp_path / 'results'}", "--run_name=d"]
+    assert train.main(args + ["--epochs=1"]) == 0
+    config = json.loads((tmp_path / "runs" / "d" / "config.json").read_text())
+    assert config["dim"] == 320
+    assert train.main([f"--resume={tmp_path / 'runs' / 'd'}", "--epochs=2"]) == 0
+    summary = json.loads((tmp_path / "results" / "d" / "summary.json").read_text())
+    assert summary["hyperparameters"]["dim"] == 320 and summary["epochs_run"] == 2
+    run = Recommender.load(tmp_path / "runs" / "d")
+    assert run.model.item_factors.shape == (40, 320)
+
+
+def test_dim_zero_is_the_ranking_tasks_alone(tmp_path, synthetic_ml100k):
+    from test_train import run_train
+    done = run_train(tmp_path, synthetic_ml100k, "--dim=0", check=False)
+    assert done.returncode == 2 and "--dim must be positive (0, from the data, serves the ranking task)" in done.stderr

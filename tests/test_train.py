@@ -413,7 +413,7 @@ def test_help_lists_every_knob_with_its_defaults_and_comments(capsys):
     text = capsys.readouterr().out.split("usage:")[-1]
     for key, value in train.DEFAULTS.items():
         assert f"  --{key}={value}" in text, key
-    assert "--dim=32" in text and "[ranking: 160]" in text and "[files: -inf]" in text
+    assert "--dim=32" in text and "[ranking: 0]" in text and "[files: -inf]" in text
     assert "latent dimension d of tastes" in text and "python train.py --task=ranking" in text
     assert "\nmodel\n" in text and "\noptimisation\n" in text  # grouped as the top of train.py
 
