@@ -428,12 +428,18 @@ def main(argv):
 
 def report(error):
     """The one line that says what went wrong. Under torchrun every process reads the same
-    command line and data and meets the same bad input: rank 0 says it for all of them (any
-    other error, a full disk or a loss that turned NaN on one process's share, may be that
-    process's own and is said where it happens)."""
+    command line and data and meets the same bad input, and torchrun ends the others as soon as
+    one exits: the first to exit must say it, and only one should. So the other ranks give rank 0
+    BAD_INPUT_GRACE seconds to say it and exit (which ends them silently), and say it themselves
+    only after that, so that it is never lost. Any other error (a full disk, a loss that turned
+    NaN on one process's share) may be that process's own and is said at once where it happens."""
     same_everywhere = isinstance(error, (ConfigError, loader.DataError))
-    if not same_everywhere or int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {error}", file=sys.stderr)
+    if same_everywhere and int(os.environ.get("RANK", "0")) != 0:
+        time.sleep(BAD_INPUT_GRACE)
+    print(f"error: {error}", file=sys.stderr)
+
+
+BAD_INPUT_GRACE = 20  # seconds: rank 0 meets the same bad input within them, even on a busy machine
 
 
 def run_released(parallel, cfg):
