@@ -75,7 +75,8 @@ class RatingTask:
         user_pairs = np.bincount(ratings.users[rows[0]], minlength=self.n_users)             # (n_users,)
         self.prior_scale = prior_scale(cfg, user_pairs,
                                        np.bincount(ratings.items[rows[0]], minlength=self.n_items), device)
-        self.prior_weights = prior_weights(cfg, user_pairs, self.described, cfg["dim"])
+        self.dim = cfg["dim"]
+        self.prior_weights = prior_weights(cfg, user_pairs, self.described, self.dim)
         self.eval_batches = {split: loader.BatchIterator(tensors[split], cfg["eval_batch_size"],
                                                          shuffle=False, rank=rank, world_size=world_size)
                              for split in SPLITS}

@@ -228,9 +228,9 @@ def open_run(cfg, device):
         if cfg["items"]:  # read now, so a bad file stops the run before it trains
             loader.read_items(cfg["dataset"], cfg["data_dir"], cfg["items"])
     task = TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)
-    # dim=0: the ranking task's d from the data; the run's config keeps the d it trains, which
-    # a resumed run and recommend.py then read.
-    cfg["dim"] = cfg["dim"] or task.dim
+    # The d the task trains (the ranking task's dim=0: from the data) goes into the run's config,
+    # which a resumed run and recommend.py then read.
+    cfg["dim"] = task.dim
     return run_dir, results, task
 
 
