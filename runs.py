@@ -10,6 +10,7 @@ TensorBoard events and results, and what a finished run leaves for recommend.py.
 import ast
 import csv
 import ctypes
+import gc
 import io
 import json
 import logging
@@ -124,6 +125,45 @@ def check(cfg):
             raise ConfigError(f"--{key} must lie between 0 and 2**{limit.bit_length() - 1} - 1, got {cfg[key]}")
     if cfg["device"] != "auto":
         check_device(cfg["device"])
+
+
+def report_error(error):
+    """The one line that says what went wrong. Under torchrun every process reads the same
+    command line and data and meets the same bad input, and torchrun ends the others as soon as
+    one exits: the first to exit must say it, and only one should. So the other ranks give rank 0
+    BAD_INPUT_GRACE seconds to say it and exit (which ends them silently), and say it themselves
+    only after that, so that it is never lost. Any other error (a full disk, a loss that turned
+    NaN on one process's share) may be that process's own and is said at once where it happens."""
+    same_everywhere = isinstance(error, (ConfigError, loader.DataError))
+    if same_everywhere and int(os.environ.get("RANK", "0")) != 0:
+        time.sleep(BAD_INPUT_GRACE)
+    print(f"error: {error}", file=sys.stderr)
+
+
+BAD_INPUT_GRACE = 20  # seconds: rank 0 meets the same bad input within them, even on a busy machine
+
+
+def run_released(parallel, training, cfg):
+    """Run train.py's training(local_rank, cfg) and release everything it built before Parallel's
+    exit destroys the process group; returns the expected error (bad input, divergence, Ctrl-C) or None.
+
+    The engines, their handlers and the DistributedDataParallel model form reference cycles
+    that outlive training(), and an error's traceback holds its frames. Left to the collector
+    at interpreter exit, they drop the last references to gloo's process group and to tensors
+    its worker threads hold while Python finalizes; a worker that then needs the GIL is killed
+    and the rank aborts ("terminate called without an active exception", exit code -6).
+    Dropping the traceback and collecting here ends them while everything is still alive."""
+    try:
+        parallel.run(training, cfg)
+        return None
+    except (ConfigError, loader.DataError, TrainingError, KeyboardInterrupt, OSError) as error:
+        # OSError: a full disk or a folder gone read-only while writing checkpoints or results
+        # (checkpoints are written to a temporary file and renamed: the previous one stays).
+        error.__traceback__ = error.__context__ = error.__cause__ = None
+        return error
+    finally:
+        if idist.get_world_size() > 1:  # one process holds no process group: nothing to end
+            gc.collect()
 
 
 def pick_device(name):

@@ -207,7 +207,7 @@ def training(local_rank, cfg, attach=None):
         raise runs.divergence(trainer.state, run_dir)
     finish(cfg, task, model, best_checkpoint.last_checkpoint, history, trainer.state.epoch,
            run_dir, results, tb_logger, wall_before + time.perf_counter() - started)
-    # Let every rank leave together, before run_released (main) releases the model and engines
+    # Let every rank leave together, before runs.run_released (main) releases the model and engines
     # and Parallel destroys the process group.
     idist.barrier()
 
@@ -407,7 +407,7 @@ def main(argv):
         print(runs.help_text(__file__, __doc__, DEFAULTS, ("ranking", RANKING_DEFAULTS), ("files", FILE_DEFAULTS)))
         return 0
     except (ConfigError, loader.DataError) as error:
-        report(error)
+        runs.report_error(error)
         return 2
     backend = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
@@ -415,54 +415,15 @@ def main(argv):
     with idist.Parallel(backend=backend) as parallel:
         # Ignite's launcher announces "Run '<function training at 0x...>' in 1 processes" at INFO.
         logging.getLogger("ignite.distributed.launcher.Parallel").setLevel(logging.WARNING)
-        error = run_released(parallel, cfg)
+        error = runs.run_released(parallel, training, cfg)
     if error is None:
         return 0
     if isinstance(error, KeyboardInterrupt):
         print("interrupted: the checkpoint of the last finished epoch is kept; continue with "
               "--resume=<run folder>", file=sys.stderr)
         return 130
-    report(error)
+    runs.report_error(error)
     return 1 if isinstance(error, TrainingError) else 2
-
-
-def report(error):
-    """The one line that says what went wrong. Under torchrun every process reads the same
-    command line and data and meets the same bad input, and torchrun ends the others as soon as
-    one exits: the first to exit must say it, and only one should. So the other ranks give rank 0
-    BAD_INPUT_GRACE seconds to say it and exit (which ends them silently), and say it themselves
-    only after that, so that it is never lost. Any other error (a full disk, a loss that turned
-    NaN on one process's share) may be that process's own and is said at once where it happens."""
-    same_everywhere = isinstance(error, (ConfigError, loader.DataError))
-    if same_everywhere and int(os.environ.get("RANK", "0")) != 0:
-        time.sleep(BAD_INPUT_GRACE)
-    print(f"error: {error}", file=sys.stderr)
-
-
-BAD_INPUT_GRACE = 20  # seconds: rank 0 meets the same bad input within them, even on a busy machine
-
-
-def run_released(parallel, cfg):
-    """Run training() and release everything it built before Parallel's exit destroys the
-    process group; returns the expected error (bad input, divergence, Ctrl-C) or None.
-
-    The engines, their handlers and the DistributedDataParallel model form reference cycles
-    that outlive training(), and an error's traceback holds its frames. Left to the collector
-    at interpreter exit, they drop the last references to gloo's process group and to tensors
-    its worker threads hold while Python finalizes; a worker that then needs the GIL is killed
-    and the rank aborts ("terminate called without an active exception", exit code -6).
-    Dropping the traceback and collecting here ends them while everything is still alive."""
-    try:
-        parallel.run(training, cfg)
-        return None
-    except (ConfigError, loader.DataError, TrainingError, KeyboardInterrupt, OSError) as error:
-        # OSError: a full disk or a folder gone read-only while writing checkpoints or results
-        # (checkpoints are written to a temporary file and renamed: the previous one stays).
-        error.__traceback__ = error.__context__ = error.__cause__ = None
-        return error
-    finally:
-        if idist.get_world_size() > 1:  # one process holds no process group: nothing to end
-            gc.collect()
 
 
 if __name__ == "__main__":
