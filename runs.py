@@ -517,21 +517,22 @@ def warm_down(step, total_steps, decay):
     return np.clip((total_steps - step) / max(decay * total_steps, 1), 0.0, 1.0)  # step: an int or an array
 
 
-def check_new_length(cfg, done, planned, steps_per_epoch, implicit_epochs, run_dir):
+def check_new_length(cfg, done, planned, steps_per_epoch, decay, implicit_epochs, run_dir):
     """A run planned for `planned` epochs and resumed after `done` with --epochs=cfg["epochs"]:
     allowed where what it has run so far is what a run of the new length would have run, so
     that the resumed run is that run exactly. Two things follow the run's length from its start:
-    the learning rate's warm-down (lr_decay) and, in the rating task, the epochs that carry the
-    implicit term (implicit_epochs(epochs), None without one). Once either has followed the
+    the learning rate's warm-down (over the share `decay` of the run: lr_decay, or
+    tasks.warm_down_share's) and, in the rating task, the epochs that carry the implicit term
+    (implicit_epochs(epochs), None without one). Once either has followed the
     old plan where the new one differs, going on would splice two schedules: refused, with what
     to run instead. Fewer epochs than done is no new plan: the run ends where it is."""
     epochs = cfg["epochs"]
     if epochs == planned or epochs <= done:
         return
     differs = []
-    if cfg["lr_decay"]:
+    if decay:
         steps = np.arange(done * steps_per_epoch)
-        old, new = (warm_down(steps, total * steps_per_epoch, cfg["lr_decay"]) for total in (planned, epochs))
+        old, new = (warm_down(steps, total * steps_per_epoch, decay) for total in (planned, epochs))
         if not np.array_equal(old, new):
             differs.append(f"its learning rate has begun the warm-down of a {planned}-epoch run "
                            f"(lr_decay={cfg['lr_decay']:g})")
@@ -644,6 +645,7 @@ def describe(cfg, task, model):
             "n_items": task.n_items, **task.counts, "batch_size_used": task.batch_size,
             "prior_weights_used": task.prior_weights,  # the knobs' weights after tasks.prior_weights' rule
             "lr_used": cfg["lr"] * task.lr_scale,  # the peak lr after tasks.lr_scale's rule
+            "lr_decay_used": task.lr_decay,  # its warm-down's share after tasks.warm_down_share's
             "world_size": idist.get_world_size(), "backend": idist.backend() or "none",
             "device": str(next(model.parameters()).device),
             "training_products": "bfloat16" if task.bfloat16 else "float32", "torch": torch.__version__,

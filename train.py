@@ -101,7 +101,9 @@ implicit_share = 0.8       # share of the epochs, from the first, that carry the
                            # (5 epochs: the fifth is 40% faster, validation MSE +0.0003; docs/rating.md)
 # optimisation
 lr = 1.5e-2                # Adam learning rate (its peak, see lr_decay)
-lr_decay = 0.4             # share of the run, at its end, over which lr falls linearly to 0 (0 = constant lr)
+lr_decay = 0.4             # share of the run, at its end, over which lr falls linearly to 0 (0 = constant lr); where
+                           # lr_steps scales lr, the peak is held the steps it is held on epochs of lr_steps steps
+                           # and the warm-down takes the rest (Amazon Beauty: 0.92; tasks.warm_down_share)
 lr_steps = 0               # ranking softmax: lr is for epochs of this many steps, longer ones scale it (tasks.lr_scale)
 batch_size = 0             # per step (the global batch): ratings; for ranking, users (softmax) or interactions; 0 =
                            # n_train / 64 within 8192 and 256 steps an epoch (ML-1M: 8192, ML-25M: 68,206); ranking's
@@ -175,7 +177,7 @@ def training(local_rank, cfg, attach=None):
     if stopper:
         to_save["early_stopping"] = stopper
     if cfg["lr_decay"]:
-        to_save["lr_schedule"] = attach_lr_schedule(cfg, trainer, optimizer, len(task.batches))
+        to_save["lr_schedule"] = attach_lr_schedule(cfg, trainer, optimizer, len(task.batches), task.lr_decay)
     wall_before, save_last = save_and_resume(cfg, to_save, run_dir, started, task)  # seconds of earlier invocations
 
     left = runs.epochs_left(trainer, stopper, cfg, task.choose_label)
@@ -270,16 +272,16 @@ def build_trainer(cfg, task, device):
     return model, optimizer, trainer
 
 
-def attach_lr_schedule(cfg, trainer, optimizer, steps_per_epoch):
-    """lr held at its peak, then falling linearly to 0 over the last lr_decay share of the
-    epochs' steps (a warm-down): on ML-1M the run then ends in 5 epochs where a constant lr
-    needed 12 and early stopping, at the same validation MSE (docs/rating.md). Ignite's
-    LRScheduler around torch's LambdaLR: its step count is checkpointed, its shape follows the
-    current --epochs (a resume may change them only before the two shapes part:
-    runs.check_new_length)."""
+def attach_lr_schedule(cfg, trainer, optimizer, steps_per_epoch, decay):
+    """lr held at its peak, then falling linearly to 0 over the last `decay` share of the
+    epochs' steps (a warm-down; lr_decay, or tasks.warm_down_share's where lr is scaled): on
+    ML-1M the run then ends in 5 epochs where a constant lr needed 12 and early stopping, at
+    the same validation MSE (docs/rating.md). Ignite's LRScheduler around torch's LambdaLR: its
+    step count is checkpointed, its shape follows the current --epochs (a resume may change them
+    only before the two shapes part: runs.check_new_length)."""
     total = cfg["epochs"] * steps_per_epoch
     schedule = LRScheduler(torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: float(runs.warm_down(step, total, cfg["lr_decay"]))))
+        optimizer, lambda step: float(runs.warm_down(step, total, decay))))
     trainer.add_event_handler(Events.ITERATION_STARTED, schedule)
     return schedule
 
@@ -356,7 +358,7 @@ def save_and_resume(cfg, to_save, run_dir, started, task):
             # A knob added on resume (patience 0 -> 2) has no saved state: it starts fresh.
             Checkpoint.load_objects({k: v for k, v in to_save.items() if k in state}, state)
             runs.check_new_length(cfg, trainer.state.epoch, trainer.state.max_epochs, len(task.batches),
-                                  task.implicit_epochs, run_dir)
+                                  task.lr_decay, task.implicit_epochs, run_dir)
         elif idist.get_rank() == 0:
             print(f"{run_dir} has no checkpoint yet (it stopped in its first epoch): starting it "
                   "from epoch 1")

@@ -506,12 +506,26 @@ def test_an_epoch_of_more_steps_than_lr_steps_scales_the_softmax_lr_down():
     assert tasks.lr_scale({**cfg, "lr_steps": 0}, 88, 256, []) == 1.0
 
 
+def test_where_lr_is_scaled_its_peak_is_held_for_the_steps_of_unscaled_data_and_the_warm_down_takes_the_rest():
+    cfg = {**train.DEFAULTS, **train.RANKING_DEFAULTS, "task": "ranking"}
+    described = []
+    beauty = tasks.warm_down_share(cfg, 24 / 88, described)  # Amazon Beauty: 88 steps an epoch
+    assert beauty == pytest.approx(1 - 0.3 * 24 / 88) and "lr falls over the last 91.8%" in described[0]
+    held_steps = (1 - beauty) * cfg["epochs"] * 88
+    assert held_steps == pytest.approx((1 - cfg["lr_decay"]) * cfg["epochs"] * cfg["lr_steps"])  # ML-1M's 108
+    described = []
+    assert tasks.warm_down_share(cfg, 1.0, described) == cfg["lr_decay"] and described == []  # ML-1M: as tuned
+    assert tasks.warm_down_share({**cfg, "lr_decay": 0.0}, 24 / 88, []) == 0.0  # a constant lr stays constant
+    assert tasks.warm_down_share({**cfg, "lr_decay": 1.0}, 24 / 88, []) == 1.0
+
+
 def test_the_softmax_batch_is_256_users_and_an_explicit_smaller_one_scales_the_lr(tmp_path):
     task = _ranking_task(tmp_path, batch_size=0)
     assert task.batch_size == 256 and task.lr_scale == 1.0  # the 120 users: one step
     small = _ranking_task(tmp_path, batch_size=4)  # an explicit batch: more steps, a smaller lr
     steps = -(-small.n_users // 4)
     assert steps > 24 and small.lr_scale == pytest.approx(24 / steps)
+    assert small.lr_decay == pytest.approx(1 - 0.3 * 24 / steps) and task.lr_decay == 0.7
     assert _ranking_task(tmp_path, batch_size=4, lr_steps=0).lr_scale == 1.0
     assert _ranking_task(tmp_path, batch_size=4, loss="bpr").lr_scale == 1.0  # the sampled losses: lr as given
 
@@ -528,15 +542,17 @@ def test_the_softmax_batch_is_256_users_up_to_256_steps_an_epoch_then_24_steps()
     assert tasks.softmax_batch_size({**cfg, "batch_size": 64}, 162541, most) == 64  # an explicit batch wins
 
 
-def test_the_scaled_lr_trains_as_the_same_lr_given_by_hand(tmp_path, synthetic_ml100k):
+def test_the_scaled_lr_and_its_warm_down_train_as_the_same_given_by_hand(tmp_path, synthetic_ml100k):
     common = ("--epochs=2", "--patience=0", "--eval_every=1", "--batch_size=4")
     ruled = run_ranking(tmp_path, synthetic_ml100k, *common, "--run_name=rule")
     assert "lr is set for 24 (lr_steps)" in ruled.stdout + ruled.stderr
     summary = json.loads((tmp_path / "results" / "rule" / "summary.json").read_text())
     assert summary["lr_used"] < summary["hyperparameters"]["lr"]
-    run_ranking(tmp_path, synthetic_ml100k, *common, "--run_name=hand", "--lr_steps=0", f"--lr={summary['lr_used']!r}")
+    assert summary["lr_decay_used"] > summary["hyperparameters"]["lr_decay"]
+    run_ranking(tmp_path, synthetic_ml100k, *common, "--run_name=hand", "--lr_steps=0", f"--lr={summary['lr_used']!r}",
+                f"--lr_decay={summary['lr_decay_used']!r}")
     hand = json.loads((tmp_path / "results" / "hand" / "summary.json").read_text())
-    for key in ("val_ndcg@10", "test_ndcg@10", "best_epoch", "lr_used"):
+    for key in ("val_ndcg@10", "test_ndcg@10", "best_epoch", "lr_used", "lr_decay_used"):
         assert summary[key] == hand[key]
 
 
