@@ -442,6 +442,13 @@ class RunFolderSaver(DiskSaver):
             try:
                 torch.save(checkpoint, temporary)
                 os.replace(temporary, path)
+            except RuntimeError as error:
+                # torch.save says a failed write (a full disk) as its zip writer's RuntimeError
+                # ("iostream error", "unexpected pos"): said as the OSError it is, in one line.
+                free = shutil.disk_usage(self.dirname).free / 2**20
+                raise OSError(f"cannot write {path} ({str(error).splitlines()[0]}; {free:,.0f} MiB free on its "
+                              f"disk): the run's earlier checkpoints are kept, resume it with --resume="
+                              f"{self.dirname} once there is room") from None
             finally:
                 temporary.unlink(missing_ok=True)
 

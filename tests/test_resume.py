@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +125,33 @@ def test_a_run_killed_before_its_settings_were_saved_says_so_and_its_name_is_fre
     assert resumed.returncode == 2 and "before its settings were saved" in resumed.stderr
     assert "Traceback" not in resumed.stderr
     assert invoke(tmp_path, "count:finish", args).returncode == 0  # the same command starts it afresh
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_run_resumes_from_the_last_one(
+        tmp_path, synthetic_ml100k, monkeypatch, capsys):
+    """torch.save meets a full disk as its zip writer's RuntimeError: once a traceback of 40
+    lines; now one line that says which file, the disk's free space and how to go on."""
+    import torch
+
+    import runs
+    import train
+    real_save, calls = torch.save, []
+
+    def save_on_a_full_disk(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 4:  # epoch 2's files: epoch 1's best model and checkpoint are written
+            Path(f).write_bytes(b"PK\x03\x04 cut short")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3136 vs 3030")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    run_dir = tmp_path / "runs" / "full"
+    assert train.main(common(tmp_path, synthetic_ml100k, "rating") + ["--run_name=full"]) == 2
+    said = capsys.readouterr().err
+    assert said.count("error: cannot write") == 1 and "MiB free on its disk" in said, said
+    assert "unexpected pos" in said and f"--resume={run_dir}" in said and "Traceback" not in said
+    assert [p.name for p in runs.last_checkpoints(run_dir)] == ["last_checkpoint_1.pt"]
+    assert not list(run_dir.glob(".*.tmp"))  # the file cut short is gone
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train.main([f"--resume={run_dir}"]) == 0
+    assert figures(tmp_path, "full")["best_epoch"] >= 1
