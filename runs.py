@@ -542,7 +542,7 @@ def check_new_length(cfg, done, planned, steps_per_epoch, decay, implicit_epochs
         old, new = (warm_down(steps, total * steps_per_epoch, decay) for total in (planned, epochs))
         if not np.array_equal(old, new):
             differs.append(f"its learning rate has begun the warm-down of a {planned}-epoch run "
-                           f"(lr_decay={cfg['lr_decay']:g})")
+                           f"(over the last {decay:.1%} of it: lr_decay={cfg['lr_decay']:g})")
     carried = implicit_epochs(planned), implicit_epochs(epochs)
     if carried[0] is not None and any((e <= carried[0]) != (e <= carried[1]) for e in range(1, done + 1)):
         differs.append(f"its implicit term stopped after epoch {carried[0]} (implicit_share="

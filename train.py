@@ -176,7 +176,7 @@ def training(local_rank, cfg, attach=None):
                "history": history, "best_checkpoint": best_checkpoint}
     if stopper:
         to_save["early_stopping"] = stopper
-    if cfg["lr_decay"]:
+    if task.lr_decay:
         to_save["lr_schedule"] = attach_lr_schedule(cfg, trainer, optimizer, len(task.batches), task.lr_decay)
     wall_before, save_last = save_and_resume(cfg, to_save, run_dir, started, task)  # seconds of earlier invocations
 
