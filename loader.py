@@ -651,7 +651,7 @@ ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "C
 
 
 def read_movies(name, data_dir, allow_download=False):
-    """The dataset's movies as a list of {"movie_id", "title", "year" (int or None), "genres" (a
+    """The dataset's movies as a list of {"item_id", "title", "year" (int or None), "genres" (a
     list of names)}, in file order: movies.dat of ml-1m and ml-10m ("::", latin-1 for ml-1m),
     u.item of ml-100k ("|", latin-1, 19 genre flags), movies.csv of the CSV releases (quoted
     titles). None when the dataset's folder has no movie file. The standard library's csv reads
@@ -680,7 +680,7 @@ def read_movies(name, data_dir, allow_download=False):
         except ValueError:
             raise DataError(f"{path}: movie ids must be integers, got {raw_id!r}") from None
         year = re.search(r"\((\d{4})\)\s*$", title)
-        movies.append({"movie_id": movie_id, "title": title, "year": int(year.group(1)) if year else None,
+        movies.append({"item_id": movie_id, "title": title, "year": int(year.group(1)) if year else None,
                        "genres": genres})
     return movies
 
@@ -691,7 +691,7 @@ def read_items(dataset, data_dir, items=""):
     MovieLens name; None when there is neither."""
     if items:
         found = formats.read_item_names(items)
-        return [{"movie_id": raw.item() if hasattr(raw, "item") else raw, "title": title, "year": year,
+        return [{"item_id": raw.item() if hasattr(raw, "item") else raw, "title": title, "year": year,
                  "genres": genres} for raw, title, year, genres in
                 zip(found["item"], found["title"], found["year"], found["genres"])]
     return read_movies(dataset, data_dir) if is_movielens(dataset) else None
@@ -708,7 +708,7 @@ def load_movies(name, data_dir, allow_download=False, items=""):
     return pd.DataFrame({"title": [m["title"] for m in movies],
                          "year": pd.Series([m["year"] for m in movies], dtype=object).to_numpy(),
                          "genres": [m["genres"] for m in movies]},
-                        index=pd.Index([m["movie_id"] for m in movies], name="movie_id"))
+                        index=pd.Index([m["item_id"] for m in movies], name="item_id"))
 
 
 # ----------------------------------------------------------------------------- implicit feedback

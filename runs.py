@@ -2,7 +2,7 @@
 TensorBoard events and results, and what a finished run leaves for recommend.py.
 
     runs/<run_name>/     TensorBoard events, config.json, last_checkpoint_<epoch>.pt, best_model_*.pt,
-                         dataset.npz (raw ids, each user's rated movies), movies.json
+                         dataset.npz (raw ids, each user's rated items), items.json
     results/<run_name>/  metrics.csv, SVG plots and pictures, summary.json (written last: a run
                          that has it is finished, one that has not is resumable)
 """
@@ -572,10 +572,11 @@ def check_model_fits(cfg, n_users, n_items, device):
 
 def save_run_data(run_dir, task, cfg):
     """What inference needs beside the model and config.json, so that a finished run folder
-    answers on its own (recommend.py): the raw user and movie ids of the model's rows, each
-    user's rated (or, for ranking, interacted) movies, and the movies' titles and genres when the
-    dataset has a movie file. Kept in runs/ only: MovieLens may not be redistributed. Returns
-    the movies as movies.json lists them (named by id when the dataset has no movie file)."""
+    answers on its own (recommend.py): the raw user and item ids of the model's rows, each
+    user's rated (or, for ranking, interacted) items, and the items' titles and genres when the
+    dataset has a movie file or an --items file. Kept in runs/ only: MovieLens may not be
+    redistributed. Returns the items as items.json lists them (named by id when there are no
+    names)."""
     users, items = task.seen
     order = np.argsort(users.astype(np.int64) * task.n_items + items)  # by user, then item (lexsort's order, 2x faster)
     indptr = np.concatenate([[0], np.cumsum(np.bincount(users, minlength=task.n_users))])
@@ -585,20 +586,20 @@ def save_run_data(run_dir, task, cfg):
              trained_items=task.trained_items)
     write_atomically(run_dir / "dataset.npz", arrays.getvalue())
     try:
-        movies = loader.read_items(cfg["dataset"], cfg["data_dir"], cfg["items"])
+        names = loader.read_items(cfg["dataset"], cfg["data_dir"], cfg["items"])
     except loader.DataError as error:  # a bad items file, or the data folder moved: ids stand for titles
         print(f"note: items are named by id ({error})", file=sys.stderr)
-        movies = None
-    unnamed = [{"movie_id": i.item(), "title": str(i), "year": None, "genres": []} for i in task.item_ids]
-    if movies is None:
+        names = None
+    unnamed = [{"item_id": i.item(), "title": str(i), "year": None, "genres": []} for i in task.item_ids]
+    if names is None:
         return unnamed
-    by_id = {str(m["movie_id"]): m for m in movies}  # ids compared as text: 7 in one file is "7" in another
+    by_id = {str(m["item_id"]): m for m in names}  # ids compared as text: 7 in one file is "7" in another
     items = [by_id.get(str(i), plain) for i, plain in zip(task.item_ids, unnamed)]
     missing = sum(item is plain for item, plain in zip(items, unnamed))
     if missing:
         print(f"note: {missing:,} of the {len(items):,} items have no name in the items file: shown by id",
               file=sys.stderr)
-    write_atomically(run_dir / "movies.json", json.dumps(items))
+    write_atomically(run_dir / "items.json", json.dumps(items))
     return items
 
 
@@ -736,22 +737,25 @@ def _npz(path, keys):
     return found
 
 
-def _movies(path, n_items):
+def _items(path, n_items):
     import pandas as pd
 
     records = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(records, list) or len(records) != n_items:
-        raise ValueError(f"expected a list of {n_items} movies")
-    movies = pd.DataFrame(records, columns=["movie_id", "title", "year", "genres"])
+        raise ValueError(f"expected a list of {n_items} items")
+    # Run folders written before items were called items keep movies.json, keyed "movie_id".
+    records = [{("item_id" if key == "movie_id" else key): value for key, value in record.items()}
+               if isinstance(record, dict) else record for record in records]
+    items = pd.DataFrame(records, columns=["item_id", "title", "year", "genres"])
     # Years stay whole numbers, None where a title has none (a float column would print 1953.0,
     # and NaN, which is not JSON).
-    movies["year"] = pd.Series([None if y is None or y != y else int(y) for y in movies["year"]], dtype=object)
-    return movies
+    items["year"] = pd.Series([None if y is None or y != y else int(y) for y in items["year"]], dtype=object)
+    return items
 
 
 def read_run(run_dir, quiet=False):
-    """A finished run folder's files, checked: (config, arrays of dataset.npz, movies DataFrame
-    (movie_id, title, year as int or None, genres), best model path). A missing folder or an
+    """A finished run folder's files, checked: (config, arrays of dataset.npz, items DataFrame
+    (item_id, title, year as int or None, genres), best model path). A missing folder or an
     unfinished run, or a damaged file, is a RunError that says which."""
     import pandas as pd
 
@@ -765,14 +769,15 @@ def read_run(run_dir, quiet=False):
                        f"`python train.py --resume={run_dir}`")
     config = _read(run_dir / "config.json", lambda path: _json_object(path, ("dim", "n_tastes")))
     arrays = _read(data, lambda path: _npz(path, ("user_ids", "item_ids", "seen_indptr", "seen_items")))
-    movies_file, item_ids = run_dir / "movies.json", arrays["item_ids"]
-    if movies_file.is_file():
-        movies = _read(movies_file, lambda path: _movies(path, len(item_ids)))
+    item_ids = arrays["item_ids"]
+    names_file = next((run_dir / name for name in ("items.json", "movies.json") if (run_dir / name).is_file()), None)
+    if names_file is not None:
+        items = _read(names_file, lambda path: _items(path, len(item_ids)))
     else:
         if not quiet:
-            print(f"note: {run_dir} has no movies.json (the dataset had no movie file): movies are "
+            print(f"note: {run_dir} has no items.json (the dataset had no item names): items are "
                   "named by id", file=sys.stderr)
-        movies = pd.DataFrame({"movie_id": item_ids, "title": [str(i) for i in item_ids],
-                               "year": pd.Series([None] * len(item_ids), dtype=object),
-                               "genres": [[] for _ in item_ids]})
-    return config, arrays, movies, best
+        items = pd.DataFrame({"item_id": item_ids, "title": [str(i) for i in item_ids],
+                              "year": pd.Series([None] * len(item_ids), dtype=object),
+                              "genres": [[] for _ in item_ids]})
+    return config, arrays, items, best

@@ -337,7 +337,7 @@ def test_an_items_file_names_items_by_the_datas_own_ids(tmp_path):
     recbole = write_text(tmp_path / "x.item", ["item_id:token\tmovie_title:token_seq\trelease_year:token\tgenre:token_seq",
                                                "7\tToy Story\t1995\tAnimation Comedy"])
     found = loader.read_items("x", "", str(recbole))
-    assert found == [{"movie_id": 7, "title": "Toy Story", "year": 1995, "genres": ["Animation", "Comedy"]}]
+    assert found == [{"item_id": 7, "title": "Toy Story", "year": 1995, "genres": ["Animation", "Comedy"]}]
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "amazon-beauty" / "Beauty.txt").is_file(),
@@ -371,13 +371,13 @@ def test_a_file_with_string_ids_trains_resumes_and_answers_without_the_file(tmp_
     (tmp_path / "data" / "baskets.txt").unlink()
     run = Recommender.load(tmp_path / "runs" / "b")
     top = run.recommend("user3", n=5)
-    assert top["movie_id"].str.startswith("sku").all() and top["title"].str.startswith("Thing").all()
-    assert not set(top["movie_id"]) & set(lines[3].split()[1:])  # none of the user's own items
-    assert run.similar("sku4", n=3)["movie_id"].str.startswith("sku").all()
+    assert top["item_id"].str.startswith("sku").all() and top["title"].str.startswith("Thing").all()
+    assert not set(top["item_id"]) & set(lines[3].split()[1:])  # none of the user's own items
+    assert run.similar("sku4", n=3)["item_id"].str.startswith("sku").all()
     done = subprocess.run([sys.executable, str(ROOT / "recommend.py"), str(tmp_path / "runs" / "b"), "--user=user3",
                            "--json"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)[0]["movie_id"].startswith("sku")
+    assert json.loads(done.stdout)[0]["item_id"].startswith("sku")
     unknown = subprocess.run([sys.executable, str(ROOT / "recommend.py"), str(tmp_path / "runs" / "b"), "--user=3"],
                              capture_output=True, text=True, timeout=300)
     assert unknown.returncode == 2 and "unknown user id '3'" in unknown.stderr and "'user0'" in unknown.stderr

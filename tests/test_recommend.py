@@ -1,6 +1,7 @@
 """recommend.py on runs whose tastes are known, the movie files of each format, and bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,10 +16,10 @@ from recommend import Recommender, RunError
 GENRE_FLAGS = {"Action": 1, "Romance": 14}  # columns of ml-100k's 19 genre flags
 
 
-def u_item_line(movie_id, title, genre):
+def u_item_line(item_id, title, genre):
     flags = ["0"] * 19
     flags[GENRE_FLAGS[genre]] = "1"
-    return f"{movie_id}|{title}|01-Jan-1995||http://example.org/{movie_id}|" + "|".join(flags)
+    return f"{item_id}|{title}|01-Jan-1995||http://example.org/{item_id}|" + "|".join(flags)
 
 
 def two_groups(folder):
@@ -71,8 +72,8 @@ def runs(tmp_path_factory):
             "rating": train_run(tmp, data_dir, "rating", 2, RATING_RUN)}
 
 
-def group(movie_ids):
-    return {(int(m) - 1) // 20 for m in movie_ids}
+def group(item_ids):
+    return {(int(m) - 1) // 20 for m in item_ids}
 
 
 def test_two_tastes_find_the_two_groups_of_a_both_groups_user(runs):
@@ -80,36 +81,36 @@ def test_two_tastes_find_the_two_groups_of_a_both_groups_user(runs):
     split = both_recommended = 0
     for user in range(121, 161):
         tastes = mixture.tastes(user, n=5)
-        groups = [group(m["movie_id"] for m in taste["top_movies"]) for taste in tastes]
+        groups = [group(m["item_id"] for m in taste["top_items"]) for taste in tastes]
         # Each taste's top 5 movies lie in one group, and the two tastes in different groups.
         split += len(groups[0]) == len(groups[1]) == 1 and groups[0] != groups[1]
-        both_recommended += group(mixture.recommend(user, n=6)["movie_id"]) == {0, 1}
+        both_recommended += group(mixture.recommend(user, n=6)["item_id"]) == {0, 1}
     # Measured: 29 to 32 of the 40 such users split with seeds 0 to 2 (with K=1 there is one
     # taste, in one group, by construction).
     assert split >= 20, split
     assert both_recommended >= 20, both_recommended
     for user in (1, 61):  # a one-group user's recommendations stay in the group
-        assert group(mixture.recommend(user, n=3)["movie_id"]) == {0 if user == 1 else 1}
+        assert group(mixture.recommend(user, n=3)["item_id"]) == {0 if user == 1 else 1}
 
 
-def test_recommendations_exclude_rated_movies_and_carry_titles_and_tastes(runs):
+def test_recommendations_exclude_rated_items_and_carry_titles_and_tastes(runs):
     run = Recommender.load(runs["mixture"])
     frame = run.recommend(121, n=10)
     rated = set(run.item_ids[run.rated(run.user_row(121))])
-    assert len(frame) == 10 and not rated & set(frame["movie_id"])
-    assert list(frame.columns) == ["rank", "movie_id", "title", "year", "genres", "score", "taste", "taste_weight"]
+    assert len(frame) == 10 and not rated & set(frame["item_id"])
+    assert list(frame.columns) == ["rank", "item_id", "title", "year", "genres", "score", "taste", "taste_weight"]
     assert frame["score"].is_monotonic_decreasing and set(frame["taste"]) <= {1, 2}
     assert all(0 < w <= 1 for w in frame["taste_weight"])
     assert frame["title"].str.match(r"(Alpha|Beta|Café) \d+ \(\d{4}\)|unknown$").all()
     everyone = run.recommend_all(n=5)
     assert len(everyone) == 5 * 160
-    mine = everyone[everyone["user_id"] == 121]["movie_id"].tolist()
-    assert mine == frame["movie_id"].tolist()[:5]
+    mine = everyone[everyone["user_id"] == 121]["item_id"].tolist()
+    assert mine == frame["item_id"].tolist()[:5]
 
 
 def test_similar_movies_stay_in_their_group(runs):
     frame = Recommender.load(runs["mixture"]).similar(5, n=5)
-    assert 5 not in set(frame["movie_id"]) and group(frame["movie_id"]) == {0}
+    assert 5 not in set(frame["item_id"]) and group(frame["item_id"]) == {0}
     assert frame["cosine"].is_monotonic_decreasing
 
 
@@ -118,7 +119,7 @@ def test_a_finished_run_leaves_its_pictures_and_projector(runs):
     for name in ("taste_weights.svg", "item_map.svg"):
         assert "<svg" in (results / name).read_text()
     assert (runs["mixture"] / "projector_config.pbtxt").is_file()
-    assert "Café 1 (1990)" in json.loads((runs["mixture"] / "movies.json").read_text(encoding="utf-8"))[0]["title"]
+    assert "Café 1 (1990)" in json.loads((runs["mixture"] / "items.json").read_text(encoding="utf-8"))[0]["title"]
 
 
 def test_large_runs_picture_a_sample_of_users_and_project_their_most_used_items(tmp_path, monkeypatch):
@@ -166,7 +167,7 @@ def test_the_command_line_prints_titles_and_its_json_round_trips(runs, tmp_path)
     as_json = cli(runs["mixture"], "--user=121", "--n=5", "--json")
     records = json.loads(as_json.stdout)
     expected = Recommender.load(runs["mixture"]).recommend(121, n=5)
-    assert [r["movie_id"] for r in records] == expected["movie_id"].tolist()
+    assert [r["item_id"] for r in records] == expected["item_id"].tolist()
     assert [r["score"] for r in records] == expected["score"].tolist()
     tastes = json.loads(cli(runs["mixture"], "--user=121", "--tastes", "--json").stdout)
     assert [t["taste"] for t in tastes] == [1, 2] and abs(sum(t["share"] for t in tastes) - 1) < 1e-2
@@ -179,7 +180,7 @@ def test_the_command_line_prints_titles_and_its_json_round_trips(runs, tmp_path)
 
 @pytest.mark.parametrize("args,message", [
     (["--user=999"], "unknown user id 999: this run's 160 users have ids 1 to 160"),
-    (["--similar=77"], "unknown movie id 77: this run's 40 movies have ids 1 to 40"),
+    (["--similar=77"], "unknown item id 77: this run's 40 items have ids 1 to 40"),
 ])
 def test_unknown_ids_are_one_clear_line(runs, args, message):
     done = cli(runs["mixture"], *args)
@@ -202,13 +203,26 @@ def test_a_run_without_a_movie_file_names_movies_by_id(runs, tmp_path):
     two_groups(data)
     (data / "ml-100k" / "u.item").unlink()
     run_dir = train_run(tmp_path, data, "plain", 1)
-    assert not (run_dir / "movies.json").exists()
+    assert not (run_dir / "items.json").exists()
     done = cli(run_dir, "--user=1", "--n=3")
     assert done.returncode == 0 and "named by id" in done.stderr
     assert "[]" not in done.stdout  # no empty genre list
     assert Recommender.load(run_dir).recommend(1, n=3)["title"].str.fullmatch(r"\d+").all()
     tastes = cli(run_dir, "--user=1", "--tastes")
     assert tastes.returncode == 0 and "genres:" not in tastes.stdout
+
+
+def test_a_run_folder_from_before_items_json_still_answers(runs, tmp_path):
+    """Run folders written before items were called items hold movies.json keyed "movie_id":
+    they answer as before, with the item_id column."""
+    old = tmp_path / "old"
+    shutil.copytree(runs["mixture"], old)
+    records = json.loads((old / "items.json").read_text(encoding="utf-8"))
+    (old / "items.json").unlink()
+    (old / "movies.json").write_text(json.dumps([{"movie_id" if k == "item_id" else k: v for k, v in r.items()}
+                                                 for r in records]), encoding="utf-8")
+    then, now = Recommender.load(old).recommend(121, n=5), Recommender.load(runs["mixture"]).recommend(121, n=5)
+    assert then.equals(now) and then["title"].str.contains("Café|Alpha|Beta").all()
 
 
 # ----------------------------------------------------------------------------- movie files
@@ -251,16 +265,16 @@ def test_a_ranking_run_never_recommends_a_movie_the_user_rated_low(runs):
     everyone = run.recommend_all(n=40)  # every movie each user has not rated
     raw = np.loadtxt(runs["data"] / "ml-100k" / "u.data", dtype=np.int64)
     rated = set(zip(raw[:, 0].tolist(), raw[:, 1].tolist()))
-    assert not rated & set(zip(everyone["user_id"].tolist(), everyone["movie_id"].tolist()))
+    assert not rated & set(zip(everyone["user_id"].tolist(), everyone["item_id"].tolist()))
     disliked = {(u, m) for u, m, r in raw[:, :3].tolist() if r == 1}
     assert len(disliked) == 180
     for user in (1, 2, 3):
-        shown = set(run.recommend(user, n=40)["movie_id"])
+        shown = set(run.recommend(user, n=40)["item_id"])
         assert not shown & {m for u, m in disliked if u == user}
         assert len(shown) == 40 - len({m for u, m in rated if u == user})
 
 
-def test_recommend_all_returns_at_most_the_unrated_movies_and_no_rated_ones(runs):
+def test_recommend_all_returns_at_most_the_unrated_items_and_no_rated_ones(runs):
     run = Recommender.load(runs["mixture"])
     everyone = run.recommend_all(n=5000)  # more than there are movies
     assert np.isfinite(everyone["score"]).all()
@@ -289,7 +303,7 @@ def test_predicted_ratings_are_shown_within_the_rating_range(runs):
 
 def test_a_movie_without_a_year_keeps_the_year_column_whole(runs):
     run = Recommender.load(runs["rating"])
-    assert run.movies["year"].iloc[0] == 1990 and run.movies["year"].iloc[-1] is None
+    assert run.items["year"].iloc[0] == 1990 and run.items["year"].iloc[-1] is None
     # A both-groups user who has not rated movie 40: --n=20 shows all 20 movies left to them.
     user = next(u for u in range(121, 161) if 39 not in run.rated(run.user_row(u)))
     done = cli(runs["rating"], f"--user={user}", "--n=20")
@@ -301,7 +315,7 @@ def test_a_movie_without_a_year_keeps_the_year_column_whole(runs):
         raise ValueError(f"{name} is not JSON")
 
     records = json.loads(as_json.stdout, parse_constant=no_constant)
-    years = {r["movie_id"]: r["year"] for r in records}
+    years = {r["item_id"]: r["year"] for r in records}
     assert 40 in years and years[40] is None
     assert all(isinstance(y, int) for m, y in years.items() if m != 40)
 
@@ -314,7 +328,7 @@ def test_tastes_show_as_many_movies_as_asked(runs):
         dominant = torch.softmax(run.model.attention[row] @ run.model.item_factors.T, 0).argmax(0).numpy()
     unrated = np.ones(len(run.item_ids), dtype=bool)
     unrated[run.rated(row)] = False
-    assert [len(t["top_movies"]) for t in tastes] == [min(30, int((unrated & (dominant == k)).sum())) for k in (0, 1)]
+    assert [len(t["top_items"]) for t in tastes] == [min(30, int((unrated & (dominant == k)).sum())) for k in (0, 1)]
 
 
 def test_a_tastes_movies_are_what_the_model_recommends_under_it(runs):
@@ -327,20 +341,20 @@ def test_a_tastes_movies_are_what_the_model_recommends_under_it(runs):
             tastes, top = run.tastes(user, n=5), run.recommend(user, n=1).iloc[0]
             rated = set(run.item_ids[run.rated(run.user_row(user))])
             for taste in tastes:
-                scores = [m[run.score_name] for m in taste["top_movies"]]
-                assert scores == sorted(scores, reverse=True) and not rated & {m["movie_id"] for m in taste["top_movies"]}
-                assert all(m["weight"] >= 1 / len(tastes) for m in taste["top_movies"])
-            leads = [t["top_movies"][0]["movie_id"] for t in tastes if t["top_movies"]]
-            assert top["movie_id"] in leads
+                scores = [m[run.score_name] for m in taste["top_items"]]
+                assert scores == sorted(scores, reverse=True) and not rated & {m["item_id"] for m in taste["top_items"]}
+                assert all(m["weight"] >= 1 / len(tastes) for m in taste["top_items"])
+            leads = [t["top_items"][0]["item_id"] for t in tastes if t["top_items"]]
+            assert top["item_id"] in leads
             own = run.rated_tastes(user)
             for taste in tastes:
-                assert [m["movie_id"] for m in taste["rated_movies"]] == \
-                    own[own["taste"] == taste["taste"]]["movie_id"].head(5).tolist()
+                assert [m["item_id"] for m in taste["rated_items"]] == \
+                    own[own["taste"] == taste["taste"]]["item_id"].head(5).tolist()
             assert abs(sum(t["share"] for t in tastes) - 1) < 1e-3
 
 
 @pytest.mark.parametrize("name,damage", [
-    ("dataset.npz", b"not a zip"), ("movies.json", b"[{\"movie_id\": 1"), ("config.json", b"[1, 2]"),
+    ("dataset.npz", b"not a zip"), ("items.json", b"[{\"item_id\": 1"), ("config.json", b"[1, 2]"),
 ])
 def test_a_damaged_run_file_is_named_in_one_line(runs, tmp_path, name, damage):
     import shutil
@@ -377,15 +391,15 @@ def test_rated_tastes_split_a_both_groups_users_movies_by_group(runs):
     purities = []
     for user in range(121, 161):
         frame = run.rated_tastes(user)
-        assert list(frame.columns) == ["movie_id", "title", "taste", "weight"] and len(frame) == 20
-        assert set(frame["movie_id"]) == set(run.item_ids[run.rated(run.user_row(user))])
+        assert list(frame.columns) == ["item_id", "title", "taste", "weight"] and len(frame) == 20
+        assert set(frame["item_id"]) == set(run.item_ids[run.rated(run.user_row(user))])
         assert frame["taste"].isin([1, 2]).all() and frame["weight"].between(0.5, 1).all()  # K=2
-        groups = (frame["movie_id"].to_numpy() - 1) // 20
+        groups = (frame["item_id"].to_numpy() - 1) // 20
         purities.append(studies.purity(np.zeros(20, dtype=int), frame["taste"].to_numpy(), groups)[0][0])
     print("mean purity", np.mean(purities))
     assert np.mean(purities) >= 0.9, purities  # one group per taste (0.5 if both held both)
     tastes = json.loads(cli(runs["mixture"], "--user=121", "--tastes", "--n=3", "--json").stdout)
-    assert all(len(t["rated_movies"]) <= 3 for t in tastes)
-    assert {m["movie_id"] for t in tastes for m in t["rated_movies"]} <= set(run.rated_tastes(121)["movie_id"])
+    assert all(len(t["rated_items"]) <= 3 for t in tastes)
+    assert {m["item_id"] for t in tastes for m in t["rated_items"]} <= set(run.rated_tastes(121)["item_id"])
     text = cli(runs["mixture"], "--user=121", "--tastes", "--n=3").stdout
-    assert "the user's own movies it holds the most weight on:" in text and "would recommend" in text
+    assert "the user's own items it holds the most weight on:" in text and "would recommend" in text

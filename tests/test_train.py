@@ -332,7 +332,7 @@ def test_an_interruption_during_the_final_writes_leaves_a_run_that_resume_finish
     assert train.main([f"--resume={run_dir}"]) == 0
     assert "nothing to do" not in capsys.readouterr().out
     assert (results / "summary.json").is_file() and (results / "taste_weights.svg").is_file()
-    assert Recommender.load(run_dir).recommend(3, n=2)["movie_id"].size == 2
+    assert Recommender.load(run_dir).recommend(3, n=2)["item_id"].size == 2
     assert train.main([f"--resume={run_dir}"]) == 0 and "nothing to do" in capsys.readouterr().out
 
 
