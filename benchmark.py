@@ -190,6 +190,7 @@ def ranking_peers(args):
         speed = speed_pairs(results, "ease_single", lambda r: r["wall"], args, Path(scratch), ["--task=ranking"])
         report = ranking_table(results, args, task, speed)
         report += "\n".join(studies.diversity_table(task, results, args.data_dir, args.dataset, args.items)) + "\n"
+        report += "\n".join(studies.mixture_table(task, results)) + "\n"
     return report
 
 

@@ -89,6 +89,68 @@ def diversity_table(task, rows, data_dir, dataset, items=""):
     return lines
 
 
+# Bins of users by their training items for mixture_use: (first, last) counts, inclusive.
+HISTORY_BINS = ((1, 3), (4, 5), (6, 8), (9, 15), (16, 50), (51, 200), (201, None))
+
+
+def mixture_use(task, model, pairs_per_block=1 << 20):
+    """How much a ranking model's mixture does, on validation (the test set chooses nothing):
+    NDCG@k as trained and with the attention off (every mixture weight 1/K: each user scores
+    with the mean of their tastes, one vector), over all users and by training items; the mean
+    cosine between a user's tastes (1: copies of one vector); the mean largest mixture weight on
+    the training pairs and the share of pairs where it exceeds 0.9 (1/K: no choice made). The
+    model is left as it was."""
+    import copy
+
+    import torch
+    averaged = copy.deepcopy(model)
+    with torch.no_grad():
+        averaged.user_factors[:, 1] = 0  # attention rows (n_users, K, d): logits 0, weights 1/K
+        per_user = {"trained": task.per_user(model, "val")[:, 0].numpy(),
+                    "averaged": task.per_user(averaged, "val")[:, 0].numpy()}
+        tastes = torch.nn.functional.normalize(model.tastes, dim=-1)                # (n_users, K, d)
+        cosines = tastes @ tastes.transpose(1, 2)                                   # (n_users, K, K)
+        upper = torch.triu_indices(model.n_tastes, model.n_tastes, offset=1)
+        cosine = float(cosines[:, upper[0], upper[1]].mean())
+        pairs = task.training_matrix().tocoo()
+        largest = torch.cat([model.mixture_weights(torch.from_numpy(pairs.row[s:s + pairs_per_block]).long(),
+                                                   torch.from_numpy(pairs.col[s:s + pairs_per_block]).long()).max(1).values
+                             for s in range(0, pairs.nnz, pairs_per_block)])          # (pairs,)
+    counts = np.bincount(pairs.row, minlength=task.n_users)
+    validated = np.isfinite(per_user["trained"])
+    bins = [("all users", validated)]
+    bins += [(f"{first}-{last}" if last else f"{first} and more",
+              validated & (counts >= first) & (counts <= (last or counts.max())))
+             for first, last in HISTORY_BINS]
+    return {"bins": [(label, int(members.sum()), float(per_user["trained"][members].mean()),
+                      float(per_user["averaged"][members].mean())) for label, members in bins if members.any()],
+            "cosine": cosine, "largest_weight": float(largest.mean()),
+            "decided_share": float((largest > 0.9).float().mean())}
+
+
+def mixture_table(task, rows):
+    """mixture_use of the benchmark's mfmixtaste row, as report lines (none for K=1)."""
+    from recommend import Recommender
+    run = next((r for r in rows if r["row"] == "mfmixtaste" and "run_dir" in r), None)
+    if run is None:
+        return []
+    model = Recommender.load(run["run_dir"], quiet=True).model
+    if model.n_tastes < 2:
+        return []
+    use, k = mixture_use(task, model), task.k
+    lines = ["", f"### What the K={model.n_tastes} tastes add", "",
+             f"Validation NDCG@{k} of the mfmixtaste row's chosen model as trained, and with its attention "
+             f"off (each user scoring with the mean of their tastes), by the user's training items. A "
+             f"user's tastes have mean cosine {use['cosine']:.2f} to each other (1: copies of one vector); "
+             f"on the training pairs the largest mixture weight is {use['largest_weight']:.2f} on average "
+             f"(1/K = {1 / model.n_tastes:.2f}: no choice), over 0.9 on {use['decided_share']:.0%} of them.", "",
+             "| training items | users | as trained | tastes averaged | difference |", "|---|---|---|---|---|"]
+    for label, users, trained, averaged in use["bins"]:
+        change = f"{(trained - averaged) / averaged:+.1%}" if averaged else "-"
+        lines.append(f"| {label} | {users:,} | {trained:.4f} | {averaged:.4f} | {change} |")
+    return lines
+
+
 # Smaller sets cut from ML-1M, each its own MovieLens-format folder: (label, kind, fraction).
 SUBSETS = [("10% of the users", "users", 0.1), ("10% of each user's ratings", "ratings", 0.1)]
 

@@ -372,3 +372,33 @@ def test_a_baseline_setting_that_diverges_scores_below_every_other(monkeypatch, 
     test, extra = peers.ranking_baseline("bpr", "ml-100k", str(synthetic_ml100k))
     assert "learning_rate=0.01," in extra["chosen on val"] and 0 < test["ndcg@10"] <= 1
     assert 0.01 in fitted and all(lr < 0.03 for lr in fitted)
+
+
+def test_mixture_use_tells_copied_tastes_from_a_mixture_that_chooses(synthetic_ml100k):
+    """Copies of one taste score the same whatever the weights (attention off changes nothing,
+    cosine 1); orthogonal tastes with a sharp attention have cosine 0, weights near 1, and a
+    score that the attention changes. The model itself is left as it was."""
+    import torch
+
+    from MFMixTaste import MFMixTaste
+    task = peers.ranking_task("ml-100k", synthetic_ml100k)
+    torch.manual_seed(0)
+    model = MFMixTaste(task.n_users, task.n_items, dim=4, n_tastes=2, init_std=0.5)
+    with torch.no_grad():
+        model.user_factors[:, 0, 1] = model.user_factors[:, 0, 0]  # both tastes the same vector
+    copied = studies.mixture_use(task, model)
+    assert copied["cosine"] > 0.999
+    assert all(abs(trained - averaged) < 1e-6 for _, _, trained, averaged in copied["bins"])
+    assert copied["bins"][0][0] == "all users" and copied["bins"][0][1] == sum(b[1] for b in copied["bins"][1:])
+    with torch.no_grad():
+        model.user_factors[:, 0, 0], model.user_factors[:, 0, 1] = torch.eye(4)[0], torch.eye(4)[1]
+        model.user_factors[:, 1] = 50 * model.user_factors[:, 0]  # attention: each taste claims its items
+        model.item_factors.abs_()  # every item scores >= 0 under both tastes, so one claims it sharply
+        before = model.user_factors.clone()
+    chosen = studies.mixture_use(task, model)
+    assert abs(chosen["cosine"]) < 1e-6 and chosen["largest_weight"] > 0.9 and chosen["decided_share"] > 0.5
+    assert chosen["bins"][0][2] != chosen["bins"][0][3]
+    assert torch.equal(model.user_factors, before)
+    with torch.no_grad():
+        model.user_factors[:, 1] = 0
+    assert studies.mixture_use(task, model)["largest_weight"] == pytest.approx(0.5)
