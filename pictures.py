@@ -7,6 +7,8 @@ matplotlib only when it draws.
 """
 
 import gc
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +27,22 @@ def _pyplot():
         if collecting:
             gc.enable()
     return plt
+
+
+def save(fig, path, **savefig_kwargs):
+    """fig.savefig(path) through a temporary file beside it, renamed over it, and the figure
+    closed: a picture is whole or absent (a disk that filled mid-picture left the first 8 KB of
+    an SVG). A failed write says which picture (matplotlib's OSError names no file)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(temporary, format=path.suffix[1:], **savefig_kwargs)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from None
+    finally:
+        temporary.unlink(missing_ok=True)
+        _pyplot().close(fig)
 
 
 # The pictures of every run have fixed margins (fractions of the figure) where tight_layout
@@ -50,8 +68,7 @@ def metric_curves(folder, rows, plots, best_epoch, title):
         ax.legend()
         ax.grid(alpha=0.3)
         fig.subplots_adjust(**MARGINS)
-        fig.savefig(folder / filename)
-        plt.close(fig)
+        save(fig, folder / filename)
 
 
 def mean_weights(model, users, items, n_users):
@@ -103,8 +120,7 @@ def taste_weights(path, mean, title, drawn=""):
                 title="1/K: all tastes used; 1: collapsed onto one")
     fig.suptitle(f"{title}: users' mean mixture weights over their movies{drawn}")
     fig.subplots_adjust(**{**MARGINS, "left": 0.07, "top": 0.85, "wspace": 0.25})
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 def movie_map(path, coordinates, genres, title, rated=None, tastes=None, user_label="", untrained=None):
@@ -142,8 +158,7 @@ def movie_map(path, coordinates, genres, title, rated=None, tastes=None, user_la
     ax.set(title=title, xlabel="first principal component", ylabel="second principal component")
     ax.legend(markerscale=3, fontsize=8, loc="best")
     fig.subplots_adjust(**{**MARGINS, "left": 0.1, "bottom": 0.08, "top": 0.94})
-    fig.savefig(path, dpi=150)  # the resolution of the dots' image, where there is one
-    plt.close(fig)
+    save(fig, path, dpi=150)  # the resolution of the dots' image, where there is one
 
 
 MAP_VECTOR_POINTS = 10_000  # item maps with more dots draw them as an image (movie_map)
@@ -190,8 +205,7 @@ def purity_histograms(path, purities):
                title=f"{task}: {label.split(' (')[0]}")
         ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 def account_map(path, coordinates, rated, person, taste, title):
@@ -217,8 +231,7 @@ def account_map(path, coordinates, rated, person, taste, title):
     axes[0].set(ylabel="second principal component")
     fig.suptitle(title)
     fig.subplots_adjust(**{**MARGINS, "left": 0.07, "bottom": 0.1, "top": 0.88, "wspace": 0.08})
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 def cost_curve(path, rows):
@@ -239,5 +252,4 @@ def cost_curve(path, rows):
         ax.set(xscale="log", yscale="log", xlabel=axis, ylabel="seconds", title=f"against {axis}")
     axes[0].legend(fontsize=8)
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.9, wspace=0.25)
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)

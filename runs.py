@@ -8,6 +8,7 @@ TensorBoard events and results, and what a finished run leaves for recommend.py.
 """
 
 import ast
+import contextlib
 import csv
 import ctypes
 import gc
@@ -19,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -445,15 +447,27 @@ class RunFolderSaver(DiskSaver):
             except RuntimeError as error:
                 # torch.save says a failed write (a full disk) as its zip writer's RuntimeError
                 # ("iostream error", "unexpected pos"): said as the OSError it is, in one line.
-                free = shutil.disk_usage(self.dirname).free / 2**20
-                raise OSError(f"cannot write {path} ({str(error).splitlines()[0]}; {free:,.0f} MiB free on its "
-                              f"disk): the run's earlier checkpoints are kept, resume it with --resume="
-                              f"{self.dirname} once there is room") from None
+                raise cannot_write(path, str(error).splitlines()[0], self.dirname, self.dirname) from None
             finally:
                 temporary.unlink(missing_ok=True)
 
     def remove(self, filename):
         """Put off: see prune_superseded."""
+
+
+class WriteError(OSError):
+    """cannot_write's error: said as it is, whoever catches it on its way out."""
+
+
+def cannot_write(what, reason, run_dir, folder):
+    """The one line for a write into folder that failed (a full disk) while a run was saving
+    what it had done: what, why, the room left there, and how to go on."""
+    try:
+        free = f"; {shutil.disk_usage(folder).free / 2**20:,.0f} MiB free on its disk"
+    except OSError:  # a folder gone with its disk
+        free = ""
+    return WriteError(f"cannot write {what} ({reason}{free}): the run's earlier checkpoints are kept, "
+                      f"resume it with --resume={run_dir} once there is room")
 
 
 TEMPORARY = ".tmp"  # the suffix of a file being written (RunFolderSaver, write_atomically)
@@ -622,7 +636,12 @@ def attach_tensorboard(run_dir, trainer, evaluators, optimizer, task, cfg):
     """tensorboardX through Ignite's TensorboardLogger: loss, data term and each prior term every
     log_interval iterations, the metrics of every split each epoch, the hyperparameters."""
     # A resumed run hides what an interrupted invocation logged past its last checkpoint.
-    tb_logger = TensorboardLogger(log_dir=str(run_dir), purge_step=trainer.state.iteration or None)
+    tb_logger = TensorboardLogger(log_dir=str(run_dir), purge_step=trainer.state.iteration or None,
+                                  max_queue=EVENT_QUEUE)
+    quiet_event_writers()
+    events_failed.clear()
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=cfg["log_interval"]) | Events.EPOCH_COMPLETED,
+                              lambda _: check_events_written(tb_logger, run_dir))
 
     def scalars(out):
         values = {"loss": float(out["loss"]), **{name: float(v) for name, v in out["terms"].items()}}
@@ -643,6 +662,72 @@ def attach_tensorboard(run_dir, trainer, evaluators, optimizer, task, cfg):
                                             global_step_transform=global_step_from_engine(trainer))
     tb_logger.writer.add_text("config", "    " + json.dumps(cfg, indent=2).replace("\n", "\n    "))
     return tb_logger
+
+
+# tensorboardX writes TensorBoard's events from a thread of its own. A write that fails there (a
+# full disk) ended that thread with a traceback, and once its queue held max_queue events (10 by
+# default) every later add_scalar waited forever: the run hung. The queue here holds far more
+# events than a run adds between two checks, and quiet_event_writers keeps the thread's error
+# (events_failed) for check_events_written to say in one line.
+EVENT_QUEUE = 100_000
+events_failed = []  # the errors that ended tensorboardX's writer threads in this process
+_print_thread_error, _print_unraisable = threading.excepthook, sys.unraisablehook  # Python's, until replaced
+
+
+def quiet_event_writers():
+    """Route tensorboardX's failures to the run's own error line instead of tracebacks: its
+    writer thread's error is kept in events_failed, and the OSError of its close at exit (a
+    writer whose flush met the full disk stays open, and tensorboardX closes it again at exit) is
+    dropped: the run has said it. Other threads' errors and unraisable errors print as before."""
+    if threading.excepthook is not _keep_event_writer_errors:
+        global _print_thread_error, _print_unraisable
+        _print_thread_error, threading.excepthook = threading.excepthook, _keep_event_writer_errors
+        _print_unraisable, sys.unraisablehook = sys.unraisablehook, _drop_event_writer_exit_errors
+
+
+def _keep_event_writer_errors(args):
+    if type(args.thread).__name__ == "_EventLoggerThread":  # tensorboardX's writer thread
+        events_failed.append(args.exc_value)
+    else:
+        _print_thread_error(args)
+
+
+def _drop_event_writer_exit_errors(unraisable):
+    if not (getattr(unraisable.object, "__module__", None) == "tensorboardX.writer"
+            and isinstance(unraisable.exc_value, (OSError, ValueError))):
+        _print_unraisable(unraisable)
+
+
+def check_events_written(tb_logger, run_dir):
+    """cannot_write's error if tensorboardX's writer thread has failed (the writer closed
+    first, its own errors dropped)."""
+    if events_failed:
+        close_quietly(tb_logger)
+        reason = events_failed[0]
+        raise cannot_write(f"TensorBoard's events in {run_dir}", getattr(reason, "strerror", None) or reason,
+                           run_dir, run_dir)
+
+
+def close_quietly(tb_logger):
+    try:
+        tb_logger.close()
+    except (OSError, ValueError):  # the full disk again: the caller says the first error
+        pass
+
+
+@contextlib.contextmanager
+def saving_into(folder, run_dir, tb_logger):
+    """The end of a run writing into folder: an OSError (a full disk) becomes cannot_write's one
+    line, naming the file where the error names one, else folder; the TensorBoard writer is
+    closed quietly first."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as error:
+        close_quietly(tb_logger)
+        where = Path(error.filename) if error.filename else Path(folder)
+        raise cannot_write(where, error.strerror or error, run_dir, folder) from None
 
 
 def describe(cfg, task, model):
@@ -691,6 +776,8 @@ def write_atomically(path, content):
         else:
             temporary.write_bytes(content)
         os.replace(temporary, path)
+    except OSError as error:  # a full disk's error names no file
+        raise OSError(error.errno, error.strerror, str(path)) from None
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -386,18 +386,21 @@ def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, t
              for m in task.metric_names}  # test first: the figures summary.json leads with
     if idist.get_rank() != 0:
         return
-    movies = runs.save_run_data(run_dir, task, cfg)
     trained = getattr(model, "module", model)
-    pictures.run_pictures(results, trained, task.seen, [m["genres"] for m in movies], loader.dataset_name(cfg["dataset"]),
-                          untrained=~task.trained_items)
-    runs.write_projector(tb_logger.writer, run_dir, trained.item_factors.detach().cpu(), movies, task.seen[1])
-    tb_logger.writer.add_hparams({k: v if not isinstance(v, float) or math.isfinite(v) else str(v)  # -inf: a file's
-                                  for k, v in cfg.items() if k not in ("resume",)},               # ranking_min_rating
-                                 {f"hparam/{k}": v for k, v in final.items()}, name="hparams")
-    tb_logger.close()
-    summary = {**final, "best_epoch": best["epoch"], "epochs_run": epochs_run,
-               "wall_seconds": round(wall_seconds, 2), **runs.describe(cfg, task, model)}
-    runs.write_results(results, summary, history.rows, task.plots)
+    with runs.saving_into(run_dir, run_dir, tb_logger):
+        movies = runs.save_run_data(run_dir, task, cfg)
+        runs.write_projector(tb_logger.writer, run_dir, trained.item_factors.detach().cpu(), movies, task.seen[1])
+        tb_logger.writer.add_hparams({k: v if not isinstance(v, float) or math.isfinite(v) else str(v)  # -inf: a
+                                      for k, v in cfg.items() if k not in ("resume",)},  # file's ranking_min_rating
+                                     {f"hparam/{k}": v for k, v in final.items()}, name="hparams")
+        tb_logger.close()
+        runs.check_events_written(tb_logger, run_dir)
+    with runs.saving_into(results, run_dir, tb_logger):
+        pictures.run_pictures(results, trained, task.seen, [m["genres"] for m in movies],
+                              loader.dataset_name(cfg["dataset"]), untrained=~task.trained_items)
+        summary = {**final, "best_epoch": best["epoch"], "epochs_run": epochs_run,
+                   "wall_seconds": round(wall_seconds, 2), **runs.describe(cfg, task, model)}
+        runs.write_results(results, summary, history.rows, task.plots)
     print(f"{task.headline(final)} (best epoch {best['epoch']} of {epochs_run}, "
           f"val {task.choose_by} {final[choose]:.4f}); results in {results}/")
 

@@ -155,3 +155,71 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_run_resumes_f
     monkeypatch.setattr(torch, "save", real_save)
     assert train.main([f"--resume={run_dir}"]) == 0
     assert figures(tmp_path, "full")["best_epoch"] >= 1
+
+
+# tensorboardX's writer thread meets a full disk at its n-th record (train.py in a subprocess:
+# before the fix, the run hung there for good, which the subprocess's timeout turns into a failure).
+EVENTS_ON_A_FULL_DISK = """
+import errno, sys
+sys.path.insert(0, {root!r})
+import tensorboardX.record_writer as record_writer
+real_write, calls = record_writer.RecordWriter.write, []
+
+def write(self, data):
+    calls.append(1)
+    if len(calls) >= {nth}:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_write(self, data)
+
+record_writer.RecordWriter.write = write
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("nth", [3, 40])  # in epoch 1 (no checkpoint yet); after epoch 1's checkpoint
+def test_a_full_disk_under_tensorboards_events_is_one_line_not_a_hang(tmp_path, synthetic_ml100k, nth):
+    """tensorboardX writes events from a thread: a failed write there printed that thread's
+    traceback, then add_scalar waited forever on the full queue. Now one line, exit 2, the
+    checkpoints kept, and the run resumes."""
+    args = common(tmp_path, synthetic_ml100k, "rating") + ["--run_name=events", "--log_interval=2"]
+    failed = subprocess.run([sys.executable, "-c", EVENTS_ON_A_FULL_DISK.format(root=str(ROOT), nth=nth), *args],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "events"
+    assert failed.returncode == 2, failed.stderr
+    said = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and f"cannot write TensorBoard's events in {run_dir}" in said[0], failed.stderr
+    assert "No space left on device" in said[0] and f"--resume={run_dir}" in said[0]
+    assert "Traceback" not in failed.stderr and "Exception" not in failed.stderr, failed.stderr
+    resumed = invoke(tmp_path, "count:finish", [f"--resume={run_dir}"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert figures(tmp_path, "events")["best_epoch"] >= 1
+
+
+def test_a_full_disk_under_the_results_leaves_no_half_picture_and_the_run_finishes_on_resume(
+        tmp_path, synthetic_ml100k, monkeypatch, capsys):
+    """A disk that filled while a picture was written left its first bytes as the picture and
+    said only "[Errno 28] No space left on device". Now the picture is whole or absent and the
+    line names it and the --resume that finishes the run."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    import train
+    real_savefig = Figure.savefig
+
+    def savefig_on_a_full_disk(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"<svg cut short")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", savefig_on_a_full_disk)
+    run_dir, results = tmp_path / "runs" / "pictures", tmp_path / "results" / "pictures"
+    assert train.main(common(tmp_path, synthetic_ml100k, "rating") + ["--run_name=pictures"]) == 2
+    said = capsys.readouterr().err
+    assert said.count("error: cannot write") == 1 and "Traceback" not in said, said
+    assert f"cannot write {results / 'taste_weights.svg'} (No space left on device" in said, said
+    assert f"--resume={run_dir}" in said
+    assert list(results.iterdir()) == []  # neither the picture cut short nor its temporary file
+    monkeypatch.setattr(Figure, "savefig", real_savefig)
+    assert train.main([f"--resume={run_dir}"]) == 0
+    assert {"taste_weights.svg", "item_map.svg", "summary.json"} <= {p.name for p in results.iterdir()}
