@@ -7,7 +7,7 @@ matplotlib only when it draws.
 """
 
 import gc
-import os
+import io
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +30,16 @@ def _pyplot():
 
 
 def save(fig, path, **savefig_kwargs):
-    """fig.savefig(path) through a temporary file beside it, renamed over it, and the figure
-    closed: a picture is whole or absent (a disk that filled mid-picture left the first 8 KB of
-    an SVG). A failed write says which picture (matplotlib's OSError names no file)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """fig.savefig(path), and the figure closed. The picture is drawn in memory and written by
+    runs.write_atomically: whole or absent (a disk that filled mid-picture left the first 8 KB
+    of an SVG), and a failed write names the picture."""
+    from runs import write_atomically  # runs imports this module: imported at the first picture saved
+    drawn = io.BytesIO()
     try:
-        fig.savefig(temporary, format=path.suffix[1:], **savefig_kwargs)
-        os.replace(temporary, path)
-    except OSError as error:
-        raise OSError(error.errno, error.strerror, str(path)) from None
+        fig.savefig(drawn, format=Path(path).suffix[1:], **savefig_kwargs)
     finally:
-        temporary.unlink(missing_ok=True)
         _pyplot().close(fig)
+    write_atomically(path, drawn.getvalue())
 
 
 # The pictures of every run have fixed margins (fractions of the figure) where tight_layout
