@@ -46,15 +46,22 @@ class DataError(Exception):
 SPELLINGS = {
     "user": {"user", "userid", "uid", "users", "username", "customer", "customerid", "visitorid", "reviewerid",
              "memberid", "accountid", "clientid", "readerid", "viewerid", "playerid", "listenerid", "personid",
-             "sessionid", "userindex", "useridx"},
+             "sessionid", "userindex", "useridx", "client", "clientcode", "account", "accountnumber", "member",
+             "buyer", "shopper", "visitor", "subscriber", "customerkey", "customercode", "customerno", "viewer",
+             "reader", "listener", "player", "learner", "studentid", "student"},
     "item": {"item", "itemid", "iid", "items", "movie", "movieid", "bookid", "book", "productid", "product",
              "asin", "artist", "artistid", "track", "trackid", "songid", "song", "articleid", "businessid",
              "recipeid", "animeid", "gameid", "courseid", "videoid", "newsid", "poiid", "venueid", "jobid",
-             "isbn", "sku", "parentasin", "itemindex", "itemidx", "contentid"},
+             "isbn", "sku", "parentasin", "itemindex", "itemidx", "contentid", "productsku", "skuid", "skucode",
+             "article", "articleno", "itemcode", "productcode", "productno", "offer", "offerid", "listing",
+             "listingid", "variantid", "goodsid", "goods", "stockcode", "video", "movietitleid", "podcastid",
+             "episodeid", "course", "recipe", "restaurantid", "hotelid", "placeid", "appid", "app"},
     "rating": {"rating", "ratings", "score", "stars", "star", "overall", "rate", "rated", "preference",
                "ratingvalue"},
     "timestamp": {"timestamp", "time", "ts", "date", "datetime", "unixreviewtime", "reviewtime", "when",
-                  "created", "createdat", "eventtime", "time_stamp", "unixtime", "timestampms"},
+                  "created", "createdat", "eventtime", "time_stamp", "unixtime", "timestampms", "eventdate", "eventtimestamp",
+                  "datetimeutc", "invoicedate", "orderdate", "purchasedate", "playedat", "watchedat", "ratedat",
+                  "clickedat", "occurredat", "dateadded", "timeutc"},
 }
 ITEM_NAME_SPELLINGS = {
     "title": {"title", "name", "movietitle", "itemname", "producttitle", "productname", "booktitle",
@@ -84,6 +91,8 @@ class Layout:
     compression: str | None = None
     what: str = ""
     table: object = None  # a JSON-lines file, read whole to learn its fields
+    encoding: str = "utf-8"  # "latin-1" for text that is not UTF-8: every byte one character, distinct ids kept
+    decimal: str = "."       # "," for ';'-separated files whose numbers use a decimal comma (4,5)
 
 
 @dataclass
@@ -163,11 +172,21 @@ def _split(line, sep):
     return next(csv.reader([line], delimiter=sep))
 
 
-def _is_number(text):
+def _is_number(text, decimal="."):
+    """Whether a field is a finite number (decimal: "," where 4,5 is four and a half)."""
     try:
-        return np.isfinite(float(text))
+        return np.isfinite(float(text.replace(",", ".") if decimal == "," else text))
     except ValueError:
         return False
+
+
+DECIMAL_COMMA = re.compile(r"^-?\d+,\d+$")
+DATE_LIKE = re.compile(r"^\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}([ T]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?\s*(Z|[+-]\d{2}:?\d{2})?)?$")
+
+
+def _is_time(text):
+    """Whether a field is a date or a date and time (2020-01-31, 12/04/1997 15:55, ...)."""
+    return bool(DATE_LIKE.match(text.strip()))
 
 
 def normalised(name):
@@ -193,25 +212,21 @@ def sniff(path):
     if b"\x00" in head:
         raise DataError(f"{path}: not a format this tool reads (binary data; it reads delimited text, "
                         "compressed or not, Parquet and RecBole atomic files: docs/data.md)")
-    text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
+    encoding = text_encoding(head, cut=len(head) == SAMPLE_BYTES)
+    text = head.decode(encoding).lstrip("\ufeff")
     if text.lstrip().startswith("{"):  # one JSON object a line (Amazon's review files)
         return Layout("json", compression=compression, what=(f"{compression}-compressed " if compression else "")
                       + "JSON lines")
     lines = [line for line in text.splitlines() if line.strip()]
     if len(head) == SAMPLE_BYTES and len(lines) > 1:
         lines = lines[:-1]  # the last may be cut
-    how = f"{compression}-compressed " if compression else ""
+    how = (f"{compression}-compressed " if compression else "") + ("Latin-1 " if encoding != "utf-8" else "")
     first = lines[0].split("\t")
     if all(RECBOLE_TYPE.match(name.strip()) for name in first):
         return Layout("rows", "\t", [RECBOLE_TYPE.match(n.strip()).group(1) for n in first], len(first),
-                      compression, how + "RecBole atomic file")
-    for sep in SEPARATORS + (None,):
-        counts = [len(_split(line, sep)) for line in lines]
-        if min(counts) >= 2:
-            break
-    else:
-        raise DataError(f"{path}: finds no separator that gives each line two fields or more (a user and an "
-                        f"item): it reads ',', tab, '::', '|', ';' or spaces; first line: {lines[0][:80]!r}")
+                      compression, how + "RecBole atomic file", encoding=encoding)
+    sep = separator_of(path, lines)
+    counts = [len(_split(line, sep)) for line in lines]
     fields = [_split(line, sep) for line in lines]
     named = "spaces" if sep is None else repr(sep)
     firsts = [f[0] for f in fields]
@@ -219,16 +234,56 @@ def sniff(path):
     header = _has_header(fields)
     # One line per user: no header, no user on two lines, and either lines of different lengths,
     # many fields apart by spaces, or a third field that cannot be a rating.
+    # A third field of numbers (a rating) or of dates (a time) makes rows, whatever the users do.
     if header is None and len(set(firsts)) == len(firsts) and len(lines) > 1 and (
             not uniform or (sep is None and counts[0] > 4)
-            or (counts[0] >= 3 and not all(_is_number(f[2]) for f in fields))):
+            or (counts[0] >= 3 and not all(_is_number(f[2], "," if sep == ";" else ".") for f in fields)
+                and not all(_is_time(f[2]) for f in fields))):
         return Layout("per_user", sep, None, 0, compression,
-                      f"{how}one line per user (the user, then the items in order), separated by {named}")
+                      f"{how}one line per user (the user, then the items in order), separated by {named}",
+                      encoding=encoding)
     n_fields = counts[0] if header is None else len(header)
     if header is None and not uniform:  # the count most lines have: the odd line is named when read
         n_fields = max(set(counts), key=counts.count)
+    # A ';'-separated file may write its numbers with a decimal comma (4,5): the spreadsheets of
+    # many locales do, and the comma is then no separator (separator_of).
+    body = fields[1:] if header else fields
+    decimal = "," if sep == ";" and any(DECIMAL_COMMA.match(value.strip()) for row in body for value in row) else "."
     return Layout("rows", sep, header, n_fields, compression,
-                  f"{how}rows separated by {named}, " + ("with a header line" if header else "no header line"))
+                  f"{how}rows separated by {named}, " + ("with a header line" if header else "no header line")
+                  + (", decimal commas" if decimal == "," else ""), encoding=encoding, decimal=decimal)
+
+
+def text_encoding(data, cut=False):
+    """ "utf-8" where the bytes are UTF-8 (cut: they may end inside a character), else "latin-1":
+    read that way every byte is one character, so ids that differ in a byte stay apart (café and
+    cafè in Latin-1), where a replacement character would merge them."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if not (cut and error.start >= len(data) - 3 and "unexpected end" in error.reason):
+            return "latin-1"
+    return "utf-8"
+
+
+def separator_of(path, lines):
+    """The field separator of sampled lines: of those that split every line into the same number
+    of fields, two or more, the one that gives the most fields (a ';' file with decimal commas,
+    1;10;4,5, splits into 2 fields on ',' but 3 on ';'); ties go by SEPARATORS' order. Where none
+    is that regular (one line per user), the first in that order that gives each line two fields;
+    runs of whitespace last."""
+    regular = {}
+    for sep in SEPARATORS:
+        counts = {len(_split(line, sep)) for line in lines}
+        if len(counts) == 1 and min(counts) >= 2:
+            regular[sep] = counts.pop()
+    if regular:
+        return max(regular, key=lambda sep: (regular[sep], -SEPARATORS.index(sep)))
+    for sep in SEPARATORS + (None,):
+        if min(len(_split(line, sep)) for line in lines) >= 2:
+            return sep
+    raise DataError(f"{path}: finds no separator that gives each line two fields or more (a user and an "
+                    f"item): it reads ',', tab, '::', '|', ';' or spaces; first line: {lines[0][:80]!r}")
 
 
 def _has_header(fields):
@@ -255,28 +310,32 @@ def parse_columns(text):
     if len(entries) > len(ROLES) or len(entries) < 2 or not entries[0] or not entries[1]:
         raise DataError(f"--columns={text}: give USER,ITEM[,RATING[,TIMESTAMP]] (header names or 0-based "
                         "positions; an empty entry skips one, as in --columns=visitor,product,,when)")
-    return {role: int(entry) if entry.isdigit() else entry for role, entry in zip(ROLES, entries) if entry}
+    return {role: entry for role, entry in zip(ROLES, entries) if entry}
 
 
 def resolve_columns(path, layout, given, spellings=SPELLINGS, needed=("user", "item")):
     """{role: column index} of the file: the given names or positions, else the header's known
-    spellings, else (no header) user, item[, rating[, timestamp]] by position."""
+    spellings, else (no header) user, item[, rating[, timestamp]] by position. A given entry the
+    header has as a name is that column, whatever it looks like (a pandas dump's header ,0,1,2
+    names columns "0", "1", "2"); other digits are 0-based positions."""
     header = layout.header
-    if given and any(isinstance(v, str) for v in given.values()) and header is None and layout.kind == "rows":
+    if given and any(not v.isdigit() for v in given.values()) and header is None and layout.kind == "rows":
         layout.header = header = [name.strip() for name in _first_fields(path, layout)]
         layout.what = layout.what.replace("no header line", "with a header line (named by --columns)")
     if given:
         found = {}
         for role, entry in given.items():
-            if isinstance(entry, int):
-                if entry >= max(layout.n_fields, len(header or ())):
+            if header and entry in header:
+                found[role] = header.index(entry)
+                if entry.isdigit():  # said, since a position is written the same way
+                    layout.what += f"; --columns' {entry} is the header's name {entry!r}, not a position"
+            elif entry.isdigit():
+                if int(entry) >= max(layout.n_fields, len(header or ())):
                     raise DataError(f"{path}: --columns gives column {entry} for the {role}, but its rows have "
                                     f"{layout.n_fields} fields (numbered from 0)")
-                found[role] = entry
-            elif entry not in header:
-                raise DataError(f"{path} has no column {entry!r}; its columns are {', '.join(header)}")
+                found[role] = int(entry)
             else:
-                found[role] = header.index(entry)
+                raise DataError(f"{path} has no column {entry!r}; its columns are {', '.join(header)}")
         return found
     if header is None:
         found = {role: i for i, role in enumerate(ROLES[:layout.n_fields])}
@@ -288,15 +347,68 @@ def resolve_columns(path, layout, given, spellings=SPELLINGS, needed=("user", "i
             found[role] = i
     missing = [role for role in needed if role not in found]
     if missing:
-        suggestion = ",".join(header[:2]) + (",," + header[2] if len(header) > 2 and "rating" not in found else "")
+        suggestion = suggest_columns(path, layout, found)
         raise DataError(f"{path}: cannot tell which columns hold the {' and the '.join(missing)}; its columns are "
-                        f"{', '.join(header)}: name them with --columns=USER,ITEM[,RATING[,TIMESTAMP]], for "
-                        f"example --columns={suggestion}")
+                        f"{', '.join(header)}: name them with --columns=USER,ITEM[,RATING[,TIMESTAMP]]"
+                        + (f", perhaps --columns={suggestion}" if suggestion else ""))
     return found
 
 
+def suggest_columns(path, layout, found):
+    """A --columns guess for a header whose user or item was not recognised, from the sampled
+    values: the roles found by name keep their columns; a missing user or item is an id-like
+    column (short tokens without spaces, not decimal numbers nor times, repeating across rows
+    but with more than ten values: not a rating or an event type), the first whose name holds a
+    spelling of the role, else the first in the file; a time-like column is the timestamp. None
+    where no column is id-like."""
+    header = layout.header
+    if layout.kind == "rows":
+        text = read_bytes(path, layout.compression, SAMPLE_BYTES).decode(layout.encoding).lstrip("\ufeff")
+        lines = [line for line in text.splitlines() if line.strip()][1:-1] or \
+            [line for line in text.splitlines() if line.strip()][1:]
+        rows = [row for row in (_split(line, layout.sep) for line in lines) if len(row) == len(header)]
+        columns = [[row[i].strip() for row in rows] for i in range(len(header))]
+    else:
+        table = layout.table if layout.kind == "json" else _parquet_head(path)
+        columns = [[str(v) for v in table.column(name).to_pylist()[:2000]] for name in header]
+    chosen, used = dict(found), set(found.values())
+
+    def id_like(values):
+        return (values and all(v and " " not in v and len(v) <= 64 and not _is_time(v) for v in values)
+                and not all(_is_number(v) and not re.fullmatch(r"-?\d+", v) for v in values))
+
+    def many_repeated(values):
+        distinct = len(set(values))
+        return distinct < len(values) and (distinct > 10 or len(values) < 50)
+
+    for role in ("user", "item"):
+        if role in chosen:
+            continue
+        candidates = [i for i in range(len(header)) if i not in used and id_like(columns[i])
+                      and many_repeated(columns[i])]
+        if not candidates:
+            return None
+        named = [i for i in candidates if any(w in normalised(header[i]) for w in SPELLINGS[role] if len(w) >= 3)]
+        chosen[role] = (named or candidates)[0]
+        used.add(chosen[role])
+    if "timestamp" not in chosen:
+        timed = [i for i in range(len(header)) if i not in used and columns[i] and all(_is_time(v) for v in columns[i])]
+        if timed:
+            chosen["timestamp"] = timed[0]
+    entries = [header[chosen[role]] if role in chosen else "" for role in ROLES]
+    while not entries[-1]:
+        entries.pop()
+    return ",".join(entries)
+
+
+def _parquet_head(path):
+    import pyarrow.parquet as pq
+    with pq.ParquetFile(path) as parquet:
+        return next(parquet.iter_batches(batch_size=2000))
+
+
 def _first_fields(path, layout):
-    text = read_bytes(path, layout.compression, SAMPLE_BYTES).decode("utf-8", errors="replace").lstrip("\ufeff")
+    text = read_bytes(path, layout.compression, SAMPLE_BYTES).decode(layout.encoding, errors="replace").lstrip("\ufeff")
     line = next(line for line in text.splitlines() if line.strip())
     return _split(line, layout.sep)
 
@@ -328,18 +440,19 @@ def read_table(path, layout, columns, types):
         data = read_bytes(path, layout.compression)
         if sep == "::":
             data = data.replace(b"::", b"\t")
-        elif sep is None:
-            data = re.sub(rb"(?m)^[ \t]+|[ \t]+$", b"", re.sub(rb"[ \t]+", b"\t", data))
+        elif sep is None:  # blanks at either end of a line (before a \r too) are no field
+            data = re.sub(rb"(?m)^[ \t]+|[ \t]+(?=\r?$)", b"", re.sub(rb"[ \t]+", b"\t", data))
         source, sep = pa.BufferReader(data), "\t" if sep in ("::", None) else sep
     with source:
         return pv.read_csv(
             source,
             read_options=pv.ReadOptions(column_names=names, skip_rows=1 if layout.header else 0,
-                                        block_size=1 << 24),
+                                        block_size=1 << 24, encoding=layout.encoding),
             parse_options=pv.ParseOptions(delimiter=sep, quote_char='"' if layout.sep not in ("::", None) else False),
             convert_options=pv.ConvertOptions(include_columns=list(chosen.values()),
                                               column_types={chosen[r]: t for r, t in types.items() if r in chosen},
-                                              strings_can_be_null=False, quoted_strings_can_be_null=False),
+                                              strings_can_be_null=False, quoted_strings_can_be_null=False,
+                                              decimal_point=layout.decimal),
         ).rename_columns(list(chosen))
 
 
@@ -354,6 +467,7 @@ def encode_ids(column):
         return codes.astype(np.int64), ids.astype(np.int64)
     if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
         column = column.cast(pa.string())
+    column = pc.utf8_trim_whitespace(column)  # " 10" in "1, 10, 4" is the item 10, as pandas reads it
     encoded = pc.dictionary_encode(column).combine_chunks()
     dictionary, codes = encoded.dictionary, encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     if len(dictionary) and pc.all(pc.match_substring_regex(dictionary, PLAIN_INTEGER)).as_py():
@@ -379,14 +493,15 @@ def seconds(column, path):
     if pa.types.is_date(kind):
         column = column.cast(pa.timestamp("s"))
         kind = column.type
-    if pa.types.is_timestamp(kind):
-        return pc.cast(column.cast(pa.timestamp("s", tz=kind.tz)), pa.int64()).to_numpy()
+    if pa.types.is_timestamp(kind):  # whole seconds, rounded down (2020-01-01T10:00:00.250 is 10:00:00)
+        per_second = {"s": 1, "ms": 10 ** 3, "us": 10 ** 6, "ns": 10 ** 9}[kind.unit]
+        return np.floor_divide(pc.cast(column, pa.int64()).to_numpy(zero_copy_only=False), per_second)
     import pandas as pd
     parsed = pd.to_datetime(pd.Series(column.to_numpy(zero_copy_only=False)), errors="coerce", format="mixed", utc=True)
     if parsed.isna().any():
         return None
-    return (parsed.astype("int64") // 10 ** 9).to_numpy() if parsed.dt.unit == "ns" else \
-        parsed.dt.as_unit("s").astype("int64").to_numpy()
+    per_second = {"s": 1, "ms": 10 ** 3, "us": 10 ** 6, "ns": 10 ** 9}[parsed.dt.unit]
+    return np.floor_divide(parsed.astype("int64").to_numpy(), per_second)
 
 
 def read_interactions(path, columns="", layout=None, integer_ids=False):
@@ -409,7 +524,14 @@ def read_interactions(path, columns="", layout=None, integer_ids=False):
     if integer_ids:
         types.update(user=pa.int64(), item=pa.int64(), timestamp=pa.int64())
     try:
-        table = read_table(path, layout, roles, types if layout.kind == "rows" else {})
+        try:
+            table = read_table(path, layout, roles, types if layout.kind == "rows" else {})
+        except pa.ArrowInvalid as error:
+            if layout.kind != "rows" or layout.encoding != "utf-8" or "UTF8" not in str(error):
+                raise
+            # Bytes that are not UTF-8 past the sampled head: the whole file is read as Latin-1.
+            layout.encoding, layout.what = "latin-1", "Latin-1 " + layout.what
+            table = read_table(path, layout, roles, types)
     except DataError:
         raise
     except (pa.ArrowException, UnicodeDecodeError) as error:
@@ -462,16 +584,21 @@ def _column_name(layout, index):
 
 
 def _maybe_times(path, layout, roles):
-    """A headerless third column of integers past 10^8 holds times (Unix seconds), not ratings."""
-    text = read_bytes(path, layout.compression, SAMPLE_BYTES).decode("utf-8", errors="replace")
-    rows = [_split(line, layout.sep) for line in text.splitlines()[:-1] if line.strip()]
+    """A headerless third column of integers past 10^8 (Unix seconds) or of dates holds times,
+    not ratings."""
+    text = read_bytes(path, layout.compression, SAMPLE_BYTES).decode(layout.encoding, errors="replace")
+    lines = text.splitlines()
+    rows = [_split(line, layout.sep) for line in (lines[:-1] if len(lines) > 1 else lines) if line.strip()]
     values = [row[roles["rating"]] for row in rows if len(row) > roles["rating"]]
-    if values and all(re.fullmatch(r"\d{9,}", v.strip()) for v in values):
+    if values and (all(re.fullmatch(r"\d{9,}", v.strip()) for v in values) or all(_is_time(v) for v in values)):
         roles["timestamp"] = roles.pop("rating")
 
 
 def _read_per_user(path, layout):
-    text = read_bytes(path, layout.compression).decode("utf-8", errors="replace").lstrip("\ufeff")
+    data = read_bytes(path, layout.compression)
+    if layout.encoding == "utf-8" and text_encoding(data) != "utf-8":  # past the sampled head
+        layout.encoding, layout.what = "latin-1", "Latin-1 " + layout.what
+    text = data.decode(layout.encoding).lstrip("\ufeff")
     import pyarrow as pa
     users, items, order = [], [], []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -500,7 +627,7 @@ def _first_bad_line(path, layout, roles, integer_ids, error):
                          f"({error or 'found after reading'})")
     sep_name = "spaces" if layout.sep is None else repr(layout.sep)
     with open_stream(path, layout.compression) as stream:
-        lines = io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
+        lines = io.TextIOWrapper(stream, encoding=layout.encoding, errors="replace")
         seen_header = not layout.header
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -525,7 +652,7 @@ def _field_problem(fields, layout, roles, integer_ids, sep_name):
             return f"the {role} id is empty"
         if integer_ids and not re.fullmatch(r"-?\d+", value):
             return "user and item ids must be integers"
-    if "rating" in roles and not _is_number(fields[roles["rating"]].strip()):
+    if "rating" in roles and not _is_number(fields[roles["rating"]].strip(), layout.decimal):
         return "the rating is not a finite number"
     if "timestamp" in roles:
         value = fields[roles["timestamp"]].strip()

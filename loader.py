@@ -35,7 +35,7 @@ import formats
 from formats import DataError
 
 GROUPLENS = "https://files.grouplens.org/datasets/movielens/"
-CACHE_VERSION = 3  # 3: any file; timestamps, pre-split parts and merged duplicates kept
+CACHE_VERSION = 4  # 3: any file; timestamps, pre-split parts and merged duplicates kept; 4: issue 45's reading rules
 
 
 @dataclass(frozen=True)
@@ -439,8 +439,7 @@ def load(dataset, data_dir="data", allow_download=True, progress=True, columns="
         files, parts = [locate(dataset, data_dir, allow_download, progress)], None
     else:
         files, parts = dataset_sources(dataset)
-    stamp = np.array([CACHE_VERSION] + [v for f in files for v in (f.stat().st_size, f.stat().st_mtime_ns)],
-                     dtype=np.int64)
+    stamp = np.array([CACHE_VERSION] + [v for f in files for v in file_stamp(f)], dtype=np.int64)
     source = files[0] if parts is None else files[0].parent / "parts"  # a pre-split folder's cache: inside it
     cache = _cache_path(source, "" if not columns else "-" + hashlib.sha1(columns.encode()).hexdigest()[:8])
     found = _read_cache(cache, stamp)
@@ -456,6 +455,22 @@ def load(dataset, data_dir="data", allow_download=True, progress=True, columns="
                         "tastes needs at least two of each")
     _save_cache(cache, stamp, ratings)
     return ratings
+
+
+def file_stamp(path):
+    """What tells a file's content has changed, cheaply: its size, modification and change times,
+    inode, and a hash of its first and last 64 KB. A copy that keeps the size and the mtime
+    (cp -p, rsync -a, tar) still changes the ctime and the inode, and the hash catches a
+    change of the content wherever the file system keeps neither."""
+    info = path.stat()
+    digest = hashlib.sha1()
+    with open(path, "rb") as stream:
+        digest.update(stream.read(1 << 16))
+        if info.st_size > 1 << 16:
+            stream.seek(max(info.st_size - (1 << 16), 1 << 16))
+            digest.update(stream.read())
+    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino,
+            int.from_bytes(digest.digest()[:8], "little", signed=True))
 
 
 def _read_cache(cache, stamp):
@@ -506,7 +521,9 @@ def combine(read, parts):
                        has_ratings=one.ratings is not None, described=described)
     user_ids, item_ids = read[0].user_ids, read[0].item_ids  # every id kept occurs in training
     if any(r.user_ids.dtype.kind != user_ids.dtype.kind or r.item_ids.dtype.kind != item_ids.dtype.kind for r in read):
-        user_ids, item_ids = user_ids.astype(str), item_ids.astype(str)
+        # One part's id that is no plain integer (guest, 0042) makes every id a str: sorted again,
+        # as text (10 < 9), since positions() looks ids up by binary search.
+        user_ids, item_ids = np.sort(user_ids.astype(str)), np.sort(item_ids.astype(str))
     users, items, part, kept = [], [], [], []
     for r, p in zip(read, parts):
         u, known_u = positions(user_ids, _like(r.user_ids, user_ids)[r.users])

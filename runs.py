@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -496,9 +497,16 @@ def last_checkpoints(run_dir):
 def read_checkpoint(path):
     """A checkpoint's objects, on the CPU: Checkpoint.load_objects then copies each into its
     place on the device (model parameters and optimiser state), while the shuffling generator's
-    state must stay a CPU tensor. A damaged file is named in one line."""
+    state must stay a CPU tensor. A run folder may come from someone else, so only tensors and
+    plain types are read (weights_only): a file that carries any other object is refused before
+    anything of it runs. A damaged file is named in one line."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only met an object that is not data
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        raise ConfigError(f"{path} holds an object a checkpoint of this project never holds"
+                          + (f" ({found.group(1)})" if found else "")
+                          + ": it was not loaded and nothing in it ran; resume only run folders you trust") from None
     except Exception as error:  # truncated zip, bad pickle, wrong file: torch raises many kinds
         raise ConfigError(f"{path} is damaged or not a checkpoint ({type(error).__name__}: "
                           f"{str(error).splitlines()[0][:200] if str(error) else 'no detail'}); "
@@ -561,6 +569,11 @@ def check_new_length(cfg, done, planned, steps_per_epoch, decay, implicit_epochs
     if carried[0] is not None and any((e <= carried[0]) != (e <= carried[1]) for e in range(1, done + 1)):
         differs.append(f"its implicit term stopped after epoch {carried[0]} (implicit_share="
                        f"{cfg['implicit_share']:g})")
+    if done == planned and done % cfg["eval_every"]:
+        # The last epoch is evaluated whatever eval_every says: that evaluation may have chosen
+        # the model and counted for patience, where the longer run would not have made it.
+        differs.append(f"its epoch {done} was evaluated because it was the last, which a longer run does "
+                       f"not do (eval_every={cfg['eval_every']})")
     if differs:
         raise ConfigError(f"--epochs={epochs}: {run_dir} was planned for {planned} epochs and has run {done}; "
                           f"{' and '.join(differs)}, so going on would not be a {epochs}-epoch run. "
@@ -608,7 +621,10 @@ def save_run_data(run_dir, task, cfg):
     if names is None:
         return unnamed
     by_id = {str(m["item_id"]): m for m in names}  # ids compared as text: 7 in one file is "7" in another
-    items = [by_id.get(str(i), plain) for i, plain in zip(task.item_ids, unnamed)]
+    # Each named item keeps the run's own id (198, not the items file's "198" where one of its ids
+    # is no integer): recommend.py answers with the ids dataset.npz and recommend_all use.
+    items = [{**by_id[str(i)], "item_id": plain["item_id"]} if str(i) in by_id else plain
+             for i, plain in zip(task.item_ids, unnamed)]
     missing = sum(item is plain for item, plain in zip(items, unnamed))
     if missing:
         print(f"note: {missing:,} of the {len(items):,} items have no name in the items file: shown by id",

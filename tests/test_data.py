@@ -140,18 +140,18 @@ def test_a_folder_with_one_data_file_beside_its_readme_is_that_file(tmp_path):
 
 def test_unknown_header_names_say_which_columns_exist_and_columns_names_them(tmp_path):
     users, items, ratings, times = rows()
-    path = write_text(tmp_path / "log.csv", [f"visitor,product,when,{'x'}"] +
+    path = write_text(tmp_path / "log.csv", [f"who,what,when,{'x'}"] +
                       [f"v{u},p{i},{t},0" for u, i, t in zip(users, items, times)])
     with pytest.raises(loader.DataError) as error:
         loader.load(str(path))
-    assert "its columns are visitor, product, when, x" in str(error.value) and "--columns=visitor,product" in str(error.value)
-    found = loader.load(str(path), columns="visitor,product,,when")
+    assert "its columns are who, what, when, x" in str(error.value) and "--columns=who,what" in str(error.value)
+    found = loader.load(str(path), columns="who,what,,when")
     assert not found.has_ratings and found.timestamps.tolist() == times.tolist()
     assert found.user_ids[found.users].tolist() == [f"v{u}" for u in users]
     by_position = loader.load(str(path), columns="0,1,,2")
     assert by_position.item_ids[by_position.items].tolist() == [f"p{i}" for i in items]
-    with pytest.raises(loader.DataError, match="has no column 'buyer'; its columns are visitor, product"):
-        loader.load(str(path), columns="buyer,product")
+    with pytest.raises(loader.DataError, match="has no column 'buyer'; its columns are who, what"):
+        loader.load(str(path), columns="buyer,what")
 
 
 def test_ids_keep_their_own_spelling(tmp_path):

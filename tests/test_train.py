@@ -202,6 +202,23 @@ def test_a_longer_resume_is_refused_where_the_run_has_followed_its_own_length(tm
     assert refused.returncode == 2 and "implicit term stopped after epoch 4" in refused.stderr
 
 
+def test_extending_a_run_whose_last_epoch_was_evaluated_only_as_last_is_refused(tmp_path, synthetic_ml100k):
+    """eval_every=2 over 3 epochs evaluates epoch 3 because it is the last; a 4-epoch run would
+    not have evaluated it (and that evaluation may have chosen the model or counted for
+    patience), so going on to 4 would not be the run straight through. A run whose epochs are a
+    multiple of eval_every goes on."""
+    common = ("--patience=0", "--lr_decay=0", "--implicit_weight=0", "--eval_every=2")
+    run_train(tmp_path, synthetic_ml100k, "--epochs=3", "--run_name=odd", *common)
+    refused = run_train(tmp_path, synthetic_ml100k, f"--resume={tmp_path / 'runs' / 'odd'}", "--epochs=4",
+                        check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "epoch 3 was evaluated because it was the last" in refused.stderr
+    run_train(tmp_path, synthetic_ml100k, "--epochs=2", "--run_name=even", *common)
+    run_train(tmp_path, synthetic_ml100k, f"--resume={tmp_path / 'runs' / 'even'}", "--epochs=4")
+    rows = read_csv(tmp_path / "results" / "even" / "metrics.csv")
+    assert [bool(r.get("val_mse")) for r in rows] == [False, True, False, True]
+
+
 def test_resume_may_turn_early_stopping_on(tmp_path, synthetic_ml100k):
     run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--patience=0", "--run_name=p", "--lr_decay=0")
     run_train(tmp_path, synthetic_ml100k, f"--resume={tmp_path / 'runs' / 'p'}", "--epochs=2",
