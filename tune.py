@@ -35,20 +35,17 @@ trials = 20                # trials in the study in all, those of earlier calls 
 timeout = 0                # stop starting new trials after this many seconds (0 = no limit)
 seed = 0                   # seed of Optuna's sampler (TPE); each trial trains with train.py's seed
 prune_warmup = 2           # epochs every trial runs before the pruner may stop it
-# The search space: knob -> ("log", low, high) | ("int", low, high) | ("choice", [values]).
-# Ranges that served ML-1M and sets a tenth its size; batch sizes mean ratings (rating) or users
-# (ranking); the prior weights' range depends on train.py's prior_per (a row's weight is worth
-# that many ratings; a pair's is per rating).
-SPACE = {
-    "lr": ("log", 1e-3, 3e-2),
-    "dim": ("choice", [16, 32, 64, 128]),
-    "n_tastes": ("choice", [1, 2, 4]),
-}
-PRIORS = ("prior_tastes", "prior_attention", "prior_items")
-PRIOR_RANGES = {"row": ("log", 0.3, 100.0), "pair": ("log", 1e-3, 0.3)}
-# Batch sizes: ratings, or interactions for the sampled ranking losses ("examples"; 0: sized to
-# the data), and users for the full-softmax ranking loss ("ranking").
-BATCH_SIZES = {"examples": [0, 1024, 2048, 4096, 8192, 16384], "ranking": [64, 128, 256, 512]}
+# The search space, centred on the defaults the study's task and fixed knobs give (trial 0 is
+# those defaults, so a study can only improve on them): a float knob is searched on a log scale
+# within these factors of its default; a prior whose default is 0 (off) within PRIOR_RANGES.
+FACTORS = {"lr": 5.0, "prior_tastes": 10.0, "prior_attention": 10.0, "prior_items": 10.0}
+PRIOR_RANGES = {"row": (0.3, 100.0), "pair": (1e-3, 0.3)}  # a row's weight is worth that many ratings; a pair's is per rating
+# Choices: d (0: from the data, the ranking default), tastes, and batch sizes: ratings, or
+# interactions for the sampled ranking losses ("examples"; 0: sized to the data), and users for
+# the full-softmax ranking loss ("ranking"; 0: 256 with the lr scaled).
+DIMS = [0, 8, 16, 32, 64, 128, 256]
+N_TASTES = [1, 2, 4]
+BATCH_SIZES = {"examples": [0, 1024, 2048, 4096, 8192, 16384], "ranking": [0, 64, 128, 256, 512]}
 # -----------------------------------------------------------------------------
 TUNE_KEYS = ("study", "trials", "timeout", "seed", "prune_warmup")
 
@@ -104,21 +101,45 @@ def settle_fixed(found, fixed, study_name):
     return stored
 
 
-def suggest(trial, fixed, base):
-    """The trial's knobs: the space above, minus what the command line fixed, and minus the
+def search_space(base):
+    """knob -> ("log", low, high) | ("choice", [values]) around base, the defaults as the study's
+    task and fixed knobs give them: every default lies inside its range."""
+    def around(key):
+        default = base[key]
+        return ("log", default / FACTORS[key], default * FACTORS[key]) if default > 0 else \
+            ("log", *PRIOR_RANGES[base["prior_per"]])
+
+    dims = [d for d in DIMS if d or base["task"] == "ranking"]  # 0 means "from the data" for ranking only
+    # n_tastes before prior_attention: a trial of one taste searches no attention prior.
+    space = {"lr": around("lr"), "dim": ("choice", sorted(set(dims) | {base["dim"]})),
+             "n_tastes": ("choice", sorted(set(N_TASTES) | {base["n_tastes"]})),
+             **{key: around(key) for key in ("prior_tastes", "prior_attention", "prior_items")}}
+    batch_sizes = BATCH_SIZES["ranking" if base["task"] == "ranking" and base["loss"] == "softmax" else "examples"]
+    space["batch_size"] = ("choice", sorted(set(batch_sizes) | {base["batch_size"]}))
+    return space
+
+
+def searched(fixed, base, n_tastes):
+    """The knobs a trial searches: the space minus what the command line fixed, and minus the
     attention's prior when the trial has one taste (its weight is then always 1)."""
-    batch_sizes = BATCH_SIZES["ranking" if base["task"] == "ranking" and base["loss"] == "softmax"
-                              else "examples"]
-    space = {**SPACE, **dict.fromkeys(PRIORS, PRIOR_RANGES[base["prior_per"]]),
-             "batch_size": ("choice", batch_sizes)}
+    return {key: value for key, value in search_space(base).items() if key not in fixed
+            and not (key == "prior_attention" and n_tastes == 1)}
+
+
+def defaults_trial(fixed, base):
+    """The knobs of trial 0: the defaults (base) of every searched knob; a data-derived default
+    (dim=0, batch_size=0) stays 0, so the trial derives it from the data as train.py does."""
+    return {key: base[key] for key in searched(fixed, base, fixed.get("n_tastes", base["n_tastes"]))}
+
+
+def suggest(trial, fixed, base):
+    """The trial's knobs: the space above, minus what the command line fixed."""
     chosen = {}
-    for key, (kind, *args) in space.items():
-        if key in fixed or (key == "prior_attention" and chosen.get("n_tastes", fixed.get("n_tastes")) == 1):
+    for key, (kind, *args) in searched(fixed, base, None).items():
+        if key == "prior_attention" and chosen.get("n_tastes", fixed.get("n_tastes")) == 1:
             continue
         if kind == "log":
             chosen[key] = trial.suggest_float(key, *args, log=True)
-        elif kind == "int":
-            chosen[key] = trial.suggest_int(key, *args)
         else:
             chosen[key] = trial.suggest_categorical(key, args[0])
     return chosen
@@ -157,27 +178,37 @@ def run_trial(trial, fixed, base, runs_dir, results_dir):
 HEARTBEAT_SECONDS = 10  # a running trial's heartbeat; one silent for 3 beats was left by a dead process
 
 
-def open_study(settings, base, runs_dir):
-    """The study in runs/<study>/study.db (runs_dir), created or continued. Each running trial beats a
-    heartbeat into the database (Optuna's RDBStorage): trials that a dead or interrupted process
-    left running are marked failed (their folders stay for a look), while those of another
-    worker still running on the same study go on."""
+def open_study(settings, fixed, runs_dir):
+    """The study in runs/<study>/study.db (runs_dir), created or continued, with the knobs it
+    fixes for every trial (a continued study's stored ones: settle_fixed) and the defaults they
+    give. A new study's trial 0 is those defaults, so its best is never worse than them. Each
+    running trial beats a heartbeat into the database (Optuna's RDBStorage): trials that a dead
+    or interrupted process left running are marked failed (their folders stay for a look), while
+    those of another worker still running on the same study go on."""
     import optuna
 
     runs_dir.mkdir(parents=True, exist_ok=True)
-    direction = "maximize" if base["task"] == "ranking" else "minimize"
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=settings["prune_warmup"])
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9 (2021)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = optuna.storages.RDBStorage(f"sqlite:///{runs_dir / 'study.db'}", heartbeat_interval=HEARTBEAT_SECONDS,
                                              grace_period=3 * HEARTBEAT_SECONDS)
+        stored = next((s.user_attrs.get("fixed") for s in storage.get_all_studies() if s.study_name == settings["study"]),
+                      None)
+        if stored is not None:  # a continued study: its own knobs (--task, --dataset...) hold
+            fixed = {**stored, **fixed}
+        base = train.resolve_config(arguments(fixed))
+        direction = "maximize" if base["task"] == "ranking" else "minimize"
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=settings["prune_warmup"])
         found = optuna.create_study(study_name=settings["study"], storage=storage,
                                     direction=direction, load_if_exists=True, pruner=pruner,
                                     sampler=optuna.samplers.TPESampler(seed=settings["seed"]))
+        fixed = settle_fixed(found, fixed, settings["study"])
         if found.direction != optuna.study.StudyDirection[direction.upper()]:
             raise runs.ConfigError(f"study {settings['study']} was made for the other task: pick another --study")
         optuna.storages.fail_stale_trials(found)
-    return found
+        if not found.trials:
+            found.enqueue_trial(defaults_trial(fixed, base), user_attrs={"defaults": True})
+    return found, fixed, base
 
 
 def main(argv):
@@ -203,11 +234,10 @@ def main(argv):
     # it again, and print an interrupted trial's traceback before our one line.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        found = open_study(settings, base, study_runs)
-        fixed = settle_fixed(found, fixed, settings["study"])
-        base = train.resolve_config(arguments(fixed))
-        left = settings["trials"] - len(found.trials)
-        print(f"study {settings['study']}: {len(found.trials)} trials so far, {max(left, 0)} to run "
+        found, fixed, base = open_study(settings, fixed, study_runs)
+        so_far = len([t for t in found.trials if t.state != optuna.trial.TrialState.WAITING])  # not the defaults queued
+        left = settings["trials"] - so_far
+        print(f"study {settings['study']}: {so_far} trials so far, {max(left, 0)} to run "
               f"(runs/{settings['study']}/study.db)", flush=True)
         if left > 0:
             found.optimize(lambda trial: run_trial(trial, fixed, base, study_runs, study_runs / "results"),
@@ -219,6 +249,12 @@ def main(argv):
         best = found.best_trial
         params = {**fixed, **best.params}  # the study's fixed knobs: those of every trial
         line = best.user_attrs.get("command", command_line(params))
+        defaults = next((t for t in found.trials if t.user_attrs.get("defaults")), None)
+        defaults_value = defaults.value if defaults is not None else None
+        print(f"the defaults (trial {defaults.number}): validation "
+              + (f"{defaults_value:.4f}" if defaults_value is not None else str(defaults.state.name.lower()))
+              if defaults is not None else "the defaults: not a trial of this study (made before they were trial 0)",
+              flush=True)
         print(f"best trial {best.number}: validation {found.direction.name.lower()}d to "
               f"{best.value:.4f}\n  {line}", flush=True)
         # The chosen setting, trained once more from scratch: its test figures, reported only.
@@ -235,6 +271,7 @@ def main(argv):
         (results / "best.json").write_text(json.dumps(
             {"study": settings["study"], "trial": best.number, "validation": best.value,
              "direction": found.direction.name.lower(), "params": params, "command": line,
+             "defaults_trial": defaults.number if defaults is not None else None, "defaults_validation": defaults_value,
              "trials": len(found.trials), "test_of_retrained": test}, indent=2) + "\n")
         print(f"written {results / 'best.json'}; test of the retrained setting: "
               + ", ".join(f"{k[5:]} {v:.4f}" for k, v in test.items()))

@@ -109,19 +109,18 @@ def test_the_space_leaves_out_what_a_trial_cannot_use():
 # The test drives trials by ask/tell, where Optuna warns that heartbeats are meant for optimize().
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_second_worker_does_not_fail_the_running_trials_of_the_first(tmp_path, monkeypatch):
-    base = train.resolve_config([])
     settings = {"study": "shared", "seed": 0, "prune_warmup": 2}
-    found = tune.open_study(settings, base, tmp_path)
-    alive = found.ask()
+    found, _, _ = tune.open_study(settings, {}, tmp_path)
+    alive = found.ask()  # the queued trial of the defaults
     found._storage.record_heartbeat(alive._trial_id)  # as a live worker's heartbeat thread does
-    tune.open_study(settings, base, tmp_path)  # a second worker joins
+    tune.open_study(settings, {}, tmp_path)  # a second worker joins
     [trial] = found.get_trials(deepcopy=False)
     assert trial.state == optuna.trial.TrialState.RUNNING
     # A worker that died stops beating: after the grace period its trial is failed.
     monkeypatch.setattr(tune, "HEARTBEAT_SECONDS", 1)
     import time
     time.sleep(3 * tune.HEARTBEAT_SECONDS + 1)
-    tune.open_study(settings, base, tmp_path)
+    tune.open_study(settings, {}, tmp_path)
     [trial] = found.get_trials(deepcopy=False)
     assert trial.state == optuna.trial.TrialState.FAIL
 
@@ -152,3 +151,39 @@ def test_an_interrupted_search_says_one_line(tmp_path, synthetic_ml100k):
         _, stderr = tuning.communicate(timeout=120)
     assert tuning.returncode == 130, stderr[-2000:]
     assert stderr.strip().splitlines() == ["interrupted: run the same command with --study=cut to continue"]
+
+
+@pytest.mark.parametrize("task", ["rating", "ranking"])
+def test_every_default_lies_inside_its_range_and_is_trial_zero(tmp_path, task):
+    base = train.resolve_config([f"--task={task}"])
+    space = tune.search_space(base)
+    for key, (kind, *args) in space.items():
+        if kind == "log":
+            assert args[0] < base[key] < args[1], key
+        else:
+            assert base[key] in args[0], key
+    found, _, _ = tune.open_study({"study": task, "seed": 0, "prune_warmup": 2}, {"task": task}, tmp_path)
+    [queued] = found.trials
+    assert queued.state == optuna.trial.TrialState.WAITING and queued.user_attrs["defaults"]
+    assert queued.system_attrs["fixed_params"] == {k: base[k] for k in space}  # queued: not yet params
+
+
+def test_the_defaults_are_trial_zero_and_best_json_says_what_they_scored(tmp_path, synthetic_ml100k):
+    done = run_tune(tmp_path, synthetic_ml100k, "--trials=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = json.loads((tmp_path / "results" / "tiny" / "best.json").read_text())
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs' / 'tiny' / 'study.db'}")
+    first = study.trials[0]
+    assert first.user_attrs["defaults"] and best["defaults_trial"] == 0
+    assert first.params["lr"] == train.DEFAULTS["lr"] and first.params["n_tastes"] == train.DEFAULTS["n_tastes"]
+    assert best["defaults_validation"] == first.value and best["validation"] <= first.value
+    assert f"the defaults (trial 0): validation {first.value:.4f}" in done.stdout
+
+
+def test_a_study_continues_with_its_name_alone(tmp_path, synthetic_ml100k):
+    first = run_tune(tmp_path, synthetic_ml100k, "--trials=1", "--task=ranking", "--study=shop", "--eval_every=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run([sys.executable, str(ROOT / "tune.py"), "--study=shop", "--trials=2"],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "1 trials so far, 1 to run" in again.stdout and "--task=ranking" in again.stdout
