@@ -21,6 +21,7 @@ loader.split, so the test rows are those of train.py. The report goes to results
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -85,7 +86,7 @@ def speed_line(ratios, command, first_ours, peer_label, first_peer, target):
 
 
 def rating_peers(args):
-    chosen = chosen_rows(args, ROWS)
+    chosen = chosen_rows(args, ROWS, LABELS)
     args.described = loader.load(args.dataset, args.data_dir, allow_download=False,  # parse once, fill the cache
                                  columns=args.columns).described
     results = []
@@ -128,9 +129,7 @@ def peers_table(results, args, speed=()):
               "rows' `fit` time alone is in their notes. Peak memory is the process's maximum "
               "resident set size. Our model trains on 95% of the training rows (the rest choose "
               "the epoch); the baselines fit all training rows.", "",
-              machine_lines(f"python benchmark.py --dataset={args.dataset_given} "
-                            f"--data_dir={args.data_dir_given}"
-                            + (f" --only={args.only}" if args.only else ""))]
+              machine_lines(args.command)]
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +177,7 @@ PUBLISHED = [("Pop", 0.1006, 0.0699), ("BPR", 0.2407, 0.1725), ("NeuMF", 0.2393,
 
 
 def ranking_peers(args):
-    chosen = chosen_rows(args, RANKING_ROWS)
+    chosen = chosen_rows(args, RANKING_ROWS, RANKING_LABELS)
     task = peers.ranking_task(args.dataset, args.data_dir, args.columns)  # also fills the parse cache
     results = []
     with tempfile.TemporaryDirectory(prefix="mfmixtaste-bench-") as scratch:
@@ -234,8 +233,7 @@ def ranking_table(results, args, task, speed=()):
     lines += ["", "Wall time is the whole process (data from the parse cache, hyperparameter search "
               "for the baselines, training, evaluation), timed by benchmark.py; peak memory is its "
               "maximum resident set.", "",
-              machine_lines(f"python benchmark.py --task=ranking --dataset={args.dataset_given} "
-                            f"--data_dir={args.data_dir_given}" + (f" --only={args.only}" if args.only else ""))]
+              machine_lines(args.command)]
     return "\n".join(lines) + "\n"
 
 
@@ -255,7 +253,8 @@ def main():
     parser.add_argument("--items", default="", help="a file naming the items (and their genres), as train.py's --items")
     parser.add_argument("--task", default="rating", choices=["rating", "ranking"],
                         help="rating: MSE peers on the 75/25 split; ranking: top-N peers on RecBole's protocol")
-    parser.add_argument("--only", default="", help=f"comma-separated rows of: {', '.join(ROWS)}")
+    parser.add_argument("--only", default="", help=f"comma-separated rows of the task's table: rating {', '.join(ROWS)}; "
+                                                   f"ranking {', '.join(RANKING_ROWS)}")
     parser.add_argument("--output", default=str(ROOT / "results" / "benchmark.md"))
     parser.add_argument("--speed_pairs", type=int, default=3,
                         help="pairs (ours, then the peer) of the speed bar, back to back; its ratio is their median")
@@ -284,9 +283,9 @@ def main():
     parser.add_argument("--to", default="", help="--generate: the CSV file to write")
     parser.add_argument("--_row", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.command = shlex.join(["python", "benchmark.py", *sys.argv[1:]])  # the reports' Command: line, as given
     # The rows run from the project folder: paths given relative to the caller's folder must
     # mean the same there.
-    args.data_dir_given, args.dataset_given = args.data_dir, args.dataset  # as the report's command line shows them
     args.data_dir, args.output, args.scaling_dir = (
         str(Path(p).resolve()) for p in (args.data_dir, args.output, args.scaling_dir))
     if not loader.is_movielens(args.dataset):

@@ -10,6 +10,7 @@ Rows: the global mean, biases only, Surprise's SVD and SVD++ (rating); popularit
 implicit's ALS and BPR (ranking), each searched on validation; the test set chooses nothing.
 """
 
+import difflib
 import itertools
 import json
 import os
@@ -177,12 +178,20 @@ LABELS = {"mfmixtaste": "this project, train.py defaults",
           "svd": "Surprise SVD (defaults)", "svdpp": "Surprise SVD++ (defaults)"}
 
 
-def chosen_rows(args, valid):
-    """The rows --only names (all of valid without it); an unknown one ends the run."""
+def chosen_rows(args, valid, labels=None):
+    """The rows --only names (all of valid without it); an unknown one ends the run, naming the
+    row whose label it spells (popularity: pop) or that it is close to."""
     chosen = args.only.split(",") if args.only else list(valid)
-    unknown = set(chosen) - set(valid)
+    unknown = [name for name in chosen if name not in valid]
     if unknown:
-        sys.exit(f"error: unknown row(s) {', '.join(sorted(unknown))}; valid: {', '.join(valid)}")
+        hints = []
+        for name in unknown:
+            key = re.sub(r"[^a-z0-9]", "", name.lower())
+            words = {row: re.sub(r"[^a-z0-9 ]", "", (labels or {}).get(row, "").lower()).split() for row in valid}
+            meant = [row for row in valid if key and key in words[row]] or difflib.get_close_matches(name, valid, n=1)
+            hints += [f"{name} is the row {meant[0]}"] if meant else []
+        sys.exit(f"error: unknown row(s) {', '.join(unknown)} for --task={args.task}"
+                 + (f" ({'; '.join(hints)})" if hints else "") + f"; valid: {', '.join(valid)}")
     return chosen
 
 

@@ -234,8 +234,7 @@ def sizes(args):
               "seed 0 and written to a temporary folder (never kept: MovieLens may not be "
               "redistributed). The old defaults are those before the per-row prior: `"
               + " ".join(PAIR_DEFAULTS) + "`.", "",
-              machine_lines(f"python benchmark.py --sizes --data_dir={args.data_dir_given}"
-                            + (f" --only={args.only}" if args.only else ""))]
+              machine_lines(args.command)]
     report = "\n".join(lines) + "\n"
     return report
 
@@ -636,8 +635,7 @@ def shared_accounts(args):
              "How alike the unpooled runs' two tastes are (`top_overlap`: each taste ranks every movie "
              "by U_k . e_j; 200 users, numpy seed 0): their top-10 lists share "
              + " and ".join(f"{v:.2f} movies ({task})" for task, v in overlaps.items()) + ".", "",
-             machine_lines(f"python benchmark.py --shared-accounts --data_dir={args.data_dir_given}"
-                           + (f" --accounts_seed={args.accounts_seed}" if args.accounts_seed else ""))]
+             machine_lines(args.command)]
     if purities:
         import pictures
         picture = Path(args.output).parent / "shared_accounts.svg"
@@ -785,7 +783,7 @@ def scaling(args):
               "process. Synthetic sets: uniform random users, items and half-star ratings, "
               "written in ML-25M's CSV format and read by loader.py; they train with "
               f"--batch_size={args.large_batch}.", "",
-              machine_lines(f"python benchmark.py --scaling --data_dir={args.data_dir_given}")]
+              machine_lines(args.command)]
     report = "\n".join(lines) + "\n"
     return report
 

@@ -14,10 +14,10 @@ import studies
 from conftest import ROOT
 
 
-def run_benchmark(tmp_path, data_dir, only):
+def run_benchmark(tmp_path, data_dir, only, *options):
     output = tmp_path / "bench.md"
     done = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--dataset=ml-100k",
-                           f"--data_dir={data_dir}", f"--only={only}", f"--output={output}"],
+                           f"--data_dir={data_dir}", f"--only={only}", f"--output={output}", *options],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     return done, output
 
@@ -53,6 +53,23 @@ def test_surprise_rows_run_or_say_how_to_install(tmp_path, synthetic_ml100k):
 def test_unknown_row_is_refused(tmp_path, synthetic_ml100k):
     done, _ = run_benchmark(tmp_path, synthetic_ml100k, "svd,magic")
     assert done.returncode != 0 and "unknown row(s) magic" in done.stderr
+
+
+def test_a_row_named_by_its_label_is_refused_with_the_rows_name_and_help_lists_every_task(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--task=ranking", "--only=popularity",
+                           f"--dataset={tmp_path / 'none.csv'}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "popularity is the row pop" in done.stderr
+    shown = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--help"], capture_output=True, text=True,
+                           timeout=300).stdout
+    assert all(row in " ".join(shown.split()) for row in ("pop,", "ease,", "admmslim,", "svdpp"))
+
+
+def test_the_reports_command_line_carries_every_option_given(tmp_path, synthetic_ml100k):
+    items = tmp_path / "names.csv"
+    items.write_text("item_id,title\n5,Five\n")
+    done, output = run_benchmark(tmp_path, synthetic_ml100k, "bias_only", f"--items={items}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"--items={items}" in output.read_text() and "--only=bias_only" in output.read_text()
 
 
 def test_sections_are_replaced_in_place(tmp_path):
