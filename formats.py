@@ -415,9 +415,10 @@ def _first_fields(path, layout):
 
 # ----------------------------------------------------------------------------- reading
 
-def read_table(path, layout, columns, types):
+def read_table(path, layout, columns, types, skip_misfit=None):
     """The chosen columns of a rows or Parquet file as a pyarrow Table named by role. columns:
-    {role: index}; types: {role: pyarrow type} forced at parse (others inferred)."""
+    {role: index}; types: {role: pyarrow type} forced at parse (others inferred); skip_misfit:
+    called with each line of another number of fields, which is then left out (else an error)."""
     import pyarrow as pa
     import pyarrow.csv as pv
 
@@ -448,7 +449,8 @@ def read_table(path, layout, columns, types):
             source,
             read_options=pv.ReadOptions(column_names=names, skip_rows=1 if layout.header else 0,
                                         block_size=1 << 24, encoding=layout.encoding),
-            parse_options=pv.ParseOptions(delimiter=sep, quote_char='"' if layout.sep not in ("::", None) else False),
+            parse_options=pv.ParseOptions(delimiter=sep, quote_char='"' if layout.sep not in ("::", None) else False,
+                                          invalid_row_handler=skip_misfit and (lambda row: skip_misfit(row) or "skip")),
             convert_options=pv.ConvertOptions(include_columns=list(chosen.values()),
                                               column_types={chosen[r]: t for r, t in types.items() if r in chosen},
                                               strings_can_be_null=False, quoted_strings_can_be_null=False,
@@ -504,9 +506,12 @@ def seconds(column, path):
     return np.floor_divide(parsed.astype("int64").to_numpy(), per_second)
 
 
-def read_interactions(path, columns="", layout=None, integer_ids=False):
+def read_interactions(path, columns="", layout=None, integer_ids=False, skip_bad_lines=False):
     """Interactions of a file (the format sniffed, unless layout is given; columns: the
-    --columns text). integer_ids: ids must be integers (MovieLens)."""
+    --columns text). integer_ids: ids must be integers (MovieLens). A line that cannot be read
+    (a wrong number of fields, an empty id, a rating or time that is not one) stops the read
+    with its number, unless skip_bad_lines: then such lines are dropped, counted, and the first
+    few named (as pandas' on_bad_lines="skip", said in the run's first lines)."""
     path = Path(path)
     layout = layout or sniff(path)
     if layout.kind == "per_user":
@@ -535,27 +540,88 @@ def read_interactions(path, columns="", layout=None, integer_ids=False):
     except DataError:
         raise
     except (pa.ArrowException, UnicodeDecodeError) as error:
+        if skip_bad_lines and layout.kind == "rows":
+            return _read_skipping_bad_lines(path, layout, roles, integer_ids)
         raise _first_bad_line(path, layout, roles, integer_ids, error) from None
     if table.num_rows == 0:
         raise DataError(f"{path}: no rows" + (" after the header" if layout.header else ""))
-    for role in ("user", "item", "rating"):
-        if role in roles and (table[role].null_count or (pa.types.is_string(table[role].type)
-                                                       and pc.any(pc.equal(pc.utf8_trim_whitespace(table[role]), "")).as_py())):
-            raise _first_bad_line(path, layout, roles, integer_ids, None)
-    users, user_ids = encode_ids(table["user"])
-    items, item_ids = encode_ids(table["item"])
+    bad = any(role in roles and (table[role].null_count or (pa.types.is_string(table[role].type) and pc.any(
+        pc.equal(pc.utf8_trim_whitespace(table[role]), "")).as_py())) for role in ("user", "item", "rating"))
     ratings = times = None
-    if "rating" in roles:
+    if "rating" in roles and not bad:
         ratings = table["rating"].to_numpy().astype(np.float32) if pa.types.is_floating(table["rating"].type) \
             or pa.types.is_integer(table["rating"].type) else None
-        if ratings is None or not np.isfinite(ratings).all():
-            raise _first_bad_line(path, layout, roles, integer_ids, None)
-    if "timestamp" in roles:
+        bad = ratings is None or not np.isfinite(ratings).all()
+    if "timestamp" in roles and not bad:
         times = seconds(table["timestamp"], path)
-        if times is None:
-            raise _first_bad_line(path, layout, roles, integer_ids, None)
-    described = [f"{path}: {layout.what}; " + ", ".join(
-        f"{role} = {_column_name(layout, i)}" for role, i in roles.items())]
+        bad = times is None
+    if bad:
+        if skip_bad_lines and layout.kind == "rows":
+            return _read_skipping_bad_lines(path, layout, roles, integer_ids)
+        raise _first_bad_line(path, layout, roles, integer_ids, None)
+    users, user_ids = encode_ids(table["user"])
+    items, item_ids = encode_ids(table["item"])
+    return Interactions(users, items, user_ids, item_ids, ratings, times, [_described(path, layout, roles)])
+
+
+def _described(path, layout, roles):
+    return f"{path}: {layout.what}; " + ", ".join(f"{role} = {_column_name(layout, i)}" for role, i in roles.items())
+
+
+NUMBER = r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$"
+
+
+def _read_skipping_bad_lines(path, layout, roles, integer_ids):
+    """read_interactions with skip_bad_lines, for a rows file that has bad lines: every column
+    read as text (lines with another number of fields dropped by pyarrow's invalid_row_handler),
+    then the rows whose ids are empty or whose rating or time is not one dropped; the count and
+    the first lines by number (_bad_lines) go into the described lines."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    misfits = []
+    table = read_table(path, layout, roles, dict.fromkeys(roles, pa.string()), misfits.append)
+    columns = {role: pc.utf8_trim_whitespace(table[role]) for role in roles}
+    keep = pc.and_(pc.not_equal(columns["user"], ""), pc.not_equal(columns["item"], ""))
+    if integer_ids:
+        for role in ("user", "item"):
+            keep = pc.and_(keep, pc.match_substring_regex(columns[role], r"^-?\d+$"))
+    if "rating" in roles:
+        if layout.decimal == ",":
+            columns["rating"] = pc.replace_substring(columns["rating"], ",", ".")
+        keep = pc.and_(keep, pc.match_substring_regex(columns["rating"], NUMBER))
+    table = pa.table(columns).filter(keep)
+    times = None
+    if "timestamp" in roles:
+        stamps = table["timestamp"]
+        numeric = pc.match_substring_regex(stamps, NUMBER)
+        if integer_ids or pc.sum(numeric).as_py() * 2 > len(stamps):  # numbers, the odd word a bad line
+            table, stamps = table.filter(numeric), stamps.filter(numeric)
+            times = np.floor(stamps.cast(pa.float64()).to_numpy()).astype(np.int64)
+        else:
+            import pandas as pd
+            parsed = pd.to_datetime(pd.Series(stamps.to_numpy(zero_copy_only=False)), errors="coerce",
+                                    format="mixed", utc=True)
+            valid = parsed.notna().to_numpy()
+            table = table.filter(pa.array(valid))
+            times = np.floor_divide(parsed[valid].astype("int64").to_numpy(),
+                                    {"s": 1, "ms": 10 ** 3, "us": 10 ** 6, "ns": 10 ** 9}[parsed.dt.unit])
+    dropped = len(misfits) + len(keep) - table.num_rows
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no line could be read ({dropped:,} dropped by --skip_bad_lines); "
+                        + str(_first_bad_line(path, layout, roles, integer_ids, None)))
+    ratings = table["rating"].cast(pa.float64()).to_numpy().astype(np.float32) if "rating" in roles else None
+    if ratings is not None and not np.isfinite(ratings).all():
+        finite = np.isfinite(ratings)
+        table, ratings, dropped = table.filter(pa.array(finite)), ratings[finite], dropped + int((~finite).sum())
+        times = times[finite] if times is not None else None
+    users, user_ids = encode_ids(table["user"].cast(pa.int64()) if integer_ids else table["user"])
+    items, item_ids = encode_ids(table["item"].cast(pa.int64()) if integer_ids else table["item"])
+    lines = _bad_lines(path, layout, roles, integer_ids, limit=5)
+    described = [_described(path, layout, roles),
+                 f"{dropped:,} line(s) that could not be read were dropped (--skip_bad_lines): "
+                 + "; ".join(f"line {number}: {problem}" for number, problem in lines)
+                 + ("; ..." if dropped > len(lines) else "")]
     return Interactions(users, items, user_ids, item_ids, ratings, times, described)
 
 
@@ -625,6 +691,16 @@ def _first_bad_line(path, layout, roles, integer_ids, error):
     if layout.kind != "rows":
         return DataError(f"{path}: a user or item id is missing, or a rating or timestamp is not a number "
                          f"({error or 'found after reading'})")
+    for number, problem, line in _bad_lines(path, layout, roles, integer_ids, limit=1, with_text=True):
+        return DataError(f"{path}, line {number}: {problem}: {line.strip()[:80]!r}"
+                         " (--skip_bad_lines drops such lines, counted)")
+    return DataError(f"{path}: could not be read ({error})")
+
+
+def _bad_lines(path, layout, roles, integer_ids, limit, with_text=False):
+    """The first `limit` lines that do not read, as (line number, problem[, the line]): read
+    line by line in Python, so only as far as the last of them."""
+    found = []
     sep_name = "spaces" if layout.sep is None else repr(layout.sep)
     with open_stream(path, layout.compression) as stream:
         lines = io.TextIOWrapper(stream, encoding=layout.encoding, errors="replace")
@@ -635,11 +711,12 @@ def _first_bad_line(path, layout, roles, integer_ids, error):
             if not seen_header:
                 seen_header = True
                 continue
-            fields = _split(line.rstrip("\r\n"), layout.sep)
-            problem = _field_problem(fields, layout, roles, integer_ids, sep_name)
+            problem = _field_problem(_split(line.rstrip("\r\n"), layout.sep), layout, roles, integer_ids, sep_name)
             if problem:
-                return DataError(f"{path}, line {number}: {problem}: {line.strip()[:80]!r}")
-    return DataError(f"{path}: could not be read ({error})")
+                found.append((number, problem, line) if with_text else (number, problem))
+                if len(found) == limit:
+                    break
+    return found
 
 
 def _field_problem(fields, layout, roles, integer_ids, sep_name):

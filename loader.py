@@ -429,10 +429,11 @@ def _cache_path(source, key=""):
 ARRAYS = ("users", "items", "ratings", "user_ids", "item_ids", "timestamps", "part")
 
 
-def load(dataset, data_dir="data", allow_download=True, progress=True, columns=""):
+def load(dataset, data_dir="data", allow_download=True, progress=True, columns="", skip_bad_lines=False):
     """Ratings of a MovieLens dataset (by name: data_dir and downloads serve it) or of a file or
-    folder (by path; columns: the --columns text), from the parse cache when it matches the
-    sources' sizes and times and the columns."""
+    folder (by path; columns: the --columns text; skip_bad_lines: lines that cannot be read are
+    dropped and counted instead of stopping the read), from the parse cache when it matches the
+    sources (file_stamp) and the columns."""
     if is_movielens(dataset):
         if columns:
             raise DataError(f"--columns is for files: {dataset} is read as MovieLens lays it out")
@@ -441,14 +442,16 @@ def load(dataset, data_dir="data", allow_download=True, progress=True, columns="
         files, parts = dataset_sources(dataset)
     stamp = np.array([CACHE_VERSION] + [v for f in files for v in file_stamp(f)], dtype=np.int64)
     source = files[0] if parts is None else files[0].parent / "parts"  # a pre-split folder's cache: inside it
-    cache = _cache_path(source, "" if not columns else "-" + hashlib.sha1(columns.encode()).hexdigest()[:8])
+    cache = _cache_path(source, ("" if not columns else "-" + hashlib.sha1(columns.encode()).hexdigest()[:8])
+                        + ("-skip" if skip_bad_lines else ""))
     found = _read_cache(cache, stamp)
     if found is not None:
         return found
     if is_movielens(dataset):
-        read = [formats.read_interactions(files[0], layout=movielens_layout(dataset_spec(dataset)), integer_ids=True)]
+        read = [formats.read_interactions(files[0], layout=movielens_layout(dataset_spec(dataset)), integer_ids=True,
+                                          skip_bad_lines=skip_bad_lines)]
     else:
-        read = [formats.read_interactions(f, columns) for f in files]
+        read = [formats.read_interactions(f, columns, skip_bad_lines=skip_bad_lines) for f in files]
     ratings = merge_duplicates(combine(read, parts))
     if ratings.n_users < 2 or ratings.n_items < 2:
         raise DataError(f"{dataset}: {ratings.n_users:,} user(s) and {ratings.n_items:,} item(s): a model of "

@@ -938,3 +938,75 @@ def cost_curve(args):
               f"the picture is {picture.name}. Synthetic sets of studies.write_interactions, seed 0.", "",
               machine_lines("python benchmark.py --cost_curve")]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- file dialects
+
+# Awkward files (issue 45), each with what a reader must find: the separator, whether the first
+# line is a header, and the rows it then holds. Written to a temporary folder by sniffers().
+AWKWARD = {
+    "spaces around ids": ("r.csv", "user,item,rating\n" + "".join(f"{u}, {10 + u % 7}, {u % 5 + 1}\n" for u in range(60)),
+                          ",", True),
+    "headerless user,item,date": ("r.csv", "".join(f"u{k},i{k % 7},2020-01-{k % 28 + 1:02d}\n" for k in range(60)),
+                                  ",", False),
+    "';' with decimal commas": ("r.csv", "user;item;rating\n" + "".join(f"{u};{u % 9};{u % 4},5\n" for u in range(60)),
+                                ";", True),
+    "spaces, CRLF, trailing blank": ("r.txt", "".join(f"{u} {u % 9} {u % 5 + 1} \r\n" for u in range(60)), " ", False),
+    "numeric header ,0,1,2": ("r.csv", ",0,1,2\n" + "".join(f"{k},{k % 13},{k % 9},{k % 5 + 1}\n" for k in range(60)),
+                              ",", True),
+    "Latin-1 ids": ("r.csv", "user,item\n" + "".join(f"u{k},caf\xe9{k % 3}\n" for k in range(60)), ",", True),
+    "MovieLens '::'": ("r.dat", "".join(f"{u}::{u % 9}::{u % 5 + 1}::97830{u:04d}\n" for u in range(60)), "::", False),
+    "one line per user": ("r.txt", "".join(f"{u} " + " ".join(str(i) for i in range(u % 5 + 2)) + "\n"
+                                           for u in range(60)), " ", False),
+}
+
+
+def sniffers(args):
+    """Whether CleverCSV's and DuckDB's dialect detection read the awkward files as ours does
+    (separator and header), each file written in a temporary folder: the measure of whether a
+    library can replace formats.sniff (issue 45)."""
+    import tempfile
+
+    import formats
+
+    def ours(path):
+        layout = formats.sniff(path)
+        return ("lines" if layout.kind == "per_user" else " " if layout.sep is None else layout.sep,
+                layout.header is not None)
+
+    def clevercsv_sniff(path):
+        import clevercsv
+        sample = path.read_bytes()[:formats.SAMPLE_BYTES].decode("latin-1")
+        dialect = clevercsv.Sniffer().sniff(sample)
+        return dialect.delimiter, clevercsv.Sniffer().has_header(sample)
+
+    def duckdb_sniff(path):
+        import duckdb
+        found = duckdb.connect().execute(f"SELECT Delimiter, HasHeader FROM sniff_csv('{path}')").fetchone()
+        return found[0], bool(found[1])
+
+    readers = {"this project (formats.sniff)": ours, "CleverCSV": clevercsv_sniff, "DuckDB sniff_csv": duckdb_sniff}
+    lines = ["## Reading awkward files: our dialect guess against CleverCSV's and DuckDB's", "",
+             "| file | truth (separator, header) | " + " | ".join(readers) + " |", "|---|---|" + "---|" * len(readers)]
+    right = dict.fromkeys(readers, 0)
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, (file_name, text, sep, header) in AWKWARD.items():
+            path = Path(scratch) / name.replace(" ", "_").replace("'", "").replace(",", "") / file_name
+            path.parent.mkdir()
+            path.write_bytes(text.encode("latin-1"))
+            truth = ("lines" if name == "one line per user" else sep, header)
+            cells = []
+            for reader, sniff in readers.items():
+                try:
+                    got = sniff(path)
+                except Exception as error:  # a library's refusal is a result here
+                    cells.append(f"refused ({type(error).__name__})")
+                    continue
+                right[reader] += got == truth
+                cells.append(("right" if got == truth else "**wrong**") + f": {got[0]!r}, {got[1]}")
+            lines.append(f"| {name} | {truth[0]!r}, {truth[1]} | " + " | ".join(cells) + " |")
+    lines += ["", "Right: " + ", ".join(f"{reader} {n} of {len(AWKWARD)}" for reader, n in right.items())
+              + ". Neither library knows one line per user (a list, not a table), `::` or runs of spaces as "
+              "MovieLens and LightGCN write them; see docs/data.md for the load time of each at 25M rows.", "",
+              machine_lines(args.command)]
+    return "\n".join(lines) + "\n"

@@ -61,6 +61,7 @@ dataset = "ml-1m"          # a MovieLens name (ml-100k, ml-1m, ml-10m, ml-20m, m
 columns = ""               # a file's columns where their names are not recognised: USER,ITEM[,RATING[,TIMESTAMP]]
                            # (header names or 0-based positions; an empty entry skips one)
 items = ""                 # a file naming the items (id, title[, genres]), shown by recommend.py and the pictures
+skip_bad_lines = False     # drop (and count) lines that cannot be read, instead of stopping at the first
 data_dir = "data"          # MovieLens names: folder holding <dataset>.zip or its extracted folder; downloads go here
 download = True            # MovieLens names: download from GroupLens when no local copy is found
 test_fraction = 0.25       # rows held out for test, drawn as the replaced script did (seed 42, in file order)
@@ -226,7 +227,8 @@ def open_run(cfg, device):
         runs.check_new_run_folder(run_dir, results)
     with idist.one_rank_first():
         ratings = loader.load(cfg["dataset"], cfg["data_dir"], cfg["download"],
-                              progress=cfg["progress"] and rank == 0 and sys.stderr.isatty(), columns=cfg["columns"])
+                              progress=cfg["progress"] and rank == 0 and sys.stderr.isatty(), columns=cfg["columns"],
+                              skip_bad_lines=cfg["skip_bad_lines"])
         if cfg["items"]:  # read now, so a bad file stops the run before it trains
             loader.read_items(cfg["dataset"], cfg["data_dir"], cfg["items"])
     task = TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)

@@ -218,3 +218,22 @@ def test_an_items_file_with_one_non_integer_id_leaves_the_runs_ids_integers(tmp_
     answers = json.loads(done.stdout)
     assert answers and all(isinstance(a["item_id"], int) for a in answers)
     assert all(a["title"] == f"Item {a['item_id']}" for a in answers)
+
+
+def test_skip_bad_lines_drops_counts_and_names_the_lines_that_do_not_read(tmp_path):
+    good = [f"{u},{i},{r},{1000 + k}" for k, (u, i, r) in enumerate(grid())]
+    lines = ["user,item,rating,time", *good[:10], "1,2", "", "2,3,4,5,6", "3,3,x,7", ",4,4,8", "4,4,4,soon",
+             *good[10:]]
+    path = write(tmp_path / "r.csv", "\n".join(lines) + "\n")
+    with pytest.raises(loader.DataError, match=r"line 12: expected 4 fields.*--skip_bad_lines"):
+        loader.load(str(path))
+    found = loader.load(str(path), skip_bad_lines=True)
+    assert len(found) == len(good) and found.timestamps.tolist() == list(range(1000, 1000 + len(good)))
+    said = found.described[-1]
+    assert said.startswith("5 line(s) that could not be read were dropped")
+    assert [int(n) for n in __import__("re").findall(r"line (\d+):", said)] == [12, 14, 15, 16, 17]
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--dataset={path}", "--epochs=1",
+                           "--skip_bad_lines=True", "--progress=False"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "5 line(s) that could not be read were dropped" in done.stdout
