@@ -292,7 +292,7 @@ class MFMixTaste(nn.Module):
     def user_rows(self, users):
         """(B, 2, K, d) tastes and attention vectors of the users (B,) int64, as every scoring of
         all items reads them (the ranking task's training and evaluation): a variant that builds
-        its users another way overrides this (variants.py). The pairs' scores of the rating task
+        its users another way overrides this (bench/variants.py). The pairs' scores of the rating task
         read user_factors in _MixtureOfTastes directly."""
         return self.user_factors.index_select(0, users)
 

@@ -9,7 +9,7 @@
     python benchmark.py --sizes --data_dir=../shared/data               # defaults on small sets
     python benchmark.py --shared-accounts --data_dir=../shared/data     # real users pooled into accounts
     python benchmark.py --shared-accounts --accounts_seed=1 ...         # another draw of the accounts
-    python benchmark.py --variant=item_bag --task=ranking --dataset=PATH # a train.py run of a model variant (variants.py)
+    python benchmark.py --variant=item_bag --task=ranking --dataset=PATH # a train.py run of a model variant (bench/variants.py)
 
 Each row runs in its own process, timed from start to finish by this script, with that process's
 peak resident memory. Rows: this project with train.py's defaults (`python train.py`, start to
@@ -28,9 +28,8 @@ import tempfile
 from pathlib import Path
 
 import loader
-import peers
-import studies
-from peers import LABELS, ROOT, chosen_rows, machine_lines, measure_row
+from bench import peers, studies
+from bench.peers import LABELS, ROOT, chosen_rows, machine_lines, measure_row
 
 ROWS = ("mfmixtaste", "mfmixtaste_1thread", "mfmixtaste_k1", "global_mean", "bias_only", "svd",
         "svdpp")
@@ -239,10 +238,10 @@ def ranking_table(results, args, task, speed=()):
 
 def main():
     if sys.argv[1:2] and sys.argv[1].startswith("--variant"):  # the rest are train.py's --key=value
-        import variants
+        from bench import variants
         name = sys.argv[1].partition("=")[2]
         if name not in variants.VARIANTS:
-            sys.exit(f"error: --variant={name} is not one of {', '.join(variants.VARIANTS)} (variants.py)")
+            sys.exit(f"error: --variant={name} is not one of {', '.join(variants.VARIANTS)} (bench/variants.py)")
         sys.exit(variants.train_variant(name, sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

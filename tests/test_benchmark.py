@@ -9,8 +9,7 @@ import pytest
 
 import benchmark
 import loader
-import peers
-import studies
+from bench import peers, studies
 from conftest import ROOT
 
 

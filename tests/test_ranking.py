@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import loader
-import peers
 import tasks
 import train
+from bench import peers
 from MFMixTaste import PRIOR_TERMS, MFMixTaste
 
 K = 3

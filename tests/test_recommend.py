@@ -386,7 +386,7 @@ def test_the_best_model_is_chosen_by_its_score_not_by_its_name(tmp_path):
 def test_rated_tastes_split_a_both_groups_users_movies_by_group(runs):
     """Users 121-160 rated 10 Action and 10 Romance movies: each rated movie is listed with the
     taste that carries it, and the two tastes split the two groups (purity against the group)."""
-    import studies
+    from bench import studies
     run = Recommender.load(runs["mixture"])
     purities = []
     for user in range(121, 161):

@@ -1,4 +1,4 @@
-"""variants.py: the user-side variants of issue 28, and benchmark.py --variant running them."""
+"""bench/variants.py: the user-side variants of issue 28, and benchmark.py --variant running them."""
 
 import json
 import subprocess
@@ -9,10 +9,10 @@ import pytest
 import torch
 from scipy.sparse import csr_matrix
 
-import peers
+from bench import peers
+from bench.variants import ItemBagUsers, ItemItemMixture, TasteCountUsers
 from conftest import ROOT
 from MFMixTaste import MFMixTaste
-from variants import ItemBagUsers, ItemItemMixture, TasteCountUsers
 
 # Four users holding 1, 2, 3 and 5 of six items.
 CHOSEN = [[0], [1, 2], [0, 3, 4], [0, 1, 2, 4, 5]]

@@ -76,7 +76,7 @@ class ItemItemMixture(MFMixTaste):
     L2, SCALE = 100.0, 10.0
 
     def __init__(self, n_users, n_items, training, **kwargs):
-        from peers import ease
+        from bench.peers import ease
         super().__init__(n_users, n_items, **kwargs)
         scores = np.asarray(training @ ease(training, self.L2), dtype=np.float32)
         self.register_buffer("item_item_scores", torch.from_numpy(scores), persistent=False)

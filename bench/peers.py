@@ -25,7 +25,7 @@ import numpy as np
 
 import loader
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the project folder: train.py, benchmark.py
 
 
 def task_config(dataset, task="rating", columns=""):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import loader
-from peers import (
+from bench.peers import (
     LABELS,
     PAIR_DEFAULTS,
     ROOT,
@@ -793,7 +793,8 @@ def scaling(args):
 PEER_PROCESS = """
 import sys, time
 sys.path.insert(0, {root!r})
-import numpy as np, implicit, loader, peers
+import numpy as np, implicit, loader
+from bench import peers
 from scipy.sparse import csr_matrix
 from threadpoolctl import threadpool_limits
 ratings = loader.load({dataset!r}, allow_download=False)
