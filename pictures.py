@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from files import write_atomically
+
 
 def _pyplot():
     """matplotlib's pyplot on its SVG backend, imported on first use (a quarter of a second; with
@@ -31,9 +33,8 @@ def _pyplot():
 
 def save(fig, path, **savefig_kwargs):
     """fig.savefig(path), and the figure closed. The picture is drawn in memory and written by
-    runs.write_atomically: whole or absent (a disk that filled mid-picture left the first 8 KB
+    files.write_atomically: whole or absent (a disk that filled mid-picture left the first 8 KB
     of an SVG), and a failed write names the picture."""
-    from runs import write_atomically  # runs imports this module: imported at the first picture saved
     drawn = io.BytesIO()
     try:
         fig.savefig(drawn, format=Path(path).suffix[1:], **savefig_kwargs)

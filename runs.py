@@ -35,6 +35,7 @@ from ignite.handlers.tensorboard_logger import TensorboardLogger
 
 import loader
 import pictures
+from files import TEMPORARY, write_atomically
 from MFMixTaste import PRIOR_TERMS
 from tasks import LOSSES
 
@@ -471,9 +472,6 @@ def cannot_write(what, reason, run_dir, folder):
                       f"resume it with --resume={run_dir} once there is room")
 
 
-TEMPORARY = ".tmp"  # the suffix of a file being written (RunFolderSaver, write_atomically)
-
-
 def prune_superseded(run_dir, best_model):
     """Delete what the newest last checkpoint no longer needs: older last checkpoints, best
     models other than best_model (the path its best-model list names; None before the first
@@ -779,23 +777,6 @@ def write_projector(writer, run_dir, item_vectors, movies, seen_items):
         shown = np.sort(np.argsort(-interactions, kind="stable")[:PROJECTOR_ITEMS])
     writer.add_embedding(item_vectors[shown], tag="item_embeddings", metadata_header=["title", "genres"],
                          metadata=[[movies[i]["title"], "|".join(movies[i]["genres"]) or "-"] for i in shown])
-
-
-def write_atomically(path, content):
-    """Write content (str or bytes) to a temporary file beside path and rename it over path: an
-    interruption leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY}")
-    try:
-        if isinstance(content, str):
-            temporary.write_text(content)
-        else:
-            temporary.write_bytes(content)
-        os.replace(temporary, path)
-    except OSError as error:  # a full disk's error names no file
-        raise OSError(error.errno, error.strerror, str(path)) from None
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 class RunError(Exception):
