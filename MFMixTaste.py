@@ -4,8 +4,14 @@ Users with Diverse Interests", arXiv:1711.08379).
 Each user i has K taste vectors U_i (K x d) and K attention vectors A_i (K x d); item j has one
 embedding e_j (d). For a (user, item) pair
 
-    weights_ik = softmax_k(A_ik . e_j)         how much taste k speaks for user i on item j
+    weights_ik = softmax_k(A_ik . e_j / tau)   how much taste k speaks for user i on item j
     score_ij   = sum_k weights_ik * (U_ik . e_j) + b + b_i + b_j
+
+(tau, the mixture's temperature, is 1 in Kula's model and by default; smaller makes one taste
+answer alone for each item.) The mixture is computed in one place, mixture(), which every scoring
+path calls (training's fused node, evaluation, all-item scores, the sampled softmax's positives,
+mixture_weights, and so recommend.py); its derivative, mixture_backward(), stands beside it for
+the fused node's hand-written backward.
 
 The softmax runs over the K tastes, never over the d latent dimensions: each taste is a whole
 vector switched on or off as a unit, which is what makes it a mixture. With K = 1 the weight is
@@ -28,12 +34,59 @@ optimisation and step counting live in train.py.
 """
 
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 PRIOR_TERMS = ("tastes", "attention", "items", "biases")
+
+
+def mixture(taste_scores, logits, dim=-1, temperature=1.0):
+    """The mixture of tastes: weights = softmax over the K tastes (dimension dim) of logits /
+    temperature, and mixed = sum_k weights_k * taste_scores_k. taste_scores and logits: (..., K,
+    ...) alike, U_k . e_j and A_k . e_j. Returns (mixed, weights), mixed without dimension dim.
+    Under autograd, torch.softmax; otherwise (evaluation, and the fused node's forward) written
+    out in place: torch.softmax on (B, K) slices with small K takes ~4x longer on a CPU."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if torch.is_grad_enabled() and (logits.requires_grad or taste_scores.requires_grad):
+        weights = torch.softmax(logits, dim)
+    else:
+        weights = (logits - logits.amax(dim, keepdim=True)).exp_()
+        weights.div_(weights.sum(dim, keepdim=True))
+    return (weights * taste_scores).sum(dim), weights
+
+
+def mixture_backward(grad_mixed, weights, taste_scores, mixed, temperature=1.0):
+    """mixture()'s derivative for (B, K) pairs: d mixed / d taste_score_k = w_k and d mixed /
+    d logit_k = w_k (taste_score_k - mixed) / temperature. grad_mixed (B,) -> the gradients of
+    taste_scores and logits, (B, K) each."""
+    grad_scores = grad_mixed.unsqueeze(-1) * weights                          # (B, K)
+    grad_logits = grad_scores * (taste_scores - mixed.unsqueeze(-1))          # (B, K)
+    return grad_scores, grad_logits if temperature == 1.0 else grad_logits.div_(temperature)
+
+
+class Tables(NamedTuple):
+    """The model's parameters, as the fused node takes them and returns their gradients."""
+    user_factors: torch.Tensor  # (n_users, 2, K, d): [tastes, attention]
+    item_factors: torch.Tensor  # (n_items, d)
+    user_bias: torch.Tensor     # (n_users,)
+    item_bias: torch.Tensor     # (n_items,)
+    global_bias: torch.Tensor   # ()
+
+
+class Pairs(NamedTuple):
+    """What the fused node scores and how, none of it learned."""
+    users: torch.Tensor       # (B,) int64
+    items: torch.Tensor       # (B,) int64
+    user_scale: torch.Tensor  # (n_users,): each pair's weight in the prior's means, user side
+    item_scale: torch.Tensor  # (n_items,): the same, item side
+    negatives: torch.Tensor   # (B, n) int64 items sampled for the implicit term (n = 0: no term)
+    temperature: float        # the mixture's (mixture())
+    implicit_temperature: float  # t of the implicit term's claim
+    share_tastes: bool        # each pair's prior on the tastes is sum_k w_k |U_k|^2 (w constants)
 
 
 class _MixtureOfTastes(torch.autograd.Function):
@@ -50,31 +103,23 @@ class _MixtureOfTastes(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, users, items, user_factors, item_factors, user_bias, item_bias, global_bias,
-                user_scale, item_scale, negatives, temperature, share_tastes):
-        # users, items: (B,) int64; user_factors: (n_users, 2, K, d) [tastes, attention];
-        # item_factors: (n_items, d); user_bias: (n_users,); item_bias: (n_items,);
-        # user_scale: (n_users,), item_scale: (n_items,): each pair's weight in the prior means;
-        # negatives: (B, n) int64 items sampled for the implicit term (n = 0: no term);
-        # temperature: its t (a float); share_tastes: each pair's prior on the tastes is
-        # sum_k w_k |U_k|^2, shared by the mixture weights (constants), not sum_k |U_k|^2.
+    def forward(ctx, pairs, *tables):
+        # pairs: Pairs; tables: the Tables, passed one by one so that autograd sees each.
+        user_factors, item_factors, user_bias, item_bias, global_bias = tables
+        users, items, user_scale, item_scale, negatives = pairs[:5]
         batch, n_tastes, dim = users.shape[0], user_factors.shape[2], user_factors.shape[3]
         rows = user_factors.index_select(0, users).view(batch, 2 * n_tastes, dim)  # (B, 2K, d)
         item_rows = item_factors.index_select(0, items)                           # (B, d)
         # One bmm gives both the attention logits and the per-taste scores.
         products = torch.bmm(rows, item_rows.unsqueeze(-1)).squeeze(-1)          # (B, 2K)
         taste_scores, logits = products[:, :n_tastes], products[:, n_tastes:]     # (B, K) each
-        # softmax over the K tastes, written out: torch.softmax on a (B, K) slice with small K
-        # takes ~4x longer on CPU than these three elementwise ops.
-        weights = (logits - logits.amax(-1, keepdim=True)).exp_()                 # (B, K)
-        weights.div_(weights.sum(-1, keepdim=True))
-        mixed = (weights * taste_scores).sum(-1)                                  # (B,)
+        mixed, weights = mixture(taste_scores, logits, temperature=pairs.temperature)  # (B,), (B, K)
         user_b, item_b = user_bias.index_select(0, users), item_bias.index_select(0, items)
         prediction = mixed + user_b + item_b + global_bias                        # (B,)
 
         # Batch means of scaled squared norms, in the order of PRIOR_TERMS.
         user_w, item_w = user_scale.index_select(0, users), item_scale.index_select(0, items)
-        if share_tastes:  # (B, 2K): each row's squared norm, the tastes' weighted by w_k
+        if pairs.share_tastes:  # (B, 2K): each row's squared norm, the tastes' weighted by w_k
             row_weights = torch.cat([weights, torch.ones_like(weights)], dim=1)
             row_norms = torch.linalg.vector_norm(rows, dim=-1).square() * row_weights
             row_norms = user_w @ row_norms.view(batch, 2, n_tastes).sum(-1)              # (2,)
@@ -89,13 +134,14 @@ class _MixtureOfTastes(torch.autograd.Function):
         # item's. d claim / d logits = softmax(logits / t), the claim's weights over the tastes.
         implicit = negative_rows = negative_weights = claim_weights = margins = rows.new_zeros(())
         if negatives.shape[1]:
+            t = pairs.implicit_temperature
             # (B, n, K): the tastes last, so that the reductions over them run on contiguous rows
             # (logsumexp and softmax over a middle dimension took 2-3x longer).
             negative_rows = item_factors.index_select(0, negatives.reshape(-1)).view(*negatives.shape, dim)
             negative_logits = torch.bmm(negative_rows, rows[:, n_tastes:].transpose(1, 2))  # (B, n, K)
-            negative_claims, negative_weights = _claim(negative_logits.div_(temperature))  # (B, n), (B, n, K)
-            claims, claim_weights = _claim(logits / temperature)                 # (B,), (B, K)
-            margins = temperature * (claims.unsqueeze(1) - negative_claims)      # (B, n)
+            negative_claims, negative_weights = _claim(negative_logits.div_(t))  # (B, n), (B, n, K)
+            claims, claim_weights = _claim(logits / t)                           # (B,), (B, K)
+            margins = t * (claims.unsqueeze(1) - negative_claims)                # (B, n)
             implicit = nn.functional.softplus(-margins).sum() / max(margins.numel(), 1)  # -log sigmoid
 
         ctx.save_for_backward(users, items, rows, item_rows, weights, taste_scores, mixed,
@@ -103,7 +149,7 @@ class _MixtureOfTastes(torch.autograd.Function):
                               negative_weights, claim_weights, margins)
         ctx.table_shapes = (user_factors.shape, item_factors.shape, user_bias.shape,
                             item_bias.shape)
-        ctx.share_tastes = share_tastes
+        ctx.share_tastes, ctx.temperature = pairs.share_tastes, pairs.temperature
         return prediction, squared_norms, implicit
 
     @staticmethod
@@ -116,9 +162,9 @@ class _MixtureOfTastes(torch.autograd.Function):
         # An empty batch (a process's share of a short last batch) has zero norms and gradients.
         norm_coef = grad_norms * (2.0 / max(batch, 1))                            # (4,)
 
-        # d mixed / d taste_k = w_k e ;  d mixed / d attention_k = w_k (s_k - mixed) e
-        grad_scores = grad_prediction.unsqueeze(-1) * weights                     # (B, K)
-        grad_logits = grad_scores * (taste_scores - mixed.unsqueeze(-1))          # (B, K)
+        # d / d taste_k = grad_scores_k e ;  d / d attention_k = grad_logits_k e
+        grad_scores, grad_logits = mixture_backward(grad_prediction, weights, taste_scores, mixed,
+                                                    ctx.temperature)               # (B, K) each
         if negatives.shape[1]:  # the implicit term: d softplus(-m) / d m = -sigmoid(-m)
             grad_margins = torch.sigmoid(-margins).mul_(-grad_implicit / max(margins.numel(), 1))  # (B, n)
             grad_logits.addcmul_(grad_margins.sum(1, keepdim=True), claim_weights)  # the rated item's side
@@ -147,8 +193,9 @@ class _MixtureOfTastes(torch.autograd.Function):
             grad_item_factors.index_add_(0, negatives.reshape(-1), grad_negative_rows.reshape(-1, rows.shape[2]))
         grad_user_bias = rows.new_zeros(user_b_shape).index_add_(0, users, grad_user_b)
         grad_item_bias = rows.new_zeros(item_b_shape).index_add_(0, items, grad_item_b)
-        return (None, None, grad_user_factors, grad_item_factors, grad_user_bias,
-                grad_item_bias, grad_prediction.sum(), None, None, None, None, None)
+        return (None, *Tables(user_factors=grad_user_factors, item_factors=grad_item_factors,
+                              user_bias=grad_user_bias, item_bias=grad_item_bias,
+                              global_bias=grad_prediction.sum()))
 
 
 def _claim(logits):
@@ -191,9 +238,10 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 
 class MFMixTaste(nn.Module):
-    def __init__(self, n_users, n_items, dim=32, n_tastes=4, global_mean=0.0, init_std=0.01):
+    def __init__(self, n_users, n_items, dim=32, n_tastes=4, global_mean=0.0, init_std=0.01, temperature=1.0):
         """n_users, n_items: sizes of the contiguous index spaces (see loader.IdMap).
         dim: latent dimension d.  n_tastes: K, tastes per user (1 = biased MF).
+        temperature: the mixture's tau (mixture()): 1 is Kula's softmax.
         global_mean: the initial global bias. Starting at the training mean lets the first steps
             learn deviations instead of spending themselves on moving one scalar to ~3.6.
         init_std: std of every factor at start. Small on purpose: each dot product starts with
@@ -205,7 +253,10 @@ class MFMixTaste(nn.Module):
         if min(n_users, n_items, dim, n_tastes) < 1:
             raise ValueError(f"MFMixTaste needs positive sizes, got n_users={n_users}, "
                              f"n_items={n_items}, dim={dim}, n_tastes={n_tastes}")
+        if not temperature > 0:
+            raise ValueError(f"MFMixTaste's mixture temperature must be positive, got {temperature}")
         self.n_users, self.n_items, self.dim, self.n_tastes = n_users, n_items, dim, n_tastes
+        self.temperature = float(temperature)
         # user_factors[i, 0] = U_i (K, d) tastes, user_factors[i, 1] = A_i (K, d) attention: one
         # table so that a batch needs one gather and one scatter for both.
         self.user_factors = nn.Parameter(torch.randn(n_users, 2, n_tastes, dim) * init_std)
@@ -279,15 +330,26 @@ class MFMixTaste(nn.Module):
         pair_users = users if items.dim() == 1 else users.unsqueeze(1).expand_as(items).reshape(-1)
         if not return_prior and not torch.is_grad_enabled():  # evaluation: no norms, no saved tensors
             return self._pair_scores(pair_users, items.reshape(-1)).view(items.shape)
-        none = pair_users.new_empty((len(pair_users), 0))
-        prediction, squared_norms, implicit = _MixtureOfTastes.apply(
-            pair_users, items.reshape(-1), self.user_factors, self.item_factors, self.user_bias,
-            self.item_bias, self.global_bias, user_scale, item_scale,
-            none if negatives is None else negatives, float(implicit_temperature), share_taste_prior)
+        pairs = Pairs(pair_users, items.reshape(-1), user_scale, item_scale,
+                      pair_users.new_empty((len(pair_users), 0)) if negatives is None else negatives,
+                      self.temperature, float(implicit_temperature), share_taste_prior)
+        prediction, squared_norms, implicit = _MixtureOfTastes.apply(pairs, *self.tables())
         prediction = prediction.view(items.shape)
         if negatives is not None:
             return prediction, squared_norms, implicit
         return (prediction, squared_norms) if return_prior else prediction
+
+    def tables(self):
+        """The parameters as the fused node takes them (Tables)."""
+        return Tables(self.user_factors, self.item_factors, self.user_bias, self.item_bias, self.global_bias)
+
+    @classmethod
+    def from_config(cls, config, n_users, n_items, global_mean=0.0):
+        """The model of a run's settings (train.py's knobs, or a finished run's config.json):
+        the one place a model is built from them, by train.py and recommend.py alike. A
+        config.json written before a knob existed builds that knob's default."""
+        return cls(n_users, n_items, dim=config["dim"], n_tastes=config["n_tastes"], global_mean=global_mean,
+                   init_std=config.get("init_std", 0.01), temperature=config.get("mixture_temperature", 1.0))
 
     def user_rows(self, users):
         """(B, 2, K, d) tastes and attention vectors of the users (B,) int64, as every scoring of
@@ -299,11 +361,17 @@ class MFMixTaste(nn.Module):
     def _pair_scores(self, users, items):
         """forward's scores of (user, item) pairs, (B,) each, without the prior's norms or anything
         kept for a backward: the same formula with plain ops (about 30% faster for evaluation)."""
+        mixed, _, _ = self.pair_mixture(users, items)
+        return mixed + self.user_bias.index_select(0, users) + self.item_bias.index_select(0, items) + self.global_bias
+
+    def pair_mixture(self, users, items):
+        """The mixture of (user, item) pairs, users and items (B,) int64: (mixed (B,), weights
+        (B, K), taste_scores (B, K)): what each taste scores, U_k . e_j, and its weight."""
         rows = self.user_factors.index_select(0, users).view(len(users), 2 * self.n_tastes, self.dim)
         products = torch.bmm(rows, self.item_factors.index_select(0, items).unsqueeze(-1)).squeeze(-1)
         taste_scores, logits = products[:, :self.n_tastes], products[:, self.n_tastes:]   # (B, K)
-        mixed = (torch.softmax(logits, dim=-1) * taste_scores).sum(-1)
-        return mixed + self.user_bias.index_select(0, users) + self.item_bias.index_select(0, items) + self.global_bias
+        mixed, weights = mixture(taste_scores, logits, temperature=self.temperature)
+        return mixed, weights, taste_scores
 
     def _positive_scores(self, rows, user_b, position, items):
         """The scores (P,) and mixture weights (P, K) of distinct pairs given as a position in
@@ -334,9 +402,8 @@ class MFMixTaste(nn.Module):
         where = row_start.view(batch, vectors)[sorted_position] + offset.unsqueeze(1)     # (P, 2K)
         products = torch.empty_like(where, dtype=values.dtype).index_put_((order,), values[where])
         taste_scores, logits = products[:, :self.n_tastes], products[:, self.n_tastes:]   # (P, K)
-        weights = torch.softmax(logits, dim=-1)
-        scores = (weights * taste_scores).sum(-1) + self.item_bias.index_select(0, items) \
-            + user_b.index_select(0, position) + self.global_bias
+        mixed, weights = mixture(taste_scores, logits, temperature=self.temperature)
+        scores = mixed + self.item_bias.index_select(0, items) + user_b.index_select(0, position) + self.global_bias
         return scores, weights
 
     def score_all(self, users):
@@ -361,10 +428,10 @@ class MFMixTaste(nn.Module):
         batch, n_items = len(rows), len(item_factors)
         products = (rows.view(-1, self.dim) @ item_factors.T).view(batch, 2, self.n_tastes, n_items)
         taste_scores, logits = products.unbind(1)                                  # (B, K, C)
-        # softmax over K of a contiguous copy: on the strided view, softmax and its backward
+        # The mixture over K of a contiguous copy: on the strided view, softmax and its backward
         # take 2-4x longer (measured at B=1024, K=2, ML-1M's 3123 items).
-        weights = torch.softmax(logits.contiguous(), dim=1)                        # (B, K, C)
-        scores = (weights * taste_scores).sum(1) + item_bias + (user_b + self.global_bias).unsqueeze(1)
+        mixed, weights = mixture(taste_scores, logits.contiguous(), dim=1, temperature=self.temperature)  # (B, C), (B, K, C)
+        scores = mixed + item_bias + (user_b + self.global_bias).unsqueeze(1)
         return (scores, weights) if return_weights else scores
 
     def _weighted_squared_norms(self, rows, user_b, user_counts, item_counts, total=None, taste_counts=None):
@@ -394,10 +461,9 @@ class MFMixTaste(nn.Module):
         return squared_norms @ squared_norms.new_tensor([weights[name] for name in PRIOR_TERMS])
 
     def mixture_weights(self, users, items):
-        """(B, K) softmax weights over the K tastes for each pair; each row sums to 1."""
-        logits = torch.einsum("bkd,bd->bk", self.attention[users], self.item_factors[items])
-        return torch.softmax(logits, dim=-1)
+        """(B, K) mixture weights over the K tastes for each pair; each row sums to 1."""
+        return self.pair_mixture(users, items)[1]
 
     def extra_repr(self):
         return (f"n_users={self.n_users}, n_items={self.n_items}, dim={self.dim}, "
-                f"n_tastes={self.n_tastes}")
+                f"n_tastes={self.n_tastes}" + (f", temperature={self.temperature:g}" if self.temperature != 1.0 else ""))

@@ -57,7 +57,7 @@ class Recommender:
         it is a RunError that names the file."""
         config, arrays, items, best = runs.read_run(run_dir, quiet)
         user_ids, item_ids = arrays["user_ids"], arrays["item_ids"]
-        model = MFMixTaste(len(user_ids), len(item_ids), dim=config["dim"], n_tastes=config["n_tastes"])
+        model = MFMixTaste.from_config(config, len(user_ids), len(item_ids))
         try:
             model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
         except Exception as error:  # truncated or foreign file: torch raises many kinds
@@ -132,7 +132,8 @@ class Recommender:
             scores = self.model.score_all(torch.tensor([row]))[0]                    # (n_items,)
             scores[rated] = -torch.inf
             self._drop_untrained(scores)
-            weights = torch.softmax(self.model.attention[row] @ self.model.item_factors.T, dim=0)  # (K, n_items)
+            every = torch.arange(self.model.n_items)
+            weights = self.model.mixture_weights(torch.full_like(every, row), every).T  # (K, n_items)
         dominant = weights.argmax(0)
         shares = weights[:, rated].mean(1) if len(rated) else None                 # (K,)
         answer = []
@@ -200,11 +201,11 @@ class Recommender:
     # ------------------------------------------------------------------------- helpers
 
     def _mixture(self, row, items):
-        """(weights, contributions), (K, len(items)) each: softmax over the tastes of A_k . e_j,
-        and weight_k * (U_k . e_j), what taste k adds to the score of item j."""
-        vectors = self.model.item_factors[items]                                     # (m, d)
-        weights = torch.softmax(self.model.attention[row] @ vectors.T, dim=0)        # (K, m)
-        return weights, weights * (self.model.tastes[row] @ vectors.T)
+        """(weights, contributions), (K, len(items)) each: the mixture weights of the user's
+        tastes on each item, and weight_k * (U_k . e_j), what taste k adds to the score of item j."""
+        items = torch.as_tensor(items)
+        _, weights, taste_scores = self.model.pair_mixture(torch.full_like(items, row), items)  # (m, K) each
+        return weights.T, (weights * taste_scores).T
 
     def _drop_untrained(self, scores):
         """Scores (..., n_items) of the items no training row had set to -inf, in place: the model

@@ -94,7 +94,7 @@ CHANGEABLE_ON_RESUME = {"resume", "epochs", "patience", "data_dir", "download", 
 def check(cfg):
     """Values that would fail later, refused before anything runs."""
     positive = ("n_tastes", "epochs", "eval_batch_size", "eval_every", "log_interval", "lr",
-                "implicit_temperature")
+                "implicit_temperature", "mixture_temperature")
     for key in positive:
         if cfg[key] <= 0:
             raise ConfigError(f"--{key} must be positive, got {cfg[key]}")

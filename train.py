@@ -78,6 +78,7 @@ top_k = 10                 # cut-off k of NDCG, Recall, MRR, Hit and Precision; 
 dim = 32                   # latent dimension d of tastes, attention and item vectors (ranking's 0: from the data,
                            # 160 for users of prior_user_pairs interactions, up to 320 for sparser ones: tasks.dim_for)
 n_tastes = 2               # tastes per user, K (1 = biased matrix factorisation)
+mixture_temperature = 1.0  # tau of the mixture weights softmax_k(A_k.e / tau) (1 = Kula's; small: one taste per item)
 init_std = 0.01            # std of the factors at start (see MFMixTaste.__init__)
 # L2 prior: loss = MSE + (1/n_train) * sum over rows of weight * |row|^2 (prior_per="row"), a
 # Gaussian prior on each user's and item's vectors. A row's prior does not grow with its ratings,
@@ -243,8 +244,7 @@ def build_trainer(cfg, task, device):
     L2 prior."""
     torch.manual_seed(cfg["seed"])  # same initial model on every rank
     runs.check_model_fits(cfg, task.n_users, task.n_items, device)
-    model = MFMixTaste(task.n_users, task.n_items, dim=cfg["dim"], n_tastes=cfg["n_tastes"],
-                       global_mean=task.global_mean, init_std=cfg["init_std"])
+    model = MFMixTaste.from_config(cfg, task.n_users, task.n_items, global_mean=task.global_mean)
     model = idist.auto_model(model)  # moves to the device; DistributedDataParallel if world > 1
     # Adam for the whole model: the fused kernel updates the dense tables in one pass per step
     # (on CPU as on GPU); with batches of 8192 ratings, a dense update costs less than the

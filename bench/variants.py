@@ -119,10 +119,11 @@ def train_variant(name, argv):
         built_task["task"] = task
         return run_dir, results, task
 
-    def model(n_users, n_items, **kwargs):
-        return VARIANTS[name](n_users, n_items, built_task["task"].training_matrix(), **kwargs)
+    class Variant(VARIANTS[name]):  # train.py builds its model with MFMixTaste.from_config(cfg, sizes)
+        def __init__(self, n_users, n_items, **kwargs):
+            super().__init__(n_users, n_items, built_task["task"].training_matrix(), **kwargs)
 
-    train.open_run, train.MFMixTaste = opening, model
+    train.open_run, train.MFMixTaste = opening, Variant
     try:
         return train.main(argv)
     finally:

@@ -3,7 +3,7 @@ import torch
 
 import loader
 from conftest import mixture_ratings
-from MFMixTaste import PRIOR_TERMS, MFMixTaste, _MixtureOfTastes
+from MFMixTaste import PRIOR_TERMS, MFMixTaste, Pairs, _MixtureOfTastes
 
 
 def batch(n_users, n_items, size=64, seed=0):
@@ -19,11 +19,17 @@ def randomised(model, scale=0.5):
     return model
 
 
+def reference_weights(model, users, items):
+    """Kula's mixture weights with the model's temperature, softmax_k(A_k . e_j / tau), with autograd."""
+    logits = torch.einsum("bkd,bd->bk", model.attention[users], model.item_factors[items])
+    return torch.softmax(logits / model.temperature, dim=1)
+
+
 def reference_scores(model, users, items):
     """The model written straight from Kula (2017), with autograd: the contract of forward."""
-    tastes, attention = model.tastes[users], model.attention[users]          # (B, K, d)
+    tastes = model.tastes[users]                                             # (B, K, d)
     item_vectors = model.item_factors[items]                                 # (B, d)
-    weights = torch.softmax(torch.einsum("bkd,bd->bk", attention, item_vectors), dim=1)
+    weights = reference_weights(model, users, items)
     scores = torch.einsum("bkd,bd->bk", tastes, item_vectors)
     return ((weights * scores).sum(1) + model.global_bias + model.user_bias[users]
             + model.item_bias[items])
@@ -71,8 +77,9 @@ def test_hand_written_backward_matches_autograd():
     # With the implicit term's sampled items (repeated too), and without (n = 0).
     for negatives in (torch.randint(0, 5, (20, 3), generator=torch.Generator().manual_seed(1)),
                       torch.empty(20, 0, dtype=torch.long)):
-        assert torch.autograd.gradcheck(
-            lambda *p, sampled=negatives: _MixtureOfTastes.apply(users, items, *p, *scales, sampled, 0.3, False), params)
+        for temperature in (1.0, 0.4):
+            assert torch.autograd.gradcheck(lambda *p, sampled=negatives, tau=temperature: _MixtureOfTastes.apply(
+                Pairs(users, items, *scales, sampled, tau, 0.3, False), *p), params)
 
 
 def test_a_shared_taste_prior_in_the_fused_node_matches_its_definition():
@@ -296,3 +303,55 @@ def test_a_zero_weight_on_the_implicit_term_leaves_the_step_exactly_as_without_i
         gradients.append([p.grad.clone() for p in model.parameters()])
     for without, with_zero in zip(*gradients):
         assert torch.equal(without, with_zero)
+
+
+def test_every_scoring_path_is_the_one_mixture_at_a_temperature_and_k_other_than_the_defaults():
+    """The mixture is computed in one place (MFMixTaste.mixture): at tau=0.4, K=3, d=5 every path
+    agrees with autograd's reference: the training step's fused node (scores, prior and
+    gradients, with its shared taste prior), evaluation's pair scores, all-item scores with and
+    without autograd, the sampled softmax's positives, mixture_weights and recommend.py's."""
+    from recommend import Recommender
+
+    torch.manual_seed(0)
+    model = randomised(MFMixTaste(8, 6, dim=5, n_tastes=3, temperature=0.4)).double()
+    users, items = batch(8, 6, size=30)
+    reference = reference_scores(model, users, items)
+    torch.testing.assert_close(model.mixture_weights(users, items), reference_weights(model, users, items))
+    with torch.no_grad():
+        torch.testing.assert_close(model(users, items), reference)               # evaluation's plain ops
+        every = model.score_all(torch.arange(8))                                   # (8, 6), no autograd
+    every_grad = model.score_all(torch.arange(8))                                  # with autograd
+    pairs = reference_scores(model, torch.arange(8).repeat_interleave(6), torch.arange(6).repeat(8)).view(8, 6)
+    torch.testing.assert_close(every, pairs)
+    torch.testing.assert_close(every_grad, pairs)
+    # The sampled softmax's positives (scored as a sampled product) against the same pairs.
+    position, pair_items = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([1, 4, 0, 2, 3, 5])
+    chosen = torch.tensor([0, 3, 5])
+    counts = torch.bincount(position, minlength=3).double()
+    *_, positives = model(chosen, return_prior=True, user_counts=counts, item_counts=torch.ones(6).double(),
+                          columns=torch.tensor([1, 2]), positives=(position, pair_items))
+    torch.testing.assert_close(positives, pairs[chosen[position], pair_items])
+    # The training step: scores, shared prior and gradients against autograd's.
+    fused = model(users, items, return_prior=True, share_taste_prior=True)
+    (fused[0].sum() + fused[1].sum()).backward()
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    weights = reference_weights(model, users, items).detach()
+    norms = torch.stack([(weights * model.tastes[users].pow(2).sum(-1)).sum(1).mean(),
+                         model.attention[users].pow(2).sum((1, 2)).mean(), model.item_factors[items].pow(2).sum(1).mean(),
+                         (model.user_bias[users].pow(2) + model.item_bias[items].pow(2)).mean()])
+    torch.testing.assert_close(fused[0], reference)
+    torch.testing.assert_close(fused[1], norms)
+    (reference.sum() + norms.sum()).backward()
+    for got, p in zip(fused_grads, model.parameters()):
+        torch.testing.assert_close(got, p.grad)
+    # recommend.py's answers read the same weights.
+    model = model.float()
+    answers = Recommender(model, {"task": "ranking"}, torch.arange(8).numpy(), torch.arange(6).numpy(),
+                          torch.zeros(9, dtype=torch.long).numpy(), torch.zeros(0, dtype=torch.long).numpy(), None)
+    shown, contributions = answers._mixture(2, torch.arange(6))
+    with torch.no_grad():
+        expected = reference_weights(model, torch.full((6,), 2), torch.arange(6))       # (6, K)
+        torch.testing.assert_close(shown, expected.T)
+        scores = torch.einsum("kd,jd->kj", model.tastes[2], model.item_factors)
+        torch.testing.assert_close(contributions, expected.T * scores)
