@@ -243,6 +243,21 @@ def main():
         if name not in variants.VARIANTS:
             sys.exit(f"error: --variant={name} is not one of {', '.join(variants.VARIANTS)} (bench/variants.py)")
         sys.exit(variants.train_variant(name, sys.argv[2:]))
+    parser = command_line()
+    args = parser.parse_args()
+    args.command = shlex.join(["python", "benchmark.py", *sys.argv[1:]])  # the reports' Command: line, as given
+    # The rows run from the project folder: paths given relative to the caller's folder must
+    # mean the same there.
+    args.data_dir, args.output, args.scaling_dir = (
+        str(Path(p).resolve()) for p in (args.data_dir, args.output, args.scaling_dir))
+    if not loader.is_movielens(args.dataset):
+        args.dataset = str(Path(args.dataset).resolve())
+    args.items = args.items and str(Path(args.items).resolve())
+    run(args)
+
+
+def command_line():
+    """The command line's parser (main; tests check the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ml-1m",
@@ -283,15 +298,11 @@ def main():
                              "that --dataset reads (to --to), instead of a benchmark")
     parser.add_argument("--to", default="", help="--generate: the CSV file to write")
     parser.add_argument("--_row", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    args.command = shlex.join(["python", "benchmark.py", *sys.argv[1:]])  # the reports' Command: line, as given
-    # The rows run from the project folder: paths given relative to the caller's folder must
-    # mean the same there.
-    args.data_dir, args.output, args.scaling_dir = (
-        str(Path(p).resolve()) for p in (args.data_dir, args.output, args.scaling_dir))
-    if not loader.is_movielens(args.dataset):
-        args.dataset = str(Path(args.dataset).resolve())
-    args.items = args.items and str(Path(args.items).resolve())
+    return parser
+
+
+def run(args):
+    """The study or table the command line asks for, printed and written into the report."""
     if args.generate:
         target = Path(args.to or Path(tempfile.gettempdir()) / f"mfmixtaste-{args.generate}" / "ratings.csv")
         rows = studies.write_interactions(target, *studies.SHAPES[args.generate])

@@ -273,7 +273,8 @@ def _text(frame, score_name):
     return "\n".join(lines)
 
 
-def main(argv):
+def command_line():
+    """The command line's parser (main; tests check the documented commands against it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a finished run folder, runs/<run_name>")
@@ -283,6 +284,11 @@ def main(argv):
     parser.add_argument("--similar", metavar="ITEM_ID", help="nearest items to this one (its id, as the data has it)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--plot", metavar="FILE.svg", help="draw the item map with the user on it")
+    return parser
+
+
+def main(argv):
+    parser = command_line()
     args = parser.parse_args(argv)
     if args.user is None and args.similar is None:
         parser.error("give --user=<id> or --similar=<item id>")

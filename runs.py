@@ -277,7 +277,7 @@ def help_text(script, usage, defaults, *variants):
     previous, knobs = None, {}
     for line in lines[rulers[0] + 1:rulers[1]]:
         knob = KNOB.match(line)
-        if knob:
+        if knob and knob.group(1) in defaults:  # not a module constant of the block (tune.py's ranges)
             previous = knob.group(1)
             knobs[previous] = knob.group(2)
             out.append(previous)                         # its line, written below

@@ -402,7 +402,7 @@ AUTO_BATCH_STEPS, AUTO_BATCH_MOST, AUTO_STEPS_MOST = 64, 8192, 256
 # epoch), the lr scaled down where that makes more steps (tasks.lr_scale). A fixed 256 at a fixed
 # lr gave Amazon Beauty 88 steps an epoch: Adam at lr 0.03 moved every item vector 3.7 times as
 # far an epoch as on ML-1M, the training loss climbed for 5 epochs and the mixture ended a quarter
-# below one taste (docs/ranking.md, "Amazon"). Where 256 users would make more than
+# below one taste (docs/research/ranking-rounds.md, "Amazon"). Where 256 users would make more than
 # AUTO_STEPS_MOST steps an epoch (ML-25M: 635), and with lr_steps=0, the batch grows instead to
 # keep 24 steps an epoch (ML-25M: 6,773 users): every step updates the whole tables (dense Adam),
 # which at that size costs more than the step's scores (batch_size_for). Each step's (users x
@@ -528,7 +528,7 @@ def lr_scale(cfg, steps, batch, described):
     users a step has 88 steps an epoch against ML-1M's 24, and at ML-1M's lr its training loss
     climbed for five epochs. Growing the batch to keep 24 steps (lr_steps=0, the earlier rule)
     cures that; keeping 256 users a step and scaling the lr cures it better (validation NDCG@10,
-    means of three seeds: Beauty +3%, Sports +5%; docs/ranking.md, eighth round). ML-1M (24
+    means of three seeds: Beauty +3%, Sports +5%; docs/research/ranking-rounds.md, eighth round). ML-1M (24
     steps) keeps lr as it is."""
     if not cfg["lr_steps"] or steps <= cfg["lr_steps"]:
         return 1.0
@@ -544,7 +544,7 @@ def warm_down_share(cfg, scale, described):
     is held for as many steps as on data of lr_steps steps an epoch, (1 - lr_decay) x epochs x
     lr_steps (108 at the defaults), not for as many epochs: the warm-down takes the rest. Amazon
     Beauty (88 steps an epoch) falls over the last 92% of its run, Sports (140) over 95%; ML-1M
-    (24) keeps 70%. Measured (docs/ranking.md, eleventh round): a warm-down over the whole run
+    (24) keeps 70%. Measured (docs/research/ranking-rounds.md, eleventh round): a warm-down over the whole run
     gave Beauty +0.7% validation NDCG@10 (three seeds) and Sports +1.9%, and cost ML-1M 0.6%;
     this rule gives each its own."""
     if not cfg["lr_decay"] or scale >= 1.0:
@@ -575,7 +575,7 @@ def dim_for(cfg, user_pairs, described):
     """d of the model: cfg's dim, or with dim=0 the rule above. On sparse product data the
     user-side priors are many times ML-1M's (prior_weights), and it is there that a larger d
     paid: Amazon Beauty at d=320 +4% validation NDCG@10 over d=160, d=640 no better (means of
-    seeds, docs/ranking.md, tenth round), while ML-1M at d=320 gains 1% for twice its time.
+    seeds, docs/research/ranking-rounds.md, tenth round), while ML-1M at d=320 gains 1% for twice its time.
     A sampled step (above SOFTMAX_ALL_UP_TO items) pays for it: Beauty's epoch at d=320 costs
     what d=160's full softmax did."""
     if cfg["dim"]:
@@ -593,7 +593,7 @@ def prior_weights(cfg, user_pairs, described, dim):
     knobs. With prior_per="pair" a user's whole prior grows with their training interactions
     (user_pairs, (n_users,)), so a weight chosen on ML-1M (112 a user) holds a user of Amazon
     Beauty (6.7) 17 times more loosely: there the best weights of the user side were about 16
-    times ML-1M's at d=160, K=1 and K=2 alike (docs/ranking.md, seventh round). So the tastes'
+    times ML-1M's at d=160, K=1 and K=2 alike (docs/research/ranking-rounds.md, seventh round). So the tastes'
     and attention's weights are scaled by f = prior_user_pairs / the mean interactions of a user
     with any, where that is over 1: a set as rich as the one the weights were chosen on keeps
     them exactly. Above d=160 (the model's dim) less of that excess is wanted: the scale is

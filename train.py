@@ -87,14 +87,14 @@ init_std = 0.01            # std of the factors at start (see MFMixTaste.__init_
 # are not. One setting serves ML-1M and sets a tenth its size (results/benchmark.md, "Defaults
 # across data sizes"); the per-rating weighting ("pair") needed a weight per dataset.
 prior_per = "row"          # "row": each row counted once per epoch; "pair": once per rating that uses it (SGD-MF's weighting)
-prior_tastes = 10.0        # on the users' taste vectors U (with t=0.02 and lr 0.015; docs/rating.md, the tastes round)
+prior_tastes = 10.0        # on the users' taste vectors U (with t=0.02, lr 0.015; docs/research/rating-rounds.md, tastes round)
 prior_attention = 0.5      # on the attention vectors A: they only pick among the tastes (at 5 they stayed at 0)
 prior_items = 10.0         # on the item vectors e
 prior_biases = 3.0         # on user and item biases
 prior_user_pairs = 0       # prior_per="pair": tastes' and attention's weights are for users of this many interactions
                            # on average; sparser data scales them by it / its mean (0 = off; tasks.prior_weights)
-share_taste_prior = False  # a pair's prior on the tastes shared among them by its mixture weights (a taste held
-                           # by the pairs it serves), not counted for every taste (docs/tastes.md, fourth round)
+share_taste_prior = False  # a pair's prior on the tastes shared among them by its mixture weights (a taste held by
+                           # the pairs it serves), not counted for every taste (docs/research/tastes-rounds.md, 4th round)
 # implicit feedback in the rating task: which movies a user chose to rate (MFMixTaste's docstring)
 implicit_weight = 2.0      # weight of the BPR term on the attention vectors, beside the MSE (0 = off)
 implicit_negatives = 3     # movies drawn uniformly per rating for that term

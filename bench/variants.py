@@ -1,4 +1,4 @@
-"""Variants of the mixture's user side, tried on Amazon data (issue 28; docs/ranking.md, "Amazon:
+"""Variants of the mixture's user side, tried on Amazon data (issue 28; docs/research/ranking-rounds.md, "Amazon:
 the sixth round"): each is MFMixTaste with its users' rows (or its scores) built another way, and
 trains as train.py's ranking run does, every knob of train.py's included:
 
