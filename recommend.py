@@ -33,11 +33,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+import files
 import loader
-import pictures
-import runs
+from files import RunError
 from MFMixTaste import MFMixTaste
-from runs import RunError
 
 
 class Recommender:
@@ -55,7 +54,7 @@ class Recommender:
     def load(cls, run_dir, quiet=False):
         """A finished run folder; quiet: no note when its items have no titles. A damaged file in
         it is a RunError that names the file."""
-        config, arrays, items, best = runs.read_run(run_dir, quiet)
+        config, arrays, items, best = files.read_run(run_dir, quiet)
         user_ids, item_ids = arrays["user_ids"], arrays["item_ids"]
         model = MFMixTaste.from_config(config, len(user_ids), len(item_ids))
         try:
@@ -228,12 +227,14 @@ class Recommender:
     def write_pictures(self, folder):
         """taste_weights.svg and item_map.svg of this run into folder (as train.py draws them)."""
         users = np.repeat(np.arange(len(self.user_ids)), np.diff(self.seen_indptr))
+        import pictures  # matplotlib: only for pictures
         pictures.run_pictures(Path(folder), self.model, (users, self.seen_items), list(self.items["genres"]),
                               loader.dataset_name(self.config["dataset"]), self.untrained)
 
     def plot_map(self, path, user_id=None):
         """The item map coloured by each item's first genre; with user_id, the user's rated
         items and taste vectors (projected by the same PCA) marked on it."""
+        import pictures
         coordinates, project = pictures.item_map(self.model.item_factors.detach().numpy())
         title = f"Item embeddings (PCA): {loader.dataset_name(self.config['dataset'])}, K={self.model.n_tastes}"
         rated = tastes = None

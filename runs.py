@@ -23,7 +23,6 @@ import shutil
 import sys
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -777,91 +776,3 @@ def write_projector(writer, run_dir, item_vectors, movies, seen_items):
         shown = np.sort(np.argsort(-interactions, kind="stable")[:PROJECTOR_ITEMS])
     writer.add_embedding(item_vectors[shown], tag="item_embeddings", metadata_header=["title", "genres"],
                          metadata=[[movies[i]["title"], "|".join(movies[i]["genres"]) or "-"] for i in shown])
-
-
-class RunError(Exception):
-    """A run folder or an id that cannot answer: the message says which and why."""
-
-
-def best_model_file(run_dir):
-    """The run's best model: of its best_*.pt files (one, unless an interruption fell between
-    Ignite's writing a better one and deleting the old), the one of the highest score, then the
-    latest epoch, read from the name Ignite's Checkpoint gives it, best_model_<epoch>_<score
-    name>=<score>.pt, higher being better (a loss is saved negated). None when there is none."""
-    found = []
-    for path in Path(run_dir).glob("best_*.pt"):
-        named = re.search(r"_(\d+)_[^=]*=(-?\d+(?:\.\d+)?(?:e-?\d+)?)\.pt$", path.name)
-        key = (float(named.group(2)), int(named.group(1))) if named else (-math.inf, -1)
-        found.append((key, path))
-    return max(found)[1] if found else None
-
-
-def _read(path, reader):
-    """reader(path), with a damaged or foreign file named in a RunError."""
-    try:
-        return reader(path)
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
-        raise RunError(f"{path} is damaged or not this run's ({type(error).__name__}: "
-                       f"{str(error)[:120] or 'no detail'}); rerun train.py to write it again") from None
-
-
-def _json_object(path, keys):
-    value = json.loads(Path(path).read_text())
-    if not isinstance(value, dict) or not all(k in value for k in keys):
-        raise ValueError(f"expected a JSON object with {', '.join(keys)}")
-    return value
-
-
-def _npz(path, keys):
-    with np.load(path, allow_pickle=False) as arrays:
-        found = {k: arrays[k] for k in arrays.files}
-    missing = [k for k in keys if k not in found]
-    if missing:
-        raise KeyError(f"it has no {', '.join(missing)}")
-    return found
-
-
-def _items(path, n_items):
-    import pandas as pd
-
-    records = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(records, list) or len(records) != n_items:
-        raise ValueError(f"expected a list of {n_items} items")
-    # Run folders written before items were called items keep movies.json, keyed "movie_id".
-    records = [{("item_id" if key == "movie_id" else key): value for key, value in record.items()}
-               if isinstance(record, dict) else record for record in records]
-    items = pd.DataFrame(records, columns=["item_id", "title", "year", "genres"])
-    # Years stay whole numbers, None where a title has none (a float column would print 1953.0,
-    # and NaN, which is not JSON).
-    items["year"] = pd.Series([None if y is None or y != y else int(y) for y in items["year"]], dtype=object)
-    return items
-
-
-def read_run(run_dir, quiet=False):
-    """A finished run folder's files, checked: (config, arrays of dataset.npz, items DataFrame
-    (item_id, title, year as int or None, genres), best model path). A missing folder or an
-    unfinished run, or a damaged file, is a RunError that says which."""
-    import pandas as pd
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise RunError(f"{run_dir} is not a run folder (no config.json there)")
-    best, data = best_model_file(run_dir), run_dir / "dataset.npz"
-    if best is None or not data.is_file():
-        raise RunError(f"{run_dir} is unfinished: a run leaves its best model and dataset.npz "
-                       f"when it ends; let it finish, or continue it with "
-                       f"`python train.py --resume={run_dir}`")
-    config = _read(run_dir / "config.json", lambda path: _json_object(path, ("dim", "n_tastes")))
-    arrays = _read(data, lambda path: _npz(path, ("user_ids", "item_ids", "seen_indptr", "seen_items")))
-    item_ids = arrays["item_ids"]
-    names_file = next((run_dir / name for name in ("items.json", "movies.json") if (run_dir / name).is_file()), None)
-    if names_file is not None:
-        items = _read(names_file, lambda path: _items(path, len(item_ids)))
-    else:
-        if not quiet:
-            print(f"note: {run_dir} has no items.json (the dataset had no item names): items are "
-                  "named by id", file=sys.stderr)
-        items = pd.DataFrame({"item_id": item_ids, "title": [str(i) for i in item_ids],
-                              "year": pd.Series([None] * len(item_ids), dtype=object),
-                              "genres": [[] for _ in item_ids]})
-    return config, arrays, items, best

@@ -373,7 +373,7 @@ def test_a_map_that_cannot_be_written_is_one_line(runs):
 
 
 def test_the_best_model_is_chosen_by_its_score_not_by_its_name(tmp_path):
-    from runs import best_model_file
+    from files import best_model_file
     for name in ("best_model_9_neg_val_mse=-0.8000.pt", "best_model_12_neg_val_mse=-0.7000.pt",
                  "best_model_3_val_ndcg_at_10=0.1000.pt"):
         (tmp_path / name).write_bytes(b"")
