@@ -231,6 +231,24 @@ def _sum_of_outer(coefficients, vectors, out=None):
     return out
 
 
+def native_bfloat16(device):
+    """Whether the device computes bfloat16 matrix products natively, so that the full-softmax
+    products (training's, and a fold-in's in recommend.py) run under bfloat16 autocast: on this
+    project's 2-core CPU with AVX512-BF16 they take a fifth of their float32 time. Where bfloat16
+    is emulated it is slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        # Native bfloat16 matrix units from compute capability 8 (Ampere) on. torch's
+        # is_bf16_supported() also says yes where bfloat16 is emulated (V100, T4), and asks the
+        # current device, which need not be the run's; on ROCm it says yes for every GPU, so
+        # there "auto" keeps float32 (--mixed_precision=bfloat16 asks for it).
+        return not torch.version.hip and torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":  # torch's own CPU feature probes (private, hence the defaults)
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return False
+
+
 SCORE_CHUNK = 1024  # items per step of score_all (see there)
 # _positive_scores' sampled product builds a sparse CSR pattern; torch says once per process that
 # CSR support is "in beta", which a run's log need not repeat.
@@ -419,6 +437,15 @@ class MFMixTaste(nn.Module):
         rows, user_b = self.user_rows(users), self.user_bias[users]
         return torch.cat([self._scores_of_all_items(rows, user_b, columns=slice(start, start + SCORE_CHUNK))
                           for start in range(0, self.n_items, SCORE_CHUNK)], dim=1)
+
+    def score_rows(self, rows, user_b, return_weights=False):
+        """score_all for users given by their rows (B, 2, K, d), laid out as user_factors', and
+        biases (B,) instead of their indices: users folded in (recommend.py), with autograd.
+        -> (B, n_items) scores; with return_weights, also the mixture weights (B, K, n_items)."""
+        chunks = [self._scores_of_all_items(rows, user_b, return_weights=True, columns=slice(start, start + SCORE_CHUNK))
+                  for start in range(0, self.n_items, SCORE_CHUNK)]
+        scores = torch.cat([scores for scores, _ in chunks], dim=1)
+        return (scores, torch.cat([weights for _, weights in chunks], dim=2)) if return_weights else scores
 
     def _scores_of_all_items(self, rows, user_b, return_weights=False, columns=slice(None)):
         """score_all from the users' rows (B, 2, K, d) of user_factors and biases (B,), of the

@@ -605,9 +605,12 @@ def save_run_data(run_dir, task, cfg):
     order = np.argsort(users.astype(np.int64) * task.n_items + items)  # by user, then item (lexsort's order, 2x faster)
     indptr = np.concatenate([[0], np.cumsum(np.bincount(users, minlength=task.n_users))])
     arrays = io.BytesIO()
+    # prior_weights: the L2 prior's weights the run trained with (PRIOR_TERMS' order, after
+    # tasks.prior_weights' rule), which recommend.py's fold-in of new users keeps.
     np.savez(arrays, user_ids=task.user_ids, item_ids=task.item_ids, seen_indptr=indptr,
              seen_items=items[order], rating_range=np.array(task.rating_range or (), dtype=np.float64),
-             trained_items=task.trained_items)
+             trained_items=task.trained_items,
+             prior_weights=np.array([task.prior_weights[name] for name in PRIOR_TERMS], dtype=np.float64))
     write_atomically(run_dir / "dataset.npz", arrays.getvalue())
     try:
         names = loader.read_items(cfg["dataset"], cfg["data_dir"], cfg["items"])

@@ -23,7 +23,7 @@ from ignite.metrics import MeanAbsoluteError, MeanSquaredError, Metric, MetricsL
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 import loader
-from MFMixTaste import PRIOR_TERMS
+from MFMixTaste import PRIOR_TERMS, native_bfloat16
 
 SPLITS = ("train", "val", "test")
 RANK_METRICS = ("ndcg", "recall", "mrr", "hit", "precision")
@@ -467,16 +467,7 @@ def bfloat16_products(cfg, device):
         return cfg["mixed_precision"] == "bfloat16"
     if cfg["loss"] != "softmax":  # the sampled losses run through the fused node, in float32
         return False
-    if device.type == "cuda":
-        # Native bfloat16 matrix units from compute capability 8 (Ampere) on. torch's
-        # is_bf16_supported() also says yes where bfloat16 is emulated (V100, T4), and asks the
-        # current device, which need not be the run's; on ROCm it says yes for every GPU, so
-        # there "auto" keeps float32 (--mixed_precision=bfloat16 asks for it).
-        return not torch.version.hip and torch.cuda.get_device_capability(device)[0] >= 8
-    if device.type == "cpu":  # torch's own CPU feature probes (private, hence the defaults)
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-    return False
+    return native_bfloat16(device)
 
 
 def batch_size_for(cfg, n_train, steps=AUTO_BATCH_STEPS, most=AUTO_BATCH_MOST, least=1, most_steps=None):
