@@ -284,6 +284,8 @@ def command_line():
     parser.add_argument("--scaling_epochs", type=int, default=2)
     parser.add_argument("--large_batch", type=int, default=65536,
                         help="batch size for the synthetic large sets")
+    parser.add_argument("--fold_in", action="store_true",
+                        help="new users without retraining: held-out users folded in, against trained-in, EASE, popularity")
     parser.add_argument("--sniffers", action="store_true",
                         help="awkward files read by our dialect guess, CleverCSV's and DuckDB's (pip install clevercsv duckdb)")
     parser.add_argument("--cost_curve", action="store_true",
@@ -315,6 +317,7 @@ def run(args):
         section, study = (("scaling", studies.scaling) if args.scaling else ("large", studies.large) if args.large
                           else ("cost-curve", studies.cost_curve) if args.cost_curve
                           else ("sniffers", studies.sniffers) if args.sniffers
+                          else ("fold-in", studies.fold_in_study) if args.fold_in
                           else ("sizes", studies.sizes) if args.sizes
                           else ("shared-accounts", studies.shared_accounts) if args.shared_accounts
                           else ("ranking", ranking_peers) if args.task == "ranking" else ("peers", rating_peers))

@@ -593,7 +593,9 @@ def _validation_slice(train, val_fraction, split_seed):
 
 
 def _check_parts(n_ratings, parts, test_fraction, val_fraction):
-    if min(map(len, parts)) == 0:
+    """parts, refused where a part that should hold rows is empty (a fraction of 0 asks for none:
+    a fit on all the data)."""
+    if min(len(part) for part, fraction in zip(parts, (1.0, val_fraction, test_fraction)) if fraction) == 0:
         raise DataError(f"{n_ratings:,} ratings are too few to split: test_fraction={test_fraction} "
                         f"and val_fraction={val_fraction} leave {len(parts[0])} training, "
                         f"{len(parts[1])} validation and {len(parts[2])} test ratings, and each "
@@ -810,7 +812,8 @@ def split_per_user(ratings, rows, fractions=(0.8, 0.1, 0.1), seed=2020):
         part[drawn] = _draw_parts(users[drawn], len(user_index), fractions, seed)
         how = (f"{fractions[0]:g}/{fractions[1]:g}/{fractions[2]:g} within each user (seed {seed})" if given is None
                else f"the dataset's train/test, validation drawn as {fractions[1]:g} of each user's training rows")
-    if not (part == 1).any() or not (part == 2).any():
+    need_test = given is not None or fractions[2] > 0  # a fraction of 0: no such part (a fit on all the data)
+    if (fractions[1] > 0 and not (part == 1).any()) or (need_test and not (part == 2).any()):
         raise DataError(f"no user has the 3 interactions that a validation and a test item need ({len(rows):,} "
                         f"interactions of {len(user_index):,} users): nothing to choose a model on or to test it on")
     trained_only = int((np.bincount(users[part > 0], minlength=len(user_index)) == 0).sum())

@@ -107,8 +107,9 @@ def check(cfg):
         raise ConfigError(f"--implicit_share is a share of the epochs, from 0 to 1, got {cfg['implicit_share']}")
     if not 0 <= cfg["lr_decay"] <= 1:
         raise ConfigError(f"--lr_decay is a share of the run, from 0 to 1, got {cfg['lr_decay']}")
-    if not 0 < cfg["test_fraction"] < 1 or not 0 < cfg["val_fraction"] < 1:
-        raise ConfigError("--test_fraction and --val_fraction must lie strictly between 0 and 1")
+    if not 0 <= cfg["test_fraction"] < 1 or not 0 <= cfg["val_fraction"] < 1:
+        raise ConfigError("--test_fraction and --val_fraction must lie in [0, 1) (0: no test set, or no "
+                          "validation: a fit on all the data, docs/running.md)")
     for key, valid in (("task", ("rating", "ranking")), ("loss", LOSSES), ("prior_per", PRIOR_PER),
                        ("mixed_precision", MIXED_PRECISION)):
         if cfg[key] not in valid:
@@ -372,7 +373,27 @@ def epoch_line(rows, task, max_epochs):
     if key in row:
         best = max((r for r in rows if key in r), key=lambda r: task.sign * r[key])
         line += f"  val {task.choose_label} {row[key]:.4f} (best {best[key]:.4f} at epoch {best['epoch']})"
+    elif f"train_{task.choose_by}" in row and "val" not in task.eval_batches:
+        line += f"  train {task.choose_label} {row[f'train_{task.choose_by}']:.4f}"
     return line + f"  {row['epoch_seconds']:.1f} s"
+
+
+def chosen_row(rows, task):
+    """The history's row of the model a run keeps: the best by validation, or without a
+    validation set (val_fraction=0) the last epoch."""
+    key = f"val_{task.choose_by}"
+    measured = [r for r in rows if key in r]
+    return max(measured, key=lambda r: task.sign * r[key]) if measured else rows[-1]
+
+
+def final_line(task, final, best, epochs_run):
+    """The run's last line: its test figures (or that it has none: test_fraction=0), and which
+    epoch is the model."""
+    head = task.headline(final) if f"test_{task.choose_by}" in final else \
+        "no test set (test_fraction=0: a fit on all the data, no test figures)"
+    chosen = (f"best epoch {best['epoch']} of {epochs_run}, val {task.choose_by} {final[f'val_{task.choose_by}']:.4f}"
+              if f"val_{task.choose_by}" in final else f"no validation: the last epoch, {epochs_run}, is the model")
+    return f"{head} ({chosen})"
 
 
 def say(line):
@@ -752,6 +773,8 @@ def describe(cfg, task, model):
     import ignite
     return {"task": cfg["task"], "dataset": cfg["dataset"], "n_users": task.n_users,
             "n_items": task.n_items, **task.counts, "batch_size_used": task.batch_size,
+            **({} if "test" in task.eval_batches else {"test_set": "none: test_fraction=0, a fit on all the data, "
+                                                                    "so there are no test figures"}),
             "prior_weights_used": task.prior_weights,  # the knobs' weights after tasks.prior_weights' rule
             "lr_used": cfg["lr"] * task.lr_scale,  # the peak lr after tasks.lr_scale's rule
             "lr_decay_used": task.lr_decay,  # its warm-down's share after tasks.warm_down_share's

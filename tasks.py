@@ -78,9 +78,10 @@ class RatingTask:
                                        np.bincount(ratings.items[rows[0]], minlength=self.n_items), device)
         self.dim = cfg["dim"]
         self.prior_weights = prior_weights(cfg, user_pairs, self.described, self.dim)
+        # A split without rows (test_fraction or val_fraction 0: a fit on all the data) has none.
         self.eval_batches = {split: loader.BatchIterator(tensors[split], cfg["eval_batch_size"],
                                                          shuffle=False, rank=rank, world_size=world_size)
-                             for split in SPLITS}
+                             for split, r in zip(SPLITS, rows) if len(r)}
         self.device, self.world_size = device, world_size
         self.bfloat16 = False  # train.py's mixed_precision: the fused node runs in float32
         self.share_taste_prior = cfg["share_taste_prior"]
@@ -259,7 +260,7 @@ class RankingTask:
         # Evaluation goes over blocks of users; each rank takes every world_size-th user.
         eval_users = max(1, cfg["eval_batch_size"] // 16)  # a block's scores: 1024 x n_items
         self.eval_batches = {split: UserBlocks(data.n_users, eval_users, rank, world_size, device)
-                             for split in ("val", "test")}
+                             for split in ("val", "test") if self.counts[f"n_{split}"]}  # none: a fraction of 0
         self.device, self.world_size = device, world_size
         self.n_interactions = len(data)
         self.bfloat16 = bfloat16_products(cfg, torch.device(device))

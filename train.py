@@ -189,7 +189,7 @@ def training(local_rank, cfg, attach=None):
         if rank == 0:
             print(f"nothing to do: {run_dir} {left}; its results are in {results}/")
         return
-    if left is not None and f"val_{task.choose_by}" not in history.rows[-1]:
+    if left is not None and "val" in task.eval_batches and f"val_{task.choose_by}" not in history.rows[-1]:
         # Resumed with no epoch left to train (--epochs cut to the epochs done) after an epoch
         # that was not evaluated (eval_every): that epoch is the last, and is evaluated now.
         evaluate(trainer, last=True)
@@ -301,7 +301,8 @@ def evaluate_each_epoch(cfg, task, model, trainer, run_dir):
     evaluated = [s for s in SPLITS if s in task.eval_batches and not (s == "train" and task.free_train_metrics)
                  and (s != "test" or cfg["test_curve"])]
     evaluators = task.evaluators(model, evaluated)  # [(splits, engine)]: ranking scores val and test at once
-    validation = next(engine for splits, engine in evaluators if "val" in splits)
+    # No validation set (val_fraction=0): no early stopping, and the last epoch is the model.
+    validation = next((engine for splits, engine in evaluators if "val" in splits), None)
     history = runs.History()
 
     @trainer.on(EPOCH_COMPLETED)
@@ -327,11 +328,11 @@ def evaluate_each_epoch(cfg, task, model, trainer, run_dir):
 
     score_name = ("" if task.higher_is_better else "neg_") + "val_" + task.choose_by.replace("@", "_at_")
     best_checkpoint = Checkpoint(
-        {"model": model}, runs.RunFolderSaver(run_dir), filename_prefix="best",
-        score_function=validation_score, score_name=score_name, n_saved=1,
+        {"model": model}, runs.RunFolderSaver(run_dir), filename_prefix="best", n_saved=1,
+        **(dict(score_function=validation_score, score_name=score_name) if validation else {}),
         global_step_transform=global_step_from_engine(trainer))
-    validation.add_event_handler(Events.COMPLETED, best_checkpoint)
-    stopper = EarlyStopping(cfg["patience"], validation_score, trainer) if cfg["patience"] else None
+    (validation or trainer).add_event_handler(Events.COMPLETED if validation else EPOCH_COMPLETED, best_checkpoint)
+    stopper = EarlyStopping(cfg["patience"], validation_score, trainer) if cfg["patience"] and validation else None
     if stopper:
         validation.add_event_handler(Events.COMPLETED, stopper)
     return evaluators, validation, history, best_checkpoint, stopper, evaluate
@@ -373,13 +374,12 @@ def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, t
     Rank 0 reads it and sends it to the others (every rank evaluates the same model without a
     shared disk), then writes the run data, pictures and results, summary.json last (a run
     interrupted before it resumes at this stage; one that has it is finished)."""
-    choose = f"val_{task.choose_by}"
     if idist.get_rank() == 0:
         Checkpoint.load_objects({"model": model}, runs.read_checkpoint(best_file))
     if idist.get_world_size() > 1:
         for tensor in model.state_dict().values():
             idist.broadcast(tensor, src=0)
-    best = max((r for r in history.rows if choose in r), key=lambda r: task.sign * r[choose])
+    best = runs.chosen_row(history.rows, task)
     known = {f"{s}_{m}": best[f"{s}_{m}"] for s in ("test", "val") if f"{s}_{task.choose_by}" in best
              for m in task.metric_names}  # the chosen epoch's own figures: not evaluated again
     missing = [s for s in ("test", "val", "train") if f"{s}_{task.choose_by}" not in known and s in task.eval_batches]
@@ -403,8 +403,7 @@ def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, t
         summary = {**final, "best_epoch": best["epoch"], "epochs_run": epochs_run,
                    "wall_seconds": round(wall_seconds, 2), **runs.describe(cfg, task, model)}
         runs.write_results(results, summary, history.rows, task.plots)
-    print(f"{task.headline(final)} (best epoch {best['epoch']} of {epochs_run}, "
-          f"val {task.choose_by} {final[choose]:.4f}); results in {results}/")
+    print(f"{runs.final_line(task, final, best, epochs_run)}; results in {results}/")
 
 
 def main(argv):

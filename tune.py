@@ -74,6 +74,9 @@ def parse(argv):
         if settings[key] < 0:
             raise runs.ConfigError(f"--{key} must not be negative, got {settings[key]}")
     base = train.resolve_config(arguments(fixed))  # checks the fixed knobs
+    if base["val_fraction"] == 0:
+        raise runs.ConfigError("--val_fraction=0 leaves tune.py nothing to choose on: it compares trials on "
+                               "validation data")
     if not settings["study"]:  # the same command names the same study, so it continues
         settings["study"] = f"tune-{loader.dataset_label(base['dataset'])}-{base['task']}"  # a file: its name and path's key
     return settings, fixed, base

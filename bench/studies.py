@@ -1011,3 +1011,169 @@ def sniffers(args):
               "MovieLens and LightGCN write them; see docs/data.md for the load time of each at 25M rows.", "",
               machine_lines(args.command)]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- fold-in
+
+FOLD_IN_HELD = 0.1          # share of users held out entirely (seeded)
+FOLD_IN_HISTORY = 0.8       # share of a held-out user's items given as their history; the rest is their test
+EASE_L2 = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)  # EASE's L2, chosen on the run's validation part
+
+
+def fold_in_study(args):
+    """New users without retraining, measured: FOLD_IN_HELD of the users held out entirely
+    (numpy seed 0), the rest split 80/10/10 within each user (seed 2020) as the ranking task
+    splits them. Run A trains on the rest; run B also on 80% of each held-out user's items (the
+    same split otherwise, as pre-split folders, so both choose on the same validation part).
+    Each held-out user is folded into A from 1, 3 or all of their 80% (recommend.py's fold-in)
+    and ranked (their given items masked) against their other 20%: NDCG@10 beside B's trained
+    rows, EASE given the same history (its L2 chosen on A's validation part) and popularity.
+    The rating task (ratings, not positives; MovieLens names): fold-in MSE on the held-out 20%
+    beside B's. Validation never sees a held-out user."""
+    import subprocess
+
+    import pandas as pd
+    import torch
+    from scipy.sparse import csr_matrix
+
+    import recommend
+    from bench import peers
+
+    name = args.dataset if loader.is_movielens(args.dataset) else f"`{Path(args.dataset).name}`"
+    lines = [f"## New users without retraining (fold-in) on {name}", ""]
+    cfg = peers.task_config(args.dataset, "ranking", args.columns)
+    ratings = loader.load(args.dataset, args.data_dir, allow_download=False, columns=args.columns)
+    rows, _ = loader.implicit_feedback(ratings, cfg["ranking_min_rating"], cfg["ranking_core"])
+    users = ratings.users[rows]
+    user_list = np.unique(users)
+    rng = np.random.default_rng(0)
+    held = np.sort(rng.choice(user_list, int(len(user_list) * FOLD_IN_HELD), replace=False))
+    is_held = np.isin(users, held)
+    kept = rows[~is_held]
+    # split_per_user keeps the rows' order: its parts line up with kept
+    rest_part = loader.split_per_user(ratings, kept, fractions=(0.8, 0.1, 0.1), seed=cfg["split_seed"]).part
+    held_rows = rows[is_held]
+    order = np.lexsort((rng.random(len(held_rows)), ratings.users[held_rows]))
+    held_rows = held_rows[order]
+    held_users = ratings.users[held_rows]
+    counts = np.bincount(held_users, minlength=ratings.n_users)[held]
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    within = np.arange(len(held_rows)) - np.repeat(start, counts)
+    given = within < np.repeat(np.floor(counts * FOLD_IN_HISTORY).astype(int).clip(min=1), counts)
+    raw_user, raw_item = ratings.user_ids[ratings.users], ratings.item_ids[ratings.items]
+    with tempfile.TemporaryDirectory(prefix="mfmixtaste-fold-in-") as scratch:
+        scratch = Path(scratch)
+
+        def write(folder, parts):
+            folder.mkdir()
+            for name, chosen in zip(("train", "valid", "test"), parts):
+                pd.DataFrame({"user": raw_user[chosen], "item": raw_item[chosen]}).to_csv(folder / f"{name}.csv", index=False)
+            return folder
+
+        a_parts = [kept[rest_part == p] for p in range(3)]
+        folder_a = write(scratch / "a", a_parts)
+        folder_b = write(scratch / "b", [np.concatenate([a_parts[0], held_rows[given]]), a_parts[1],
+                                         np.concatenate([a_parts[2], held_rows[~given]])])
+        run = {}
+        for name, folder in (("a", folder_a), ("b", folder_b)):
+            command = [sys.executable, str(ROOT / "train.py"), "--task=ranking", f"--dataset={folder}",
+                       f"--runs_dir={scratch / 'runs'}", f"--results_dir={scratch / 'results'}", f"--run_name={name}",
+                       "--progress=False"]
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            if done.returncode:
+                sys.exit(f"error: the fold-in study's run {name} failed: {done.stderr.strip()[-500:]}")
+            run[name] = recommend.Recommender.load(scratch / "runs" / name, quiet=True)
+        trained_a, trained_b = run["a"], run["b"]
+        ids = trained_a.item_ids
+        test = {}
+        for u, i in zip(raw_user[held_rows[~given]], raw_item[held_rows[~given]]):
+            test.setdefault(u, set()).add(i)
+        history = pd.DataFrame({"user_id": raw_user[held_rows[given]], "item_id": raw_item[held_rows[given]]})
+        history = history[np.isin(history["item_id"], ids)]
+        # EASE on A's training matrix, its L2 chosen on A's validation part.
+        train_a = a_parts[0]
+        a_items = loader.positions(ids, raw_item[train_a])[0]
+        a_users_ids, a_users = np.unique(raw_user[train_a], return_inverse=True)
+        X = csr_matrix((np.ones(len(train_a), dtype=np.float32), (a_users, a_items)), shape=(len(a_users_ids), len(ids)))
+        X.data[:] = 1.0
+        valid_a = a_parts[1]
+        v_users = np.searchsorted(a_users_ids, raw_user[valid_a])
+        v_items = loader.positions(ids, raw_item[valid_a])[0]
+        valid = {}
+        for u, i in zip(v_users, v_items):
+            valid.setdefault(u, set()).add(i)
+        best_l2, best_val = None, -1.0
+        for l2 in EASE_L2:
+            weights = peers.ease(X, l2)
+            chosen = np.array(sorted(valid))
+            scores = torch.from_numpy(np.asarray(X[chosen] @ weights))
+            value = _ndcg(scores, X[chosen], [valid[u] for u in chosen])
+            if value > best_val:
+                best_l2, best_val, best_weights = l2, value, weights
+        popular = torch.from_numpy(np.asarray(X.sum(0)).ravel())
+        table = ["| history given | fold-in | trained in | EASE (L2 " + f"{best_l2:g}" + ") | popularity | users |",
+                 "|---|---|---|---|---|---|"]
+        for size in (1, 3, None):
+            chosen = history if size is None else history.groupby("user_id", sort=False).head(size)
+            started = time.perf_counter()
+            folded = trained_a.recommend_histories(chosen, n=len(ids), block=256)
+            seconds = time.perf_counter() - started
+            users_here = chosen["user_id"].drop_duplicates().to_numpy()
+            scores = np.full((len(users_here), len(ids)), -np.inf, dtype=np.float32)
+            where = {u: k for k, u in enumerate(users_here)}
+            rows_f = np.array([where[u] for u in folded["user_id"]])
+            scores[rows_f, loader.positions(ids, folded["item_id"].to_numpy())[0]] = -folded["rank"].to_numpy()
+            chosen_items = loader.positions(ids, chosen["item_id"].to_numpy())[0]
+            given_x = csr_matrix((np.ones(len(chosen), dtype=np.float32),
+                                  ([where[u] for u in chosen["user_id"]], chosen_items)), shape=(len(users_here), len(ids)))
+            given_x.data[:] = 1.0
+            truth = [{i for i in test.get(u, ()) if i in set(ids)} for u in users_here]
+            truth_rows = [set(loader.positions(ids, np.array(sorted(t), dtype=ids.dtype))[0]) if t else set() for t in truth]
+            fold_ndcg = _ndcg(torch.from_numpy(scores), given_x, truth_rows)
+            ease_ndcg = _ndcg(torch.from_numpy(np.asarray(given_x @ best_weights)), given_x, truth_rows)
+            pop_ndcg = _ndcg(popular.expand(len(users_here), -1).clone(), given_x, truth_rows)
+            trained = "-"
+            if size is None:
+                b_rows = loader.positions(trained_b.user_ids, users_here.astype(trained_b.user_ids.dtype))[0]
+                with torch.no_grad():
+                    b_scores = trained_b.model.score_all(torch.from_numpy(b_rows))
+                b_truth = [set(loader.positions(trained_b.item_ids, np.array(sorted(t), dtype=ids.dtype))[0]) if t else set()
+                           for t in truth]
+                b_given = csr_matrix((np.ones(len(chosen), dtype=np.float32),
+                                      ([where[u] for u in chosen["user_id"]],
+                                       loader.positions(trained_b.item_ids, chosen["item_id"].to_numpy())[0])),
+                                     shape=(len(users_here), len(trained_b.item_ids)))
+                trained = f"{_ndcg(b_scores, b_given, b_truth):.4f}"
+            label = "all (80%)" if size is None else f"{size}"
+            table.append(f"| {label} | **{fold_ndcg:.4f}** | {trained} | {ease_ndcg:.4f} | {pop_ndcg:.4f} | "
+                         f"{len(users_here):,} ({seconds:.1f} s to fold in and answer) |")
+    lines += [f"{len(held):,} of {len(user_list):,} users held out (numpy seed 0); each folded in from 1, 3 or "
+              f"all of {FOLD_IN_HISTORY:.0%} of their items and ranked against the rest; test NDCG@10 over "
+              "every item but the given ones. Run A trains without them, run B with their 80% (the same split "
+              f"of the other users, as pre-split folders); EASE fits A's training part, its L2 chosen on A's "
+              f"validation (validation NDCG@10 {best_val:.4f}).", "", *table, "",
+              machine_lines(args.command)]
+    return "\n".join(lines) + "\n"
+
+
+def _ndcg(scores, given, truth, k=10):
+    """Mean NDCG@k of scores (U, n_items) with each user's given items (a CSR (U, n_items)) masked,
+    against truth (a list of sets of item columns); users without truth are left out."""
+    scores = scores.clone().float()
+    coo = given.tocoo()
+    scores[torch_index(coo.row), torch_index(coo.col)] = -np.inf
+    import torch
+    top = torch.topk(scores, k, dim=1).indices.numpy()
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    values = []
+    for row, wanted in zip(top, truth):
+        if not wanted:
+            continue
+        hits = np.array([item in wanted for item in row])
+        values.append((hits * discounts).sum() / discounts[:min(len(wanted), k)].sum())
+    return float(np.mean(values))
+
+
+def torch_index(array):
+    import torch
+    return torch.from_numpy(np.asarray(array, dtype=np.int64))

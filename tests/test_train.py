@@ -136,6 +136,8 @@ def test_resume_refuses_settings_its_checkpoint_fixes(tmp_path, synthetic_ml100k
     ("--prior_per=rows", "--prior_per=rows is not one of row, pair"),
     ("--prior_biases=-1.0", "--prior_biases must not be negative"),
     ("--val_fraction=0.00001", "too few to split"),
+    ("--test_fraction=1", "must lie in [0, 1)"),
+    ("--val_fraction=-0.1", "must lie in [0, 1)"),
     ("--implicit_share=1.5", "--implicit_share is a share of the epochs, from 0 to 1"),
     ("--mixed_precision=bfloat16", "the rating task and the sampled losses run through the fused node"),
     ("--split_seed=-1", "--split_seed must lie between 0 and 2**32 - 1"),
@@ -468,3 +470,24 @@ def test_user_results_are_ignored_by_git_and_the_reference_runs_are_not():
     ignored = subprocess.run(["git", "check-ignore", "results/my-run/summary.json", "results/ml-1m-default/summary.json",
                               "results/benchmark.md"], capture_output=True, text=True, cwd=ROOT)
     assert ignored.stdout.split() == ["results/my-run/summary.json"]
+
+
+@pytest.mark.parametrize("task", ["rating", "ranking"])
+def test_a_fit_on_all_the_data_has_no_test_set_and_its_last_epoch_is_the_model(tmp_path, synthetic_ml100k, task):
+    """--test_fraction=0 --val_fraction=0: every row trains, nothing stops early, the last epoch is
+    the model, the summary says there are no test figures, and the run folder answers."""
+    extra = ["--task=ranking", "--eval_every=1"] if task == "ranking" else []
+    result = run_train(tmp_path, synthetic_ml100k, "--epochs=3", "--test_fraction=0", "--val_fraction=0",
+                       "--run_name=all", *extra)
+    assert "no test set" in result.stdout and "the last epoch, 3, is the model" in result.stdout
+    summary = json.loads((tmp_path / "results" / "all" / "summary.json").read_text())
+    assert not [k for k in summary if k.startswith(("test_", "val_")) and k != "test_set"]
+    assert "no test figures" in summary["test_set"]
+    assert summary["best_epoch"] == 3 and summary["n_test"] == summary["n_val"] == 0
+    assert [p.name for p in (tmp_path / "runs" / "all").glob("best_*.pt")] == ["best_model_3.pt"]
+    from recommend import Recommender
+    run = Recommender.load(tmp_path / "runs" / "all")
+    assert len(run.recommend(int(run.user_ids[0]), n=3)) == 3
+    # Without a test set but with validation, the model is still chosen on validation.
+    chosen = run_train(tmp_path, synthetic_ml100k, "--epochs=2", "--test_fraction=0", "--run_name=val", *extra)
+    assert "no test set" in chosen.stdout and "best epoch" in chosen.stdout
