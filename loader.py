@@ -603,10 +603,73 @@ def _check_parts(n_ratings, parts, test_fraction, val_fraction):
     return parts
 
 
-def rating_split(ratings, test_fraction=0.25, val_fraction=0.05, split_seed=42):
-    """The rating task's rows (train, val, test): split() of the file's rows, or a pre-split
-    dataset's own parts (validation drawn from the training rows as split() draws it when the
-    data has no validation part)."""
+SPLITS = ("random", "time", "last")  # train.py's --split
+
+
+def time_order(ratings, rows, how):
+    """rows (indices into ratings) sorted by time, ties kept in file order (a one-line-per-user
+    file's times are the items' places in their lines); data without times is refused."""
+    if ratings.timestamps is None:
+        raise DataError(f"--split={how} orders interactions by time, and this data has no time column: name it "
+                        "with --columns=USER,ITEM,RATING,TIME (or USER,ITEM,,TIME), or use --split=random")
+    return rows[np.argsort(ratings.timestamps[rows], kind="stable")]
+
+
+def unseen_in_training(users, items, part):
+    """(N,) bool: the validation and test rows whose user or item has no training row (a time
+    split can leave a late user or a new item there): the model has nothing learned for them."""
+    trained = part == 0
+    known_users = np.zeros(users.max() + 1 if len(users) else 0, dtype=bool)
+    known_users[users[trained]] = True
+    known_items = np.zeros(items.max() + 1 if len(items) else 0, dtype=bool)
+    known_items[items[trained]] = True
+    return (part > 0) & ~(known_users[users] & known_items[items])
+
+
+def time_parts(ratings, rows, how, test_fraction, val_fraction):
+    """(N,) int8 parts of rows (0 train, 1 validation, 2 test) by time. "time": one cut for all,
+    the latest test_fraction of the interactions are the test set and the latest val_fraction of
+    those before them validation (a "what happens next" split: no future leaks into training).
+    "last": within each user, the latest interaction is the test item and the one before it
+    validation (leave-one-out, as RecBole's ordered split and the sequential papers); a user of
+    fewer than 3 stays in training (with a fraction of 0, that part is not drawn)."""
+    if ratings.timestamps is None:
+        time_order(ratings, rows, how)  # refused, with its message
+    rank = np.empty(len(rows), dtype=np.int64)
+    rank[np.argsort(ratings.timestamps[rows], kind="stable")] = np.arange(len(rows))  # each row's place in time
+    part = np.zeros(len(rows), dtype=np.int8)
+    if how == "time":
+        n_test = int(round(len(rows) * test_fraction))
+        n_val = int(round((len(rows) - n_test) * val_fraction))
+        part[rank >= len(rows) - n_test] = 2
+        part[(rank >= len(rows) - n_test - n_val) & (rank < len(rows) - n_test)] = 1
+        return part
+    users = ratings.users[rows]
+    order = np.lexsort((rank, users))                      # by user, then time
+    counts = np.bincount(users, minlength=ratings.n_users)
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    from_end = counts[users[order]] - (np.arange(len(rows)) - start[users[order]])  # 1: the latest
+    enough = counts[users[order]] >= 3
+    part[order[enough & (from_end == 1) & (test_fraction > 0)]] = 2
+    part[order[enough & (from_end == 2 - (test_fraction == 0)) & (val_fraction > 0)]] = 1
+    return part
+
+
+def rating_split(ratings, test_fraction=0.25, val_fraction=0.05, split_seed=42, how="random"):
+    """The rating task's rows (train, val, test): split() of the file's rows, the time_parts of
+    --split=time or last, or a pre-split dataset's own parts (validation drawn from the training
+    rows as split() draws it when the data has no validation part)."""
+    if ratings.part is not None and how != "random":
+        raise DataError(f"--split={how}: a pre-split dataset is used as given (its own parts): leave --split out")
+    if how != "random":
+        part = time_parts(ratings, np.arange(len(ratings)), how, test_fraction, val_fraction)
+        unseen = unseen_in_training(ratings.users, ratings.items, part)
+        if unseen.any():
+            ratings.described.append(f"{unseen.sum():,} validation and test rows dropped: their user or item has no "
+                                     "earlier row in training")
+        part[unseen] = -1
+        return _check_parts(len(ratings), tuple(np.flatnonzero(part == p) for p in range(3)),
+                            test_fraction, val_fraction)
     if ratings.part is None:
         return split(len(ratings), test_fraction, val_fraction, split_seed)
     train, val, test = (np.flatnonzero(ratings.part == p) for p in range(3))
@@ -745,6 +808,7 @@ class Interactions(_IdMaps):
     user_ids: np.ndarray  # (n_users,) raw ids, sorted
     item_ids: np.ndarray  # (n_items,) raw ids, sorted
     described: list = dataclass_field(default_factory=list)  # the filter and split, in words
+    timestamps: np.ndarray | None = None  # (N,) int64 seconds (or places in a user's line), None: none
 
     def __len__(self):
         return len(self.users)
@@ -795,15 +859,32 @@ def per_user_counts(counts, fractions):
     return held
 
 
-def split_per_user(ratings, rows, fractions=(0.8, 0.1, 0.1), seed=2020):
+def split_per_user(ratings, rows, fractions=(0.8, 0.1, 0.1), seed=2020, how="random"):
     """The given rows (positives) as Interactions, split within each user at random, seeded:
-    per_user_counts of a user's n to validation and test, the rest to training. Pre-split data
-    keeps its parts, validation drawn so from the training rows where it has none."""
+    per_user_counts of a user's n to validation and test, the rest to training; or by time
+    (how="time" or "last": time_parts). Pre-split data keeps its parts, validation drawn so from
+    the training rows where it has none."""
     user_index, users = np.unique(ratings.users[rows], return_inverse=True)
     item_index, items = np.unique(ratings.items[rows], return_inverse=True)
     users, items = users.astype(np.int64), items.astype(np.int64)
     given = None if ratings.part is None else ratings.part[rows]
-    if given is not None and (given == 1).any():
+    if given is not None and how != "random":
+        raise DataError(f"--split={how}: a pre-split dataset is used as given (its own parts): leave --split out")
+    if given is None and how != "random":
+        part = time_parts(ratings, rows, how, fractions[2], fractions[1])
+        unseen = unseen_in_training(users, items, part)
+        if unseen.any():  # left out of every part
+            keep = ~unseen
+            rows, users, items, part = rows[keep], users[keep], items[keep], part[keep]
+            user_index, users = np.unique(user_index[users], return_inverse=True)
+            item_index, items = np.unique(item_index[items], return_inverse=True)
+            users, items = users.astype(np.int64), items.astype(np.int64)
+        how = (f"by time: the latest {fractions[2]:g} of the interactions to test, the latest {fractions[1]:g} "
+               "before them to validation" if how == "time" else
+               "by time within each user: the latest to test, the one before it to validation") \
+            + (f"; {unseen.sum():,} validation and test interactions dropped: their user or item has no earlier "
+               "one in training" if unseen.any() else "")
+    elif given is not None and (given == 1).any():
         part, how = given.astype(np.int8), "the dataset's own train/valid/test"
     else:
         drawn = np.flatnonzero(given == 0) if given is not None else np.arange(len(rows))
@@ -820,7 +901,8 @@ def split_per_user(ratings, rows, fractions=(0.8, 0.1, 0.1), seed=2020):
     described = [f"split: {how}; train {(part == 0).sum():,}, validation {(part == 1).sum():,}, test "
                  f"{(part == 2).sum():,} interactions of {len(user_index):,} users and {len(item_index):,} items"
                  + (f"; {trained_only:,} users (fewer than 3 interactions) in training only" if trained_only else "")]
-    return Interactions(users, items, part, ratings.user_ids[user_index], ratings.item_ids[item_index], described)
+    return Interactions(users, items, part, ratings.user_ids[user_index], ratings.item_ids[item_index], described,
+                        None if ratings.timestamps is None else ratings.timestamps[rows])
 
 
 def _draw_parts(users, n_users, fractions, seed):

@@ -124,6 +124,8 @@ def check(cfg):
         raise ConfigError(f"--softmax_items={cfg['softmax_items']} must be 0 (the rule) or a number of items")
     if cfg["task"] == "ranking" and cfg["test_fraction"] + cfg["val_fraction"] >= 1:
         raise ConfigError("--test_fraction and --val_fraction leave nothing to train on")
+    if cfg["split"] not in loader.SPLITS:
+        raise ConfigError(f"--split={cfg['split']} is not one of {', '.join(loader.SPLITS)}")
     for key, limit in (("seed", 2 ** 64), ("split_seed", 2 ** 32)):  # torch's and numpy's generators
         if not 0 <= cfg[key] < limit:
             raise ConfigError(f"--{key} must lie between 0 and 2**{limit.bit_length() - 1} - 1, got {cfg[key]}")
@@ -615,6 +617,24 @@ def check_model_fits(cfg, n_users, n_items, device):
                           f"{available / 2 ** 30:,.1f} GiB of {device}: lower --dim or --n_tastes")
 
 
+def write_split(run_dir, task):
+    """split.parquet: every row the run split, user_id, item_id (raw ids), timestamp (where the
+    data has times) and part (train, valid or test), so that another tool or paper can reuse the
+    split exactly."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    users, items, times, part = task.split
+    columns = {"user_id": task.user_ids[users], "item_id": task.item_ids[items]}
+    if times is not None:
+        columns["timestamp"] = times
+    columns["part"] = pa.DictionaryArray.from_arrays(pa.array(part.astype(np.int8)), ["train", "valid", "test"])
+    table = pa.table(columns)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    write_atomically(run_dir / "split.parquet", buffer.getvalue().to_pybytes())
+
+
 def save_run_data(run_dir, task, cfg):
     """What inference needs beside the model and config.json, so that a finished run folder
     answers on its own (recommend.py): the raw user and item ids of the model's rows, each
@@ -633,6 +653,7 @@ def save_run_data(run_dir, task, cfg):
              trained_items=task.trained_items,
              prior_weights=np.array([task.prior_weights[name] for name in PRIOR_TERMS], dtype=np.float64))
     write_atomically(run_dir / "dataset.npz", arrays.getvalue())
+    write_split(run_dir, task)
     try:
         names = loader.read_items(cfg["dataset"], cfg["data_dir"], cfg["items"])
     except loader.DataError as error:  # a bad items file, or the data folder moved: ids stand for titles

@@ -36,7 +36,12 @@ class RatingTask:
         if not ratings.has_ratings:
             raise loader.DataError(f"{cfg['dataset']} has no rating column (implicit feedback: every row an "
                                    "interaction): use --task=ranking, or name its rating column with --columns")
-        rows = loader.rating_split(ratings, cfg["test_fraction"], cfg["val_fraction"], cfg["split_seed"])
+        rows = loader.rating_split(ratings, cfg["test_fraction"], cfg["val_fraction"], cfg["split_seed"], cfg["split"])
+        # The split as run folders keep it (split.parquet): (user, item) indices, times, parts.
+        parts = np.concatenate([np.full(len(r), p, dtype=np.int8) for p, r in enumerate(rows)])
+        every = np.concatenate(rows)
+        self.split = (ratings.users[every], ratings.items[every],
+                      None if ratings.timestamps is None else ratings.timestamps[every], parts)
         tensors = {name: ratings.tensors(r, device) for name, r in zip(SPLITS, rows)}
         train_ratings = ratings.ratings[rows[0]]
         self.n_users, self.n_items = ratings.n_users, ratings.n_items
@@ -51,7 +56,9 @@ class RatingTask:
         self.lr_scale = 1.0  # train.py's lr as given (tasks.lr_scale is the ranking softmax's)
         self.lr_decay = cfg["lr_decay"]  # and its warm-down (tasks.warm_down_share)
         split = "the dataset's own parts" if ratings.part is not None else \
-            f"{1 - cfg['test_fraction']:g}/{cfg['test_fraction']:g} by row (seed {cfg['split_seed']})"
+            f"{1 - cfg['test_fraction']:g}/{cfg['test_fraction']:g} by row (seed {cfg['split_seed']})" \
+            if cfg["split"] == "random" else f"the latest {cfg['test_fraction']:g} by time to test" \
+            if cfg["split"] == "time" else "each user's latest rating to test, the one before it to validation"
         self.described = ratings.described + [
             f"rating data: {len(ratings):,} ratings of {ratings.n_users:,} users and {ratings.n_items:,} items, "
             f"from {train_ratings.min():g} to {train_ratings.max():g}; split {split}: train {len(rows[0]):,}, "
@@ -174,7 +181,7 @@ def ranking_interactions(cfg, ratings):
     rows, kept = loader.implicit_feedback(ratings, cfg["ranking_min_rating"], cfg["ranking_core"])
     data = loader.split_per_user(ratings, rows, fractions=(1 - cfg["val_fraction"] - cfg["test_fraction"],
                                                            cfg["val_fraction"], cfg["test_fraction"]),
-                                 seed=cfg["split_seed"])
+                                 seed=cfg["split_seed"], how=cfg["split"])
     data.described = ratings.described + [kept] + data.described
     return data
 
@@ -193,6 +200,7 @@ class RankingTask:
         self.n_users, self.n_items, self.global_mean = data.n_users, data.n_items, 0.0
         self.described = data.described
         self.user_ids, self.item_ids = data.user_ids, data.item_ids
+        self.split = (data.users, data.items, data.timestamps, data.part)  # split.parquet's rows
         # recommend.py's "already rated": every movie of the model the user rated, at any rating
         # (a movie rated 1 star is no recommendation), not only the positives it trained on.
         self.seen = loader.pairs_within(ratings, data.user_ids, data.item_ids)

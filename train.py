@@ -67,6 +67,7 @@ download = True            # MovieLens names: download from GroupLens when no lo
 test_fraction = 0.25       # rows held out for test, drawn as the replaced script did (seed 42, in file order)
 val_fraction = 0.05        # share of the training rows held out for early stopping and model choice
 split_seed = 42            # seed of the train/test and train/val splits (42 = the replaced script's split)
+split = "random"           # "random"; "time": the latest test_fraction by time are the test set; "last": each user's latest
 # ranking (task="ranking"): RecBole's ml-1m protocol, each user's interactions split train/val/test
 ranking_min_rating = 3.0   # a rating >= this is a positive interaction (the value is then dropped)
 ranking_core = 10          # users and items with fewer positives are removed, repeatedly until none is
