@@ -897,7 +897,10 @@ def split_per_user(ratings, rows, fractions=(0.8, 0.1, 0.1), seed=2020, how="ran
     if (fractions[1] > 0 and not (part == 1).any()) or (need_test and not (part == 2).any()):
         raise DataError(f"no user has the 3 interactions that a validation and a test item need ({len(rows):,} "
                         f"interactions of {len(user_index):,} users): nothing to choose a model on or to test it on")
-    trained_only = int((np.bincount(users[part > 0], minlength=len(user_index)) == 0).sum())
+    # Users with nothing held out (fewer than 3 interactions), where anything is held out at all.
+    trained_only = int((np.bincount(users[part > 0], minlength=len(user_index)) == 0).sum()) if (part > 0).any() else 0
+    if not (part > 0).any():
+        how = "none: every interaction trains (test_fraction=0, val_fraction=0: a fit on all the data)"
     described = [f"split: {how}; train {(part == 0).sum():,}, validation {(part == 1).sum():,}, test "
                  f"{(part == 2).sum():,} interactions of {len(user_index):,} users and {len(item_index):,} items"
                  + (f"; {trained_only:,} users (fewer than 3 interactions) in training only" if trained_only else "")]
