@@ -286,6 +286,8 @@ def command_line():
                         help="batch size for the synthetic large sets")
     parser.add_argument("--fold_in", action="store_true",
                         help="new users without retraining: held-out users folded in, against trained-in, EASE, popularity")
+    parser.add_argument("--weights_study", action="store_true",
+                        help="event types: ML-1M's ratings as views, carts, purchases; unweighted, weighted, purchases only")
     parser.add_argument("--sniffers", action="store_true",
                         help="awkward files read by our dialect guess, CleverCSV's and DuckDB's (pip install clevercsv duckdb)")
     parser.add_argument("--cost_curve", action="store_true",
@@ -318,6 +320,7 @@ def run(args):
                           else ("cost-curve", studies.cost_curve) if args.cost_curve
                           else ("sniffers", studies.sniffers) if args.sniffers
                           else ("fold-in", studies.fold_in_study) if args.fold_in
+                          else ("event-weights", studies.weights_study) if args.weights_study
                           else ("sizes", studies.sizes) if args.sizes
                           else ("shared-accounts", studies.shared_accounts) if args.shared_accounts
                           else ("ranking", ranking_peers) if args.task == "ranking" else ("peers", rating_peers))

@@ -108,6 +108,7 @@ class Interactions:
     ratings: np.ndarray | None
     timestamps: np.ndarray | None
     described: list = field(default_factory=list)
+    weights: np.ndarray | None = None  # (N,) float32 > 0 of --event_weights / --weight_column, None: none
 
 
 # ----------------------------------------------------------------------------- bytes
@@ -298,6 +299,76 @@ def _has_header(fields):
         if column and not _is_number(name) and all(_is_number(value) for value in column):
             return names
     return None
+
+
+# ----------------------------------------------------------------------------- weights
+
+@dataclass
+class Weights:
+    """How rows are weighed: kind "event" (column's values -> weights; a value not listed, or
+    weight 0, drops its rows) or "strength" (a numeric column x, weight log(1 + x): play counts,
+    quantities; 0 drops the row); text: as the command line gave it."""
+    kind: str
+    column: str
+    values: dict = field(default_factory=dict)
+    text: str = ""
+    strict: bool = True  # a listed value the file lacks is refused (a pre-split folder's valid and test files: not)
+
+
+def parse_weights(event_weights="", weight_column=""):
+    """--event_weights=COLUMN:VALUE=W[,VALUE=W...] or --weight_column=COLUMN -> Weights, or None
+    when neither is given; bad text is a DataError that says the form."""
+    if event_weights and weight_column:
+        raise DataError("give --event_weights (weights by an event column's values) or --weight_column (a numeric "
+                        "strength), not both")
+    if weight_column:
+        return Weights("strength", weight_column.strip(), text=f"--weight_column={weight_column}")
+    if not event_weights:
+        return None
+    form = "--event_weights=COLUMN:VALUE=W[,VALUE=W...], e.g. --event_weights=event_type:view=0.2,cart=0.5,purchase=1"
+    column, colon, pairs = event_weights.partition(":")
+    if not colon or not column.strip() or not pairs.strip():
+        raise DataError(f"--event_weights={event_weights}: give {form}")
+    values = {}
+    for pair in pairs.split(","):
+        value, equals, weight = pair.partition("=")
+        try:
+            number = float(weight)
+        except ValueError:
+            number = None
+        if not equals or not value.strip() or number is None or not np.isfinite(number) or number < 0:
+            raise DataError(f"--event_weights: {pair.strip()!r} is not VALUE=W with W a number of at least 0; give {form}")
+        values[value.strip()] = number
+    return Weights("event", column.strip(), values, f"--event_weights={event_weights}")
+
+
+def weigh(table, weights, path, header):
+    """The rows' weights (N,) float64 from table["weight"] under weights (Weights). An event
+    value listed but absent from the file, or a strength that is not a number of at least 0, is
+    a DataError that says what the file has."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = table["weight"]
+    if weights.kind == "event":
+        values = pc.utf8_trim_whitespace(column.cast(pa.string())).to_numpy(zero_copy_only=False).astype(str)
+        present = set(np.unique(values).tolist())
+        missing = [value for value in weights.values if value not in present]
+        if missing and weights.strict:
+            shown = sorted(present)
+            raise DataError(f"{path}: {weights.text}: its column {weights.column!r} has no value "
+                            f"{', '.join(map(repr, missing))}; it has {', '.join(map(repr, shown[:20]))}"
+                            + (f" and {len(shown) - 20:,} more" if len(shown) > 20 else ""))
+        lookup = np.vectorize(lambda v: weights.values.get(v, 0.0), otypes=[np.float64])
+        return lookup(values) if len(values) else np.zeros(0)
+    try:
+        strength = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    except pa.ArrowInvalid:
+        strength = np.array([np.nan])
+    if not np.isfinite(strength).all() or (strength < 0).any():
+        raise DataError(f"{path}: {weights.text}: the column {weights.column!r} must hold numbers of at least 0 (a "
+                        "count or an amount) in every row")
+    return np.log1p(strength)
 
 
 # ----------------------------------------------------------------------------- columns
@@ -506,26 +577,32 @@ def seconds(column, path):
     return np.floor_divide(parsed.astype("int64").to_numpy(), per_second)
 
 
-def read_interactions(path, columns="", layout=None, integer_ids=False, skip_bad_lines=False):
+def read_interactions(path, columns="", layout=None, integer_ids=False, skip_bad_lines=False, weights=None):
     """Interactions of a file (the format sniffed, unless layout is given; columns: the
     --columns text). integer_ids: ids must be integers (MovieLens). A line that cannot be read
     (a wrong number of fields, an empty id, a rating or time that is not one) stops the read
     with its number, unless skip_bad_lines: then such lines are dropped, counted, and the first
-    few named (as pandas' on_bad_lines="skip", said in the run's first lines)."""
+    few named (as pandas' on_bad_lines="skip", said in the run's first lines). weights (a
+    Weights): each row's weight from one more column (rows weighing 0 dropped, counted)."""
     path = Path(path)
     layout = layout or sniff(path)
     if layout.kind == "per_user":
-        if columns:
-            raise DataError(f"{path}: one line per user (the user, then the items) has no columns to name: "
-                            "leave --columns out")
+        if columns or weights:
+            raise DataError(f"{path}: one line per user (the user, then the items) has no columns to name or to "
+                            "weigh rows by: leave --columns, --event_weights and --weight_column out")
         return _read_per_user(path, layout)
     named_columns(path, layout)
     roles = resolve_columns(path, layout, parse_columns(columns))
+    if weights is not None:
+        if layout.header is None or (weights.column not in layout.header and not weights.column.isdigit()):
+            raise DataError(f"{path} has no column {weights.column!r} to weigh rows by ({weights.text}); its columns are "
+                            + (", ".join(layout.header) if layout.header else "unnamed (no header line)"))
+        roles["weight"] = layout.header.index(weights.column) if weights.column in layout.header else int(weights.column)
     if layout.header is None and "rating" in roles and "timestamp" not in roles:
         _maybe_times(path, layout, roles)
     import pyarrow as pa
     import pyarrow.compute as pc
-    types = {"user": pa.string(), "item": pa.string(), "rating": pa.float64()}
+    types = {"user": pa.string(), "item": pa.string(), "rating": pa.float64(), "weight": pa.string()}
     if integer_ids:
         types.update(user=pa.int64(), item=pa.int64(), timestamp=pa.int64())
     try:
@@ -541,10 +618,13 @@ def read_interactions(path, columns="", layout=None, integer_ids=False, skip_bad
         raise
     except (pa.ArrowException, UnicodeDecodeError) as error:
         if skip_bad_lines and layout.kind == "rows":
-            return _read_skipping_bad_lines(path, layout, roles, integer_ids)
+            return _read_skipping_bad_lines(path, layout, roles, integer_ids, weights)
         raise _first_bad_line(path, layout, roles, integer_ids, error) from None
     if table.num_rows == 0:
         raise DataError(f"{path}: no rows" + (" after the header" if layout.header else ""))
+    row_weights, dropped = None, []
+    if weights is not None:
+        table, row_weights, dropped, _ = _weighed(table, weights, path, layout)
     bad = any(role in roles and (table[role].null_count or (pa.types.is_string(table[role].type) and pc.any(
         pc.equal(pc.utf8_trim_whitespace(table[role]), "")).as_py())) for role in ("user", "item", "rating"))
     ratings = times = None
@@ -557,11 +637,26 @@ def read_interactions(path, columns="", layout=None, integer_ids=False, skip_bad
         bad = times is None
     if bad:
         if skip_bad_lines and layout.kind == "rows":
-            return _read_skipping_bad_lines(path, layout, roles, integer_ids)
+            return _read_skipping_bad_lines(path, layout, roles, integer_ids, weights)
         raise _first_bad_line(path, layout, roles, integer_ids, None)
     users, user_ids = encode_ids(table["user"])
     items, item_ids = encode_ids(table["item"])
-    return Interactions(users, items, user_ids, item_ids, ratings, times, [_described(path, layout, roles)])
+    return Interactions(users, items, user_ids, item_ids, ratings, times, [_described(path, layout, roles)] + dropped,
+                        row_weights)
+
+
+def _weighed(table, weights, path, layout):
+    """(the table without the rows that weigh 0, their weights (N,) float32, the described
+    line of what was dropped, as a list, and the kept rows' mask)."""
+    import pyarrow as pa
+
+    row_weights = weigh(table, weights, path, layout.header)
+    kept = row_weights > 0
+    said = [f"{weights.text}: {int((~kept).sum()):,} of {len(kept):,} rows weigh 0 (or name an event not listed) "
+            "and are dropped"] if not kept.all() else []
+    if not kept.any():
+        raise DataError(f"{path}: {weights.text} leaves no row (every row weighs 0)")
+    return table.filter(pa.array(kept)).drop_columns(["weight"]), row_weights[kept].astype(np.float32), said, kept
 
 
 def _described(path, layout, roles):
@@ -571,7 +666,7 @@ def _described(path, layout, roles):
 NUMBER = r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$"
 
 
-def _read_skipping_bad_lines(path, layout, roles, integer_ids):
+def _read_skipping_bad_lines(path, layout, roles, integer_ids, weights=None):
     """read_interactions with skip_bad_lines, for a rows file that has bad lines: every column
     read as text (lines with another number of fields dropped by pyarrow's invalid_row_handler),
     then the rows whose ids are empty or whose rating or time is not one dropped; the count and
@@ -606,7 +701,11 @@ def _read_skipping_bad_lines(path, layout, roles, integer_ids):
             table = table.filter(pa.array(valid))
             times = np.floor_divide(parsed[valid].astype("int64").to_numpy(),
                                     {"s": 1, "ms": 10 ** 3, "us": 10 ** 6, "ns": 10 ** 9}[parsed.dt.unit])
-    dropped = len(misfits) + len(keep) - table.num_rows
+    dropped = len(misfits) + len(keep) - table.num_rows  # the bad lines
+    row_weights, weighed = None, []
+    if weights is not None:
+        table, row_weights, weighed, kept = _weighed(table, weights, path, layout)
+        times = times[kept] if times is not None else None
     if table.num_rows == 0:
         raise DataError(f"{path}: no line could be read ({dropped:,} dropped by --skip_bad_lines); "
                         + str(_first_bad_line(path, layout, roles, integer_ids, None)))
@@ -615,14 +714,15 @@ def _read_skipping_bad_lines(path, layout, roles, integer_ids):
         finite = np.isfinite(ratings)
         table, ratings, dropped = table.filter(pa.array(finite)), ratings[finite], dropped + int((~finite).sum())
         times = times[finite] if times is not None else None
+        row_weights = row_weights[finite] if row_weights is not None else None
     users, user_ids = encode_ids(table["user"].cast(pa.int64()) if integer_ids else table["user"])
     items, item_ids = encode_ids(table["item"].cast(pa.int64()) if integer_ids else table["item"])
     lines = _bad_lines(path, layout, roles, integer_ids, limit=5)
     described = [_described(path, layout, roles),
                  f"{dropped:,} line(s) that could not be read were dropped (--skip_bad_lines): "
                  + "; ".join(f"line {number}: {problem}" for number, problem in lines)
-                 + ("; ..." if dropped > len(lines) else "")]
-    return Interactions(users, items, user_ids, item_ids, ratings, times, described)
+                 + ("; ..." if dropped > len(lines) else "")] + weighed
+    return Interactions(users, items, user_ids, item_ids, ratings, times, described, row_weights)
 
 
 def named_columns(path, layout):

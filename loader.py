@@ -14,6 +14,7 @@ size and time and by the columns asked for, so a second run loads in a fraction 
 data is never redistributed: MovieLens's licence forbids it.
 """
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -110,6 +111,7 @@ class Ratings(_IdMaps):
     part: np.ndarray | None = None        # (N,) int8 of pre-split data: 0 train, 1 validation, 2 test
     has_ratings: bool = True              # False: implicit feedback only (clicks, plays, reviews)
     described: list = dataclass_field(default_factory=list)  # what was read and merged, in words
+    weights: np.ndarray | None = None     # (N,) float32 > 0: --event_weights / --weight_column, None: every row 1
 
     def __len__(self):
         return len(self.ratings)
@@ -426,23 +428,26 @@ def _cache_path(source, key=""):
     return user_cache_dir() / f"{source.name}-{digest}.npz"
 
 
-ARRAYS = ("users", "items", "ratings", "user_ids", "item_ids", "timestamps", "part")
+ARRAYS = ("users", "items", "ratings", "user_ids", "item_ids", "timestamps", "part", "weights")
 
 
-def load(dataset, data_dir="data", allow_download=True, progress=True, columns="", skip_bad_lines=False):
+def load(dataset, data_dir="data", allow_download=True, progress=True, columns="", skip_bad_lines=False, weights=None):
     """Ratings of a MovieLens dataset (by name: data_dir and downloads serve it) or of a file or
     folder (by path; columns: the --columns text; skip_bad_lines: lines that cannot be read are
-    dropped and counted instead of stopping the read), from the parse cache when it matches the
-    sources (file_stamp) and the columns."""
+    dropped and counted instead of stopping the read; weights: a formats.Weights, each row's weight
+    from one more column), from the parse cache when it matches the sources (file_stamp), the
+    columns and the weights."""
     if is_movielens(dataset):
-        if columns:
-            raise DataError(f"--columns is for files: {dataset} is read as MovieLens lays it out")
+        if columns or weights:
+            raise DataError(f"--columns, --event_weights and --weight_column are for files: {dataset} is read as "
+                            "MovieLens lays it out")
         files, parts = [locate(dataset, data_dir, allow_download, progress)], None
     else:
         files, parts = dataset_sources(dataset)
     stamp = np.array([CACHE_VERSION] + [v for f in files for v in file_stamp(f)], dtype=np.int64)
     source = files[0] if parts is None else files[0].parent / "parts"  # a pre-split folder's cache: inside it
-    cache = _cache_path(source, ("" if not columns else "-" + hashlib.sha1(columns.encode()).hexdigest()[:8])
+    reading = columns + (f"|{weights.text}" if weights else "")
+    cache = _cache_path(source, ("" if not reading else "-" + hashlib.sha1(reading.encode()).hexdigest()[:8])
                         + ("-skip" if skip_bad_lines else ""))
     found = _read_cache(cache, stamp)
     if found is not None:
@@ -451,7 +456,10 @@ def load(dataset, data_dir="data", allow_download=True, progress=True, columns="
         read = [formats.read_interactions(files[0], layout=movielens_layout(dataset_spec(dataset)), integer_ids=True,
                                           skip_bad_lines=skip_bad_lines)]
     else:
-        read = [formats.read_interactions(f, columns, skip_bad_lines=skip_bad_lines) for f in files]
+        # A pre-split folder's valid and test files need not hold every event the training file has.
+        read = [formats.read_interactions(f, columns, skip_bad_lines=skip_bad_lines,
+                                          weights=weights if k == 0 or weights is None else
+                                          dataclasses.replace(weights, strict=False)) for k, f in enumerate(files)]
     ratings = merge_duplicates(combine(read, parts))
     if ratings.n_users < 2 or ratings.n_items < 2:
         raise DataError(f"{dataset}: {ratings.n_users:,} user(s) and {ratings.n_items:,} item(s): a model of "
@@ -487,6 +495,7 @@ def _read_cache(cache, stamp):
             return Ratings(*(arrays[k] for k in ARRAYS[:5]),
                            timestamps=arrays["timestamps"] if len(arrays["timestamps"]) else None,
                            part=arrays["part"] if len(arrays["part"]) else None,
+                           weights=arrays["weights"] if len(arrays["weights"]) else None,
                            has_ratings=bool(cached["has_ratings"]), described=cached["described"].tolist())
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None  # a damaged (or empty, or older) cache is rebuilt
@@ -521,7 +530,7 @@ def combine(read, parts):
         (one,) = read
         ratings = one.ratings if one.ratings is not None else np.ones(len(one.users), dtype=np.float32)
         return Ratings(one.users, one.items, ratings, one.user_ids, one.item_ids, one.timestamps,
-                       has_ratings=one.ratings is not None, described=described)
+                       has_ratings=one.ratings is not None, described=described, weights=one.weights)
     user_ids, item_ids = read[0].user_ids, read[0].item_ids  # every id kept occurs in training
     if any(r.user_ids.dtype.kind != user_ids.dtype.kind or r.item_ids.dtype.kind != item_ids.dtype.kind for r in read):
         # One part's id that is no plain integer (guest, 0042) makes every id a str: sorted again,
@@ -541,10 +550,11 @@ def combine(read, parts):
     ratings = cat([r.ratings[k] for r, k in zip(read, kept)]) if read[0].ratings is not None else \
         np.ones(sum(len(u) for u in users), dtype=np.float32)
     times = cat([r.timestamps[k] for r, k in zip(read, kept)]) if has_times else None
+    weights = cat([r.weights[k] for r, k in zip(read, kept)]) if all(r.weights is not None for r in read) else None
     described.append("pre-split: " + ", ".join(f"{('train', 'valid', 'test')[p]} {len(u):,} rows"
                                                for p, u in zip(parts, users)) + " (used as given)")
     return Ratings(cat(users), cat(items), ratings.astype(np.float32), user_ids, item_ids, times, cat(part),
-                   has_ratings=read[0].ratings is not None, described=described)
+                   has_ratings=read[0].ratings is not None, described=described, weights=weights)
 
 
 def _like(ids, other):
@@ -563,12 +573,22 @@ def merge_duplicates(ratings):
     last = np.ones(len(order), dtype=bool)
     last[:-1] = key[order[1:]] != key[order[:-1]]
     kept = np.sort(order[last])
-    rule = "the latest by timestamp" if ratings.timestamps is not None else "the last in the file"
+    rule = ("the latest by timestamp" if ratings.timestamps is not None else "the last in the file") + " of each pair"
+    weights = None
+    if ratings.weights is not None:  # a pair weighs as its strongest row: a view then a purchase is a purchase
+        group = np.cumsum(np.concatenate([[0], last[:-1]]))                     # each sorted row's pair
+        strongest = np.zeros(int(group[-1]) + 1, dtype=np.float32)
+        np.maximum.at(strongest, group, ratings.weights[order])                # per pair, in key order
+        weights = np.empty(len(key), dtype=np.float32)
+        weights[order[last]] = strongest
+        weights = weights[kept]
+        rule += "; each pair weighs as its strongest row"
     described = ratings.described + [f"{len(key) - len(kept):,} duplicate (user, item) rows merged into the "
-                                     f"{len(kept):,} kept ({rule} of each pair)"]
+                                     f"{len(kept):,} kept ({rule})"]
     pick = lambda a: None if a is None else a[kept]
     return Ratings(ratings.users[kept], ratings.items[kept], ratings.ratings[kept], ratings.user_ids,
-                   ratings.item_ids, pick(ratings.timestamps), pick(ratings.part), ratings.has_ratings, described)
+                   ratings.item_ids, pick(ratings.timestamps), pick(ratings.part), ratings.has_ratings, described,
+                   weights)
 
 
 # ----------------------------------------------------------------------------- split
@@ -809,6 +829,7 @@ class Interactions(_IdMaps):
     item_ids: np.ndarray  # (n_items,) raw ids, sorted
     described: list = dataclass_field(default_factory=list)  # the filter and split, in words
     timestamps: np.ndarray | None = None  # (N,) int64 seconds (or places in a user's line), None: none
+    weights: np.ndarray | None = None     # (N,) float32 > 0 of each interaction (--event_weights), None: all 1
 
     def __len__(self):
         return len(self.users)
@@ -905,7 +926,8 @@ def split_per_user(ratings, rows, fractions=(0.8, 0.1, 0.1), seed=2020, how="ran
                  f"{(part == 2).sum():,} interactions of {len(user_index):,} users and {len(item_index):,} items"
                  + (f"; {trained_only:,} users (fewer than 3 interactions) in training only" if trained_only else "")]
     return Interactions(users, items, part, ratings.user_ids[user_index], ratings.item_ids[item_index], described,
-                        None if ratings.timestamps is None else ratings.timestamps[rows])
+                        None if ratings.timestamps is None else ratings.timestamps[rows],
+                        None if ratings.weights is None else ratings.weights[rows])
 
 
 def _draw_parts(users, n_users, fractions, seed):
@@ -944,10 +966,15 @@ class UserBatches(_SeededShuffle):
     of a sampled softmax."""
 
     def __init__(self, users, items, n_users, batch_size, seed=0, shuffle=True, rank=0,
-                 world_size=1, columns=0, probabilities=None):
+                 world_size=1, columns=0, probabilities=None, weights=None):
         order = torch.argsort(users * (int(items.max()) + 1 if len(items) else 1) + items)
         self.items_sorted = items[order]                                   # grouped by user
+        # weights (N,) of the interactions (--event_weights): each batch then also yields its
+        # pairs' weights, and global_pairs is the global batch's total weight.
+        self.weights_sorted = None if weights is None else weights[order]
         self.counts = torch.bincount(users, minlength=n_users)              # (n_users,)
+        self.totals = self.counts if weights is None else \
+            torch.zeros(n_users, dtype=weights.dtype).index_add_(0, users, weights)  # (n_users,)
         self.offsets = torch.cumsum(self.counts, 0) - self.counts           # (n_users,)
         self.n_users, self.batch_size, self.shuffle = n_users, batch_size, shuffle
         self.rank, self.world_size = rank, world_size
@@ -962,18 +989,24 @@ class UserBatches(_SeededShuffle):
         return user_pairs(users, self.counts, self.offsets, self.items_sorted)
 
     def __iter__(self):
+        """(users, positions, items, global_pairs[, drawn items][, weights]): drawn with columns,
+        None in their place where there are weights but no columns."""
         order = (torch.randperm(self.n_users, generator=self.generator) if self.shuffle
                  else torch.arange(self.n_users)).to(self.counts.device)
         for start in range(0, self.n_users, self.batch_size):
             batch = order[start:start + self.batch_size]
             share = batch[self.rank::self.world_size]
             position, items = self.pairs(share)
-            if not self.columns:
-                yield share, position, items, int(self.counts[batch].sum())
-                continue
-            columns = torch.multinomial(self.probabilities, self.columns, replacement=True,
-                                        generator=self.generator)
-            yield share, position, items, int(self.counts[batch].sum()), columns.to(share.device)
+            drawn = torch.multinomial(self.probabilities, self.columns, replacement=True,
+                                      generator=self.generator).to(share.device) if self.columns else None
+            global_pairs = self.totals[batch].sum().item()
+            if self.weights_sorted is not None:
+                weights = user_pairs(share, self.counts, self.offsets, self.weights_sorted)[1]
+                yield share, position, items, global_pairs, drawn, weights
+            elif drawn is not None:
+                yield share, position, items, int(global_pairs), drawn
+            else:
+                yield share, position, items, int(global_pairs)
 
 
 class NegativeBatches(BatchIterator):

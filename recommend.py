@@ -508,6 +508,10 @@ def command_line():
                         "its users fitted to their history and answered (fold-in: no retraining)")
     parser.add_argument("--history_items", metavar="ID,ID,...", help="one new user's items, fitted and answered")
     parser.add_argument("--columns", default="", help="--history: its columns, as train.py's --columns")
+    parser.add_argument("--event_weights", default="", help="--history: weigh its rows by an event column, as "
+                        "train.py's --event_weights (COLUMN:VALUE=W,...)")
+    parser.add_argument("--weight_column", default="", help="--history: weigh its rows by a numeric column, as "
+                        "train.py's --weight_column")
     parser.add_argument("--fallback", choices=["popular"], help="--history: a user none of whose items the run "
                         "knows gets the most popular items (else refused)")
     parser.add_argument("--out", metavar="FILE", help="--all, --history: write the answers to FILE (.csv or "
@@ -575,7 +579,8 @@ def answer_many(args):
         if args.all:
             blocks, what = run.iter_recommend_all(args.n), f"{len(run.user_ids):,} users of the run"
         else:
-            history = read_history(args.history, args.columns) if args.history else pd.DataFrame(
+            history = read_history(args.history, args.columns, args.event_weights, args.weight_column) \
+                if args.history else pd.DataFrame(
                 {"user_id": "new", "item_id": [i.strip() for i in args.history_items.split(",") if i.strip()]})
             blocks = run.iter_histories(history, args.n, args.fallback)
             what = f"{history['user_id'].nunique():,} users of {args.history or '--history_items'}"
@@ -592,17 +597,19 @@ def answer_many(args):
     return 0
 
 
-def read_history(path, columns=""):
+def read_history(path, columns="", event_weights="", weight_column=""):
     """An interactions file as train.py reads it (formats.read_interactions: any format, its
-    column rules, --columns) -> DataFrame user_id, item_id[, rating]."""
+    column rules, --columns, the rows' weights) -> DataFrame user_id, item_id[, rating][, weight]."""
     import formats
 
     if not Path(path).is_file():
         raise RunError(f"--history={path}: no such file")
-    found = formats.read_interactions(path, columns)
+    found = formats.read_interactions(path, columns, weights=formats.parse_weights(event_weights, weight_column))
     frame = pd.DataFrame({"user_id": found.user_ids[found.users], "item_id": found.item_ids[found.items]})
     if found.ratings is not None:
         frame["rating"] = found.ratings
+    if found.weights is not None:
+        frame["weight"] = found.weights
     return frame
 
 

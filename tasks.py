@@ -217,6 +217,8 @@ class RankingTask:
         parts = {name: (torch.from_numpy(data.users[data.rows(p)]).to(device),
                         torch.from_numpy(data.items[data.rows(p)]).to(device))
                  for p, name in enumerate(SPLITS)}
+        # Each training interaction's weight (--event_weights, --weight_column), None: all 1.
+        train_weights = None if data.weights is None else torch.from_numpy(data.weights[data.rows(0)]).float().to(device)
         # Per-user item lists (CSR-like) of each part, to gather a block of users' items at once.
         self.by_user = {name: loader.UserBatches(*parts[name], data.n_users, 1, shuffle=False)
                         for name in SPLITS}
@@ -241,11 +243,15 @@ class RankingTask:
             self.batch_size = softmax_batch_size(cfg, data.n_users, most)
             self.batches = loader.UserBatches(*parts["train"], data.n_users, self.batch_size,
                                               seed=cfg["seed"], rank=rank, world_size=world_size,
-                                              columns=self.softmax_items or 0, probabilities=probabilities)
+                                              columns=self.softmax_items or 0, probabilities=probabilities,
+                                              weights=train_weights)
         else:
             users, items = parts["train"]
             self.batch_size = cfg["batch_size"] or SAMPLED_BATCH
-            self.batches = loader.NegativeBatches((users, items, torch.zeros(len(users))),
+            # The rows' third tensor, unused by these losses as a target, carries their weights.
+            self.weighted = train_weights is not None
+            self.batches = loader.NegativeBatches((users, items, torch.ones(len(users)) if train_weights is None
+                                                   else train_weights),
                                                   self.batch_size, data.n_items, cfg["n_negatives"],
                                                   seed=cfg["seed"], rank=rank, world_size=world_size)
         # The pairs each row has in an epoch's prior: a positive's user and item, and with sampled
@@ -278,7 +284,9 @@ class RankingTask:
         if self.loss_name == "softmax":
             # Each user's training items against all items in one softmax (as Mult-VAE does),
             # and the prior of the batch's (user, item) pairs, as the rating task's, from counts.
-            users, position, items, global_pairs, *drawn = batch
+            users, position, items, global_pairs, *rest = batch
+            drawn = [rest[0]] if rest and rest[0] is not None else []
+            weights = rest[1] if len(rest) > 1 else None                              # (P,) or None: all 1
             # A sampled softmax scores each drawn item once, weighted by its draws (sampled_log_softmax).
             columns, draws = torch.unique(drawn[0], return_counts=True) if drawn else (None, None)
             outputs = model(
@@ -289,15 +297,17 @@ class RankingTask:
                 positives=(position, items), columns=columns)                 # (B, n_items or C)
             scores, squared_norms = outputs[:2]
             if drawn:
-                data_term = -sampled_log_softmax(scores, outputs[2], position, items, columns, draws,
-                                                 self.log_draws).sum()
+                log_p = sampled_log_softmax(scores, outputs[2], position, items, columns, draws, self.log_draws)
             else:
-                data_term = -torch.log_softmax(scores, dim=1)[position, items].sum()
-            data_term = data_term / max(len(items), 1)
-            return {self.loss_name: data_term}, squared_norms, len(items) * self.world_size / global_pairs, {}
+                log_p = torch.log_softmax(scores, dim=1)[position, items]
+            # Each positive counts by its weight (a purchase more than a view): the mean over the
+            # batch's weight, and this rank's share of the global batch by weight too.
+            total = len(items) if weights is None else float(weights.sum())
+            data_term = -(log_p.sum() if weights is None else (weights * log_p).sum()) / max(total, 1e-12)
+            return {self.loss_name: data_term}, squared_norms, total * self.world_size / global_pairs, {}
         # A positive and its sampled negatives in one forward: (B, 1 + n) scores; the prior
         # covers every row the batch uses, the negatives' too.
-        users, items, _, global_batch, negatives = batch                          # negatives (B, n)
+        users, items, weights, global_batch, negatives = batch                    # negatives (B, n)
         scores, squared_norms = model(users, torch.cat([items.unsqueeze(1), negatives], dim=1),
                                       return_prior=True, prior_scale=self.prior_scale,
                                       share_taste_prior=self.share_taste_prior)
@@ -308,7 +318,11 @@ class RankingTask:
             terms = -F.logsigmoid(positive.unsqueeze(1) - negative).mean(1)
         else:  # adaptive_hinge: the hardest of the n sampled negatives (Kula 2017)
             terms = torch.relu(1 - positive + negative.max(1).values)
-        data_term = terms.sum() / max(len(terms), 1)
+        if not getattr(self, "weighted", False):
+            data_term = terms.sum() / max(len(terms), 1)
+            return {self.loss_name: data_term}, squared_norms, len(terms) * self.world_size / global_batch, {}
+        # Weighted rows: the mean by weight (the share of the global batch stays by rows).
+        data_term = (weights * terms).sum() / weights.sum().clamp(min=1e-12)
         return {self.loss_name: data_term}, squared_norms, len(terms) * self.world_size / global_batch, {}
 
     def attach(self, trainer):

@@ -62,6 +62,8 @@ columns = ""               # a file's columns where their names are not recognis
                            # (header names or 0-based positions; an empty entry skips one)
 items = ""                 # a file naming the items (id, title[, genres]), shown by recommend.py and the pictures
 skip_bad_lines = False     # drop (and count) lines that cannot be read, instead of stopping at the first
+event_weights = ""         # ranking: COLUMN:VALUE=W,... weighs each row by its event (view=0.2,purchase=1); unlisted: dropped
+weight_column = ""         # ranking: a numeric COLUMN (plays, quantities) weighing each row log(1 + x) (docs/data.md)
 data_dir = "data"          # MovieLens names: folder holding <dataset>.zip or its extracted folder; downloads go here
 download = True            # MovieLens names: download from GroupLens when no local copy is found
 test_fraction = 0.25       # rows held out for test, drawn as the replaced script did (seed 42, in file order)
@@ -230,7 +232,8 @@ def open_run(cfg, device):
     with idist.one_rank_first():
         ratings = loader.load(cfg["dataset"], cfg["data_dir"], cfg["download"],
                               progress=cfg["progress"] and rank == 0 and sys.stderr.isatty(), columns=cfg["columns"],
-                              skip_bad_lines=cfg["skip_bad_lines"])
+                              skip_bad_lines=cfg["skip_bad_lines"],
+                              weights=loader.formats.parse_weights(cfg["event_weights"], cfg["weight_column"]))
         if cfg["items"]:  # read now, so a bad file stops the run before it trains
             loader.read_items(cfg["dataset"], cfg["data_dir"], cfg["items"])
     task = TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)
