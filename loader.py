@@ -626,15 +626,6 @@ def _check_parts(n_ratings, parts, test_fraction, val_fraction):
 SPLITS = ("random", "time", "last")  # train.py's --split
 
 
-def time_order(ratings, rows, how):
-    """rows (indices into ratings) sorted by time, ties kept in file order (a one-line-per-user
-    file's times are the items' places in their lines); data without times is refused."""
-    if ratings.timestamps is None:
-        raise DataError(f"--split={how} orders interactions by time, and this data has no time column: name it "
-                        "with --columns=USER,ITEM,RATING,TIME (or USER,ITEM,,TIME), or use --split=random")
-    return rows[np.argsort(ratings.timestamps[rows], kind="stable")]
-
-
 def unseen_in_training(users, items, part):
     """(N,) bool: the validation and test rows whose user or item has no training row (a time
     split can leave a late user or a new item there): the model has nothing learned for them."""
@@ -654,9 +645,12 @@ def time_parts(ratings, rows, how, test_fraction, val_fraction):
     validation (leave-one-out, as RecBole's ordered split and the sequential papers); a user of
     fewer than 3 stays in training (with a fraction of 0, that part is not drawn)."""
     if ratings.timestamps is None:
-        time_order(ratings, rows, how)  # refused, with its message
+        raise DataError(f"--split={how} orders interactions by time, and this data has no time column: name it "
+                        "with --columns=USER,ITEM,RATING,TIME (or USER,ITEM,,TIME), or use --split=random")
+    # Each row's place in time, ties in file order (a one-line-per-user file's times are the items'
+    # places in their lines).
     rank = np.empty(len(rows), dtype=np.int64)
-    rank[np.argsort(ratings.timestamps[rows], kind="stable")] = np.arange(len(rows))  # each row's place in time
+    rank[np.argsort(ratings.timestamps[rows], kind="stable")] = np.arange(len(rows))
     part = np.zeros(len(rows), dtype=np.int8)
     if how == "time":
         n_test = int(round(len(rows) * test_fraction))
