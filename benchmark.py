@@ -40,13 +40,14 @@ REPLACED = [("replaced script, published (author's machine)", 0.7878, "13m44s"),
             ("replaced script, run on a 2-core machine here", 0.7838, "194 s")]
 
 
-def run_row(name, task, dataset, data_dir, columns=""):
+def run_row(name, task, dataset, data_dir, columns="", split="random"):
     """Child process: compute one baseline row and print it as JSON."""
     functions = {"global_mean": peers.row_global_mean, "bias_only": peers.row_bias_only,
                  "svd": lambda d, dd, c: peers.row_surprise(d, dd, "svd", c),
                  "svdpp": lambda d, dd, c: peers.row_surprise(d, dd, "svdpp", c)}
     if task == "ranking":
-        functions = {name: lambda d, dd, c, n=name: peers.ranking_baseline(n, d, dd, c) for name in peers.RANKING_BASELINES}
+        functions = {name: lambda d, dd, c, n=name: peers.ranking_baseline(n, d, dd, c, split)
+                     for name in peers.RANKING_BASELINES}
         functions["told_persons"] = lambda d, dd, c: studies.told_persons_ranking(d, dd)
     scores, extra = functions[name](dataset, data_dir, columns)
     print(json.dumps({"scores": scores, "extra": extra}))
@@ -177,15 +178,16 @@ PUBLISHED = [("Pop", 0.1006, 0.0699), ("BPR", 0.2407, 0.1725), ("NeuMF", 0.2393,
 
 def ranking_peers(args):
     chosen = chosen_rows(args, RANKING_ROWS, RANKING_LABELS)
-    task = peers.ranking_task(args.dataset, args.data_dir, args.columns)  # also fills the parse cache
+    task = peers.ranking_task(args.dataset, args.data_dir, args.columns, split=args.split)  # also fills the parse cache
+    split = [f"--split={args.split}"] if args.split != "random" else []
     results = []
     with tempfile.TemporaryDirectory(prefix="mfmixtaste-bench-") as scratch:
         for name in chosen:
             print(f"running {name} ...", flush=True)
-            row = measure_row(name, args, Path(scratch), ["--task=ranking"])
+            row = measure_row(name, args, Path(scratch), ["--task=ranking", *split])
             print("  ", {k: v for k, v in row.items() if k not in ("run_dir", "stdout")}, flush=True)
             results.append(row)
-        speed = speed_pairs(results, "ease_single", lambda r: r["wall"], args, Path(scratch), ["--task=ranking"])
+        speed = speed_pairs(results, "ease_single", lambda r: r["wall"], args, Path(scratch), ["--task=ranking", *split])
         report = ranking_table(results, args, task, speed)
         report += "\n".join(studies.diversity_table(task, results, args.data_dir, args.dataset, args.items)) + "\n"
         report += "\n".join(studies.mixture_table(task, results)) + "\n"
@@ -197,7 +199,7 @@ def ranking_table(results, args, task, speed=()):
     names = [f"{m}@{k}" for m in ("ndcg", "recall", "mrr", "hit", "precision")]
     protocol = (f"Ratings >= 3 as positives, 10-core filter ({task.n_interactions:,} interactions, "
                 f"{task.n_users:,} users, {task.n_items:,} items), each user's interactions split "
-                "80/10/10 at random (seed 2020)") if loader.is_movielens(args.dataset) else \
+                "80/10/10 at random (seed 2020)") if loader.is_movielens(args.dataset) and args.split == "random" else \
         "The data as `train.py --task=ranking` reads, filters and splits it (its first lines: " + \
         "; ".join(task.described) + ")"
     lines = [f"## Ranking on {data_name(args)}: every item ranked for every user", "",
@@ -267,6 +269,8 @@ def command_line():
     parser.add_argument("--items", default="", help="a file naming the items (and their genres), as train.py's --items")
     parser.add_argument("--task", default="rating", choices=["rating", "ranking"],
                         help="rating: MSE peers on the 75/25 split; ranking: top-N peers on RecBole's protocol")
+    parser.add_argument("--split", default="random", choices=["random", "time", "last"],
+                        help="--task=ranking: every row on train.py's --split (time: a global cut; last: each user's latest)")
     parser.add_argument("--only", default="", help=f"comma-separated rows of the task's table: rating {', '.join(ROWS)}; "
                                                    f"ranking {', '.join(RANKING_ROWS)}")
     parser.add_argument("--output", default=str(ROOT / "results" / "benchmark.md"))
@@ -314,7 +318,7 @@ def run(args):
         return
     try:
         if args._row:
-            run_row(args._row, args.task, args.dataset, args.data_dir, args.columns)
+            run_row(args._row, args.task, args.dataset, args.data_dir, args.columns, args.split)
             return
         section, study = (("scaling", studies.scaling) if args.scaling else ("large", studies.large) if args.large
                           else ("cost-curve", studies.cost_curve) if args.cost_curve

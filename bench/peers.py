@@ -159,7 +159,8 @@ def train_row(name, args, scratch, extra_overrides=()):
 
 def baseline_row(name, args):
     command = [sys.executable, str(ROOT / "benchmark.py"), f"--_row={name}", f"--task={args.task}",
-               f"--dataset={args.dataset}", f"--data_dir={args.data_dir}", f"--columns={getattr(args, 'columns', '')}"]
+               f"--dataset={args.dataset}", f"--data_dir={args.data_dir}", f"--columns={getattr(args, 'columns', '')}",
+               f"--split={getattr(args, 'split', 'random')}"]
     wall, peak, out, err, code = measure(command)
     if code != 0:
         return failed_row(name, err)
@@ -310,11 +311,11 @@ def grid_search(grid, score):
         here = best
 
 
-def ranking_baseline(name, dataset, data_dir, columns=""):
+def ranking_baseline(name, dataset, data_dir, columns="", split="random"):
     """Fit a baseline over its grid (GRIDS, climbed by grid_search) on the training part, keep
     the setting with the best validation NDCG@k, and report its test figures (training and
-    validation items masked)."""
-    task = ranking_task(dataset, data_dir, columns)
+    validation items masked). split: train.py's --split, as the rows of ours take it."""
+    task = ranking_task(dataset, data_dir, columns, split=split)
     X = task.training_matrix()
     diverged = ()  # the errors that mean a setting diverged: it then scores below every other
     if name in ("als", "bpr"):

@@ -98,3 +98,15 @@ def test_a_random_split_is_written_too_and_reads_back_as_the_run_split_it(tmp_pa
     import json
     summary = json.loads((tmp_path / "results" / "r" / "summary.json").read_text())
     assert (split["part"] == "train").sum() == summary["n_train"] and (split["part"] == "test").sum() == summary["n_test"]
+
+
+def test_the_benchmarks_peers_take_the_same_time_split_as_train_py(tmp_path):
+    from bench import peers
+    data = timed_file(tmp_path / "log.csv")
+    ours = peers.ranking_task(str(data), "", "", split="last")
+    users_of_three = (np.bincount(ours.split[0]) >= 3).sum()
+    assert ours.counts["n_test"] == ours.counts["n_val"] == users_of_three
+    assert peers.ranking_task(str(data), "", "").counts["n_test"] != users_of_three  # random: 10% per user
+    shown = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--help"], capture_output=True, text=True,
+                           timeout=300).stdout
+    assert "--split {random,time,last}" in shown
