@@ -342,7 +342,7 @@ def parse_weights(event_weights="", weight_column=""):
     return Weights("event", column.strip(), values, f"--event_weights={event_weights}")
 
 
-def weigh(table, weights, path, header):
+def weigh(table, weights, path):
     """The rows' weights (N,) float64 from table["weight"] under weights (Weights). An event
     value listed but absent from the file, or a strength that is not a number of at least 0, is
     a DataError that says what the file has."""
@@ -624,7 +624,7 @@ def read_interactions(path, columns="", layout=None, integer_ids=False, skip_bad
         raise DataError(f"{path}: no rows" + (" after the header" if layout.header else ""))
     row_weights, dropped = None, []
     if weights is not None:
-        table, row_weights, dropped, _ = _weighed(table, weights, path, layout)
+        table, row_weights, dropped, _ = _weighed(table, weights, path)
     bad = any(role in roles and (table[role].null_count or (pa.types.is_string(table[role].type) and pc.any(
         pc.equal(pc.utf8_trim_whitespace(table[role]), "")).as_py())) for role in ("user", "item", "rating"))
     ratings = times = None
@@ -645,12 +645,12 @@ def read_interactions(path, columns="", layout=None, integer_ids=False, skip_bad
                         row_weights)
 
 
-def _weighed(table, weights, path, layout):
+def _weighed(table, weights, path):
     """(the table without the rows that weigh 0, their weights (N,) float32, the described
     line of what was dropped, as a list, and the kept rows' mask)."""
     import pyarrow as pa
 
-    row_weights = weigh(table, weights, path, layout.header)
+    row_weights = weigh(table, weights, path)
     kept = row_weights > 0
     said = [f"{weights.text}: {int((~kept).sum()):,} of {len(kept):,} rows weigh 0 (or name an event not listed) "
             "and are dropped"] if not kept.all() else []
@@ -704,7 +704,7 @@ def _read_skipping_bad_lines(path, layout, roles, integer_ids, weights=None):
     dropped = len(misfits) + len(keep) - table.num_rows  # the bad lines
     row_weights, weighed = None, []
     if weights is not None:
-        table, row_weights, weighed, kept = _weighed(table, weights, path, layout)
+        table, row_weights, weighed, kept = _weighed(table, weights, path)
         times = times[kept] if times is not None else None
     if table.num_rows == 0:
         raise DataError(f"{path}: no line could be read ({dropped:,} dropped by --skip_bad_lines); "

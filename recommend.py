@@ -243,14 +243,16 @@ class Recommender:
         how many rows named items the run never saw ("unknown_items"). A user none of whose
         items the run knows is a RunError naming them, unless fallback="popular": then they get
         the most popular items (attrs["popular_for"] counts them)."""
-        answer = pd.concat(list(self.iter_histories(histories, n, fallback, block)), ignore_index=True)
-        answer.attrs.update(self._history_counts)
+        blocks = list(self.iter_histories(histories, n, fallback, block))
+        answer = pd.concat(blocks, ignore_index=True)
+        answer.attrs.update(blocks[0].attrs)
         return answer
 
     def iter_histories(self, histories, n=10, fallback=None, block=256):
-        """recommend_histories, one DataFrame for each block of users (bounded memory)."""
+        """recommend_histories, one DataFrame for each block of users (bounded memory); each
+        block's attrs carry the whole history's counts."""
         n = min(_count(n), len(self.item_ids))
-        users, position, items, values, weights = self._read_histories(histories, fallback)
+        users, position, items, values, weights, counts = self._read_histories(histories, fallback)
         starts = np.searchsorted(position, np.arange(0, len(users) + block, block))
         for b, start in enumerate(range(0, len(users), block)):
             chosen = slice(starts[b], starts[b + 1])
@@ -265,13 +267,15 @@ class Recommender:
                     scores = self.model.score_rows(rows, bias)                           # (B, n_items)
                 alone = np.setdiff1d(np.arange(len(block_users)), here)  # no known item: popularity
                 scores[torch.from_numpy(alone)] = self._popular()
-            yield self._top(scores, here, items[chosen], block_users, n)
+            frame = self._top(scores, here, items[chosen], block_users, n)
+            frame.attrs.update(counts)
+            yield frame
 
     def _read_histories(self, histories, fallback):
         """histories -> (the users' ids in first order (U,), and for the rows whose item the
         run knows, sorted by user: position (P,), item row (P,), rating (P,) or None, weight
-        (P,)). Unknown items are counted; a user left with none is refused or, with
-        fallback="popular", kept with no row."""
+        (P,), and the counts: unknown_items, popular_for). Unknown items are counted; a user left
+        with none is refused or, with fallback="popular", kept with no row."""
         if fallback not in (None, "popular"):
             raise RunError(f"fallback={fallback!r}: the one fallback is 'popular'")
         if len(histories) == 0:
@@ -298,16 +302,15 @@ class Recommender:
         if values is not None and not np.isfinite(values).all():
             raise RunError("history ratings must be numbers")
         known &= weights > 0
-        self._history_counts = {"unknown_items": int((~known).sum())}
         lost = np.setdiff1d(np.arange(len(user_ids)), position[known])
         if len(lost) and fallback != "popular":
             raise RunError(f"{len(lost):,} user(s) have no item this run knows: "
                            + ", ".join(map(str, user_ids[lost][:5])) + (", ..." if len(lost) > 5 else "")
                            + "; --fallback=popular answers them with the most popular items")
-        self._history_counts["popular_for"] = int(len(lost))
+        counts = {"unknown_items": int((~known).sum()), "popular_for": int(len(lost))}
         order = np.argsort(position[known], kind="stable")
         pick = lambda a: None if a is None else a[known][order]
-        return user_ids, pick(position), pick(item_rows), pick(values), pick(weights)
+        return user_ids, pick(position), pick(item_rows), pick(values), pick(weights), counts
 
     def _popular(self):
         """(n_items,) the items' training interactions, as scores: the popularity fallback."""
@@ -580,11 +583,10 @@ def answer_many(args):
                 {"user_id": "new", "item_id": [i.strip() for i in args.history_items.split(",") if i.strip()]})
             blocks = run.iter_histories(history, args.n, args.fallback)
             what = f"{history['user_id'].nunique():,} users of {args.history or '--history_items'}"
-        users = write_answers(blocks, args.out, args.json)
+        users, counts = write_answers(blocks, args.out, args.json)
     except (RunError, loader.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    counts = getattr(run, "_history_counts", {}) if not args.all else {}
     notes = ([f"{counts['unknown_items']:,} history rows name items the run never saw (left out)"]
              if counts.get("unknown_items") else []) + \
         ([f"{counts['popular_for']:,} users with no known item got the most popular items"] if counts.get("popular_for") else [])
@@ -611,15 +613,16 @@ def read_history(path, columns="", event_weights="", weight_column=""):
 
 def write_answers(blocks, out, as_json=False):
     """Each block (a DataFrame) appended to out (.csv or .parquet), else printed (CSV, or JSON
-    lines with --json). -> how many users were answered."""
+    lines with --json). -> (how many users were answered, the blocks' attrs: a history's counts)."""
     import os
 
-    users = 0
+    users, counts = 0, {}
     temporary = out and Path(out).with_name(f".{Path(out).name}.{os.getpid()}{files.TEMPORARY}")
     writer = None
     try:
         for k, frame in enumerate(blocks):
             users += frame["user_id"].nunique()
+            counts = frame.attrs
             if out is None:
                 if as_json:
                     sys.stdout.write(frame.to_json(orient="records", lines=True))
@@ -642,7 +645,7 @@ def write_answers(blocks, out, as_json=False):
     finally:
         if temporary:
             Path(temporary).unlink(missing_ok=True)
-    return users
+    return users, counts
 
 
 if __name__ == "__main__":

@@ -219,6 +219,7 @@ class RankingTask:
                  for p, name in enumerate(SPLITS)}
         # Each training interaction's weight (--event_weights, --weight_column), None: all 1.
         train_weights = None if data.weights is None else torch.from_numpy(data.weights[data.rows(0)]).float().to(device)
+        self.weighted = train_weights is not None
         # Per-user item lists (CSR-like) of each part, to gather a block of users' items at once.
         self.by_user = {name: loader.UserBatches(*parts[name], data.n_users, 1, shuffle=False)
                         for name in SPLITS}
@@ -249,7 +250,6 @@ class RankingTask:
             users, items = parts["train"]
             self.batch_size = cfg["batch_size"] or SAMPLED_BATCH
             # The rows' third tensor, unused by these losses as a target, carries their weights.
-            self.weighted = train_weights is not None
             self.batches = loader.NegativeBatches((users, items, torch.ones(len(users)) if train_weights is None
                                                    else train_weights),
                                                   self.batch_size, data.n_items, cfg["n_negatives"],
@@ -318,7 +318,7 @@ class RankingTask:
             terms = -F.logsigmoid(positive.unsqueeze(1) - negative).mean(1)
         else:  # adaptive_hinge: the hardest of the n sampled negatives (Kula 2017)
             terms = torch.relu(1 - positive + negative.max(1).values)
-        if not getattr(self, "weighted", False):
+        if not self.weighted:
             data_term = terms.sum() / max(len(terms), 1)
             return {self.loss_name: data_term}, squared_norms, len(terms) * self.world_size / global_batch, {}
         # Weighted rows: the mean by weight (the share of the global batch stays by rows).

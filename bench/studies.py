@@ -1157,26 +1157,20 @@ def fold_in_study(args):
 
 
 def _ndcg(scores, given, truth, k=10):
-    """Mean NDCG@k of scores (U, n_items) with each user's given items (a CSR (U, n_items)) masked,
-    against truth (a list of sets of item columns); users without truth are left out."""
+    """Mean NDCG@k (tasks.rank_metrics, the evaluators' own) of scores (U, n_items) with each
+    user's given items (a CSR (U, n_items)) masked, against truth (a list of sets of item
+    columns); users without truth are left out."""
+    import torch
+
+    import tasks
+
     scores = scores.clone().float()
     coo = given.tocoo()
-    scores[torch_index(coo.row), torch_index(coo.col)] = -np.inf
-    import torch
-    top = torch.topk(scores, k, dim=1).indices.numpy()
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    values = []
-    for row, wanted in zip(top, truth):
-        if not wanted:
-            continue
-        hits = np.array([item in wanted for item in row])
-        values.append((hits * discounts).sum() / discounts[:min(len(wanted), k)].sum())
-    return float(np.mean(values))
-
-
-def torch_index(array):
-    import torch
-    return torch.from_numpy(np.asarray(array, dtype=np.int64))
+    scores[torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))] = -torch.inf
+    relevant = torch.zeros(scores.shape, dtype=torch.bool)
+    for row, wanted in enumerate(truth):
+        relevant[row, list(wanted)] = True
+    return float(tasks.rank_metrics(scores, relevant, k)[:, 0].mean())
 
 
 # ----------------------------------------------------------------------------- event weights
