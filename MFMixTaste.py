@@ -87,6 +87,8 @@ class Pairs(NamedTuple):
     temperature: float        # the mixture's (mixture())
     implicit_temperature: float  # t of the implicit term's claim
     share_tastes: bool        # each pair's prior on the tastes is sum_k w_k |U_k|^2 (w constants)
+    pair_weights: torch.Tensor | None = None  # (B,) each pair's weight in the implicit term's mean
+                              # (--event_weights); None: every pair 1
 
 
 class _MixtureOfTastes(torch.autograd.Function):
@@ -142,7 +144,11 @@ class _MixtureOfTastes(torch.autograd.Function):
             negative_claims, negative_weights = _claim(negative_logits.div_(t))  # (B, n), (B, n, K)
             claims, claim_weights = _claim(logits / t)                           # (B,), (B, K)
             margins = t * (claims.unsqueeze(1) - negative_claims)                # (B, n)
-            implicit = nn.functional.softplus(-margins).sum() / max(margins.numel(), 1)  # -log sigmoid
+            losses = nn.functional.softplus(-margins)                            # (B, n): -log sigmoid
+            if pairs.pair_weights is None:
+                implicit = losses.sum() / max(margins.numel(), 1)
+            else:  # the mean by weight: a purchase's claim counts more than a view's
+                implicit = (pairs.pair_weights @ losses.sum(1)) / (pairs.pair_weights.sum() * negatives.shape[1]).clamp(min=1e-12)
 
         ctx.save_for_backward(users, items, rows, item_rows, weights, taste_scores, mixed,
                               user_b, item_b, user_w, item_w, negatives, negative_rows,
@@ -150,6 +156,7 @@ class _MixtureOfTastes(torch.autograd.Function):
         ctx.table_shapes = (user_factors.shape, item_factors.shape, user_bias.shape,
                             item_bias.shape)
         ctx.share_tastes, ctx.temperature = pairs.share_tastes, pairs.temperature
+        ctx.pair_weights = pairs.pair_weights  # not a table: no gradient
         return prediction, squared_norms, implicit
 
     @staticmethod
@@ -166,7 +173,11 @@ class _MixtureOfTastes(torch.autograd.Function):
         grad_scores, grad_logits = mixture_backward(grad_prediction, weights, taste_scores, mixed,
                                                     ctx.temperature)               # (B, K) each
         if negatives.shape[1]:  # the implicit term: d softplus(-m) / d m = -sigmoid(-m)
-            grad_margins = torch.sigmoid(-margins).mul_(-grad_implicit / max(margins.numel(), 1))  # (B, n)
+            if ctx.pair_weights is None:
+                grad_margins = torch.sigmoid(-margins).mul_(-grad_implicit / max(margins.numel(), 1))  # (B, n)
+            else:
+                total = (ctx.pair_weights.sum() * margins.shape[1]).clamp(min=1e-12)
+                grad_margins = torch.sigmoid(-margins).mul_((-grad_implicit / total) * ctx.pair_weights.unsqueeze(1))
             grad_logits.addcmul_(grad_margins.sum(1, keepdim=True), claim_weights)  # the rated item's side
             grad_negative_logits = negative_weights * -grad_margins.unsqueeze(2)  # (B, n, K)
         grad_products = torch.cat([grad_scores, grad_logits], dim=1)              # (B, 2K)
@@ -295,7 +306,7 @@ class MFMixTaste(nn.Module):
 
     def forward(self, users, items=None, return_prior=False, user_counts=None, item_counts=None,
                 prior_scale=None, negatives=None, implicit_temperature=1.0, share_taste_prior=False,
-                positives=None, columns=None):
+                positives=None, columns=None, pair_weights=None):
         """Scores of (user, item) pairs, or of all items.
 
         users: (B,) int64. items: (B,) -> scores (B,); (B, m) -> scores (B, m) of m items per
@@ -318,7 +329,8 @@ class MFMixTaste(nn.Module):
         twice the prior. With items None, sharing needs the pairs user_counts counts as
         positives, (position in users (P,), item (P,)). columns: with items None, (C,) item
         indices to score instead of all items (a sampled softmax): scores (B, C), and the
-        positives' own scores (P,) as a third output.
+        positives' own scores (P,) as a third output. pair_weights: (B,) each pair's weight in
+        the implicit term's mean (event weights), None: all 1.
         Everything a training step needs comes out of one forward call, which is what
         DistributedDataParallel's hooks watch."""
         user_scale, item_scale = prior_scale or (self.user_bias.new_ones(self.n_users),
@@ -333,12 +345,12 @@ class MFMixTaste(nn.Module):
                 return scores
             if columns is not None:  # the positives are not among the columns: scored as pairs
                 position, pair_items = positives
-                pair_scores, pair_weights = self._positive_scores(rows, user_b, position, pair_items)
+                pair_scores, positive_weights = self._positive_scores(rows, user_b, position, pair_items)
             batch_scale, taste_counts = user_scale[users], None                       # (B,)
             if share_taste_prior:  # the pairs' shares of each taste, summed per user: (B, K)
                 position, pair_items = positives
                 shares = (weights.detach()[position, :, pair_items] if columns is None
-                          else pair_weights.detach()).float()                            # (P, K)
+                          else positive_weights.detach()).float()                            # (P, K)
                 taste_counts = shares.new_zeros(len(users), self.n_tastes).index_add_(0, position, shares) \
                     * batch_scale.unsqueeze(1)
             squared_norms = self._weighted_squared_norms(
@@ -350,7 +362,7 @@ class MFMixTaste(nn.Module):
             return self._pair_scores(pair_users, items.reshape(-1)).view(items.shape)
         pairs = Pairs(pair_users, items.reshape(-1), user_scale, item_scale,
                       pair_users.new_empty((len(pair_users), 0)) if negatives is None else negatives,
-                      self.temperature, float(implicit_temperature), share_taste_prior)
+                      self.temperature, float(implicit_temperature), share_taste_prior, pair_weights)
         prediction, squared_norms, implicit = _MixtureOfTastes.apply(pairs, *self.tables())
         prediction = prediction.view(items.shape)
         if negatives is not None:

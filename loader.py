@@ -711,7 +711,9 @@ class _SeededShuffle:
 
 
 class BatchIterator(_SeededShuffle):
-    """Batches of (users, items, ratings, global_batch_size) over tensors already on the device.
+    """Batches of (users, items, ratings, global_batch_size[, weights]) over tensors already on
+    the device: tensors (users, items, ratings[, weights]), the rows' weights where a run has
+    them (--event_weights).
 
     Each pass reshuffles with a seeded generator that advances from epoch to epoch (its state is
     saved with checkpoints through state_dict), keeps the last partial batch, and has a length.
@@ -720,7 +722,8 @@ class BatchIterator(_SeededShuffle):
     batch, so the sum of the shares is exactly the single-process batch."""
 
     def __init__(self, tensors, batch_size, seed=0, shuffle=True, rank=0, world_size=1):
-        self.users, self.items, self.ratings = tensors
+        self.users, self.items, self.ratings = tensors[:3]
+        self.weights = tensors[3] if len(tensors) > 3 else None
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.batch_size, self.shuffle = batch_size, shuffle
@@ -738,8 +741,9 @@ class BatchIterator(_SeededShuffle):
             batch = order[start:start + self.batch_size]
             share = batch[self.rank::self.world_size]
             # index_select: ~4x faster than advanced indexing (tensor[share]) for these gathers
-            yield (self.users.index_select(0, share), self.items.index_select(0, share),
-                   self.ratings.index_select(0, share), len(batch))
+            rows = (self.users.index_select(0, share), self.items.index_select(0, share),
+                    self.ratings.index_select(0, share), len(batch))
+            yield rows if self.weights is None else (*rows, self.weights.index_select(0, share))
 
 
 # ----------------------------------------------------------------------------- movies
@@ -1006,7 +1010,7 @@ class UserBatches(_SeededShuffle):
 class NegativeBatches(BatchIterator):
     """BatchIterator's batches with, for each row, n_negatives items drawn uniformly from all
     n_items (from the same saved generator, so a resumed run draws the same): yields (users,
-    items, ratings, global_batch, negatives (B, n_negatives)). Every rank draws the whole global
+    items, ratings, global_batch[, weights], negatives (B, n_negatives)). Every rank draws the whole global
     batch's negatives and keeps its share's, so several processes train on the draws of one."""
 
     def __init__(self, tensors, batch_size, n_items, n_negatives, **kwargs):

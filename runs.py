@@ -125,9 +125,6 @@ def check(cfg):
     if cfg["task"] == "ranking" and cfg["test_fraction"] + cfg["val_fraction"] >= 1:
         raise ConfigError("--test_fraction and --val_fraction leave nothing to train on")
     loader.formats.parse_weights(cfg["event_weights"], cfg["weight_column"])  # its form, before anything is read
-    if (cfg["event_weights"] or cfg["weight_column"]) and cfg["task"] != "ranking":
-        raise ConfigError("--event_weights and --weight_column weigh the ranking task's interactions (a rating "
-                          "already says how much a row counts): add --task=ranking")
     if cfg["split"] not in loader.SPLITS:
         raise ConfigError(f"--split={cfg['split']} is not one of {', '.join(loader.SPLITS)}")
     for key, limit in (("seed", 2 ** 64), ("split_seed", 2 ** 32)):  # torch's and numpy's generators

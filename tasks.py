@@ -43,6 +43,11 @@ class RatingTask:
         self.split = (ratings.users[every], ratings.items[every],
                       None if ratings.timestamps is None else ratings.timestamps[every], parts)
         tensors = {name: ratings.tensors(r, device) for name, r in zip(SPLITS, rows)}
+        # Each training rating's weight (--event_weights, --weight_column): its squared error and
+        # its implicit claim count by it. Validation and test stay plain MSE over their ratings.
+        self.weighted = ratings.weights is not None
+        if self.weighted:
+            tensors["train"] = (*tensors["train"], torch.from_numpy(ratings.weights[rows[0]]).float().to(device))
         train_ratings = ratings.ratings[rows[0]]
         self.n_users, self.n_items = ratings.n_users, ratings.n_items
         # Raw ids of the rows and every (user, item) the data has: recommend.py's "already rated".
@@ -97,15 +102,18 @@ class RatingTask:
         """-> ({term name: scalar}, (4,) prior squared norms, this rank's share of the global
         batch, and what the free training metrics read). train.py weighs the terms by
         term_weights."""
-        users, items, targets, global_batch, *negatives = batch
-        outputs = model(users, items, return_prior=True, prior_scale=self.prior_scale,
-                        negatives=negatives[0] if negatives else None,
+        users, items, targets, global_batch, *rest = batch
+        weights = rest.pop(0) if self.weighted else None                          # (B,) or None
+        negatives = rest[0] if rest else None                                     # (B, n) or None
+        outputs = model(users, items, return_prior=True, prior_scale=self.prior_scale, negatives=negatives,
                         implicit_temperature=self.implicit_temperature,
-                        share_taste_prior=self.share_taste_prior)
+                        share_taste_prior=self.share_taste_prior, pair_weights=weights)
         predictions, squared_norms = outputs[:2]
         # A rank's share of a short last batch can be empty: its loss is then 0, not NaN.
-        terms = {"mse": (predictions - targets).pow(2).sum() / max(len(targets), 1)}
-        if negatives:
+        squared_errors = (predictions - targets).pow(2)                           # (B,)
+        terms = {"mse": squared_errors.sum() / max(len(targets), 1) if weights is None
+                 else (weights @ squared_errors) / weights.sum().clamp(min=1e-12)}  # the mean by weight
+        if negatives is not None:
             terms["implicit"] = outputs[2]
         share = len(targets) * self.world_size / global_batch
         return terms, squared_norms, share, {"predictions": predictions.detach(), "targets": targets}

@@ -62,8 +62,8 @@ columns = ""               # a file's columns where their names are not recognis
                            # (header names or 0-based positions; an empty entry skips one)
 items = ""                 # a file naming the items (id, title[, genres]), shown by recommend.py and the pictures
 skip_bad_lines = False     # drop (and count) lines that cannot be read, instead of stopping at the first
-event_weights = ""         # ranking: COLUMN:VALUE=W,... weighs each row by its event (view=0.2,purchase=1); unlisted: dropped
-weight_column = ""         # ranking: a numeric COLUMN (plays, quantities) weighing each row log(1 + x) (docs/data.md)
+event_weights = ""         # COLUMN:VALUE=W,... weighs each row by its event (view=0.2,purchase=1); unlisted: dropped
+weight_column = ""         # a numeric COLUMN (plays, quantities) weighing each row log(1 + x) (docs/data.md)
 data_dir = "data"          # MovieLens names: folder holding <dataset>.zip or its extracted folder; downloads go here
 download = True            # MovieLens names: download from GroupLens when no local copy is found
 test_fraction = 0.25       # rows held out for test, drawn as the replaced script did (seed 42, in file order)

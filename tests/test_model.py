@@ -80,6 +80,25 @@ def test_hand_written_backward_matches_autograd():
         for temperature in (1.0, 0.4):
             assert torch.autograd.gradcheck(lambda *p, sampled=negatives, tau=temperature: _MixtureOfTastes.apply(
                 Pairs(users, items, *scales, sampled, tau, 0.3, False), *p), params)
+    # Event weights on the implicit term's pairs (a weighted mean).
+    pair_weights = torch.rand(20, dtype=torch.double) + 0.1
+    assert torch.autograd.gradcheck(lambda *p: _MixtureOfTastes.apply(
+        Pairs(users, items, *scales, negatives, 1.0, 0.3, False, pair_weights), *p), params)
+
+
+def test_weighted_implicit_term_is_the_weighted_mean_of_its_pairs():
+    """pair_weights w: the implicit term is sum_i w_i mean_n softplus(-m_in) / sum_i w_i, so
+    whole weights are repeated pairs, and equal weights are the unweighted term."""
+    model = randomised(MFMixTaste(6, 5, dim=3, n_tastes=2))
+    users, items = batch(6, 5, size=8)
+    negatives = torch.randint(0, 5, (8, 3), generator=torch.Generator().manual_seed(2))
+    weights = torch.tensor([1.0, 2, 1, 3, 1, 1, 2, 1])
+    implicit = model(users, items, return_prior=True, negatives=negatives, pair_weights=weights)[2]
+    repeat = torch.repeat_interleave(torch.arange(8), weights.long())
+    repeated = model(users[repeat], items[repeat], return_prior=True, negatives=negatives[repeat])[2]
+    torch.testing.assert_close(implicit, repeated)
+    equal = model(users, items, return_prior=True, negatives=negatives, pair_weights=torch.full((8,), 0.5))[2]
+    torch.testing.assert_close(equal, model(users, items, return_prior=True, negatives=negatives)[2])
 
 
 def test_a_shared_taste_prior_in_the_fused_node_matches_its_definition():

@@ -70,6 +70,33 @@ def test_the_ranking_loss_weighs_each_positive(tmp_path):
     assert global_pairs == pytest.approx(float(weights.sum()))  # one process: the batch's own weight
 
 
+def test_the_rating_loss_weighs_each_rating_and_its_implicit_claim(tmp_path):
+    """Rating task: each training row's squared error and its implicit term count by its weight
+    (the means by weight); validation and test stay plain MSE over their rows."""
+    path = tmp_path / "rated.csv"
+    rng = np.random.default_rng(1)
+    n = 1500
+    path.write_text("user,item,rating,event\n" + "".join(
+        f"{u},{i},{r},{k}\n" for u, i, r, k in zip(rng.integers(0, 50, n), rng.integers(0, 30, n), rng.integers(1, 6, n),
+                                                  rng.choice(["view", "purchase"], n))))
+    cfg = train.resolve_config([f"--dataset={path}", "--dim=4", "--batch_size=64", "--implicit_negatives=3",
+                                "--event_weights=event:view=0.25,purchase=1"])
+    task = tasks.RatingTask(cfg, loader.load(str(path), weights=formats.parse_weights(cfg["event_weights"])), "cpu", 0, 1)
+    model = __import__("MFMixTaste").MFMixTaste(task.n_users, task.n_items, dim=4, n_tastes=2, init_std=0.5)
+    batch = next(iter(task.batches))
+    users, items, targets, global_batch, weights, negatives = batch
+    assert set(np.round(weights.numpy(), 2)) == {0.25, 1.0} and negatives.shape == (len(users), 3)
+    terms, *_ = task.loss(model, batch)
+    predictions = model(users, items)
+    torch.testing.assert_close(terms["mse"], (weights * (predictions - targets).pow(2)).sum() / weights.sum())
+    t = task.implicit_temperature
+    unweighted = model(users, items, return_prior=True, negatives=negatives, implicit_temperature=t)[2]
+    weighted = model(users, items, return_prior=True, negatives=negatives, implicit_temperature=t, pair_weights=weights)[2]
+    torch.testing.assert_close(terms["implicit"], weighted)
+    assert not torch.isclose(weighted, unweighted)
+    assert len(next(iter(task.eval_batches["test"]))) == 4  # (users, items, ratings, global_batch): no weights
+
+
 def test_purchases_only_is_the_run_on_the_purchases(tmp_path):
     path = event_log(tmp_path / "log.csv")
     purchases = tmp_path / "purchases.csv"
