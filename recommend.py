@@ -325,8 +325,10 @@ class Recommender:
         K tastes start apart and near an answer; then FOLD_IN_STEPS full steps of Adam on the
         sum over users of: ranking, each met item's -log softmax over every item, and the prior
         per pair; rating, each rating's squared error, the implicit term (each rated item's
-        claim against every item's, as the sampled negatives of training average to) and the
-        prior per row or pair as the run's prior_per. Weights multiply each row's terms. The
+        claim against a fixed draw of items, as the sampled negatives of training average to) and
+        the prior per row or pair as the run's prior_per, a history shorter than
+        FOLD_IN_LEAST_SHARE of the mean user's interactions held as one that long. Weights
+        multiply each row's terms. The
         users do not interact: a user's answer does not depend on who else is in the batch,
         and the same run and history give the same answer."""
         model, weights = self.model, torch.from_numpy(weights).float()
@@ -340,7 +342,10 @@ class Recommender:
         per_user = torch.zeros(n_users).index_add_(0, position_t, weights)           # (B,) the rows' weight
         prior = self.prior_weights
         per_pair = self.config.get("prior_per", "pair") == "pair"
-        scale = per_user if per_pair else torch.ones(n_users)
+        # A short history is held by the prior as one of FOLD_IN_LEAST_SHARE of the mean trained
+        # user's interactions would be: near the run's popular items, not one item's neighbours.
+        least = FOLD_IN_LEAST_SHARE * len(self.seen_items) / max(len(self.user_ids), 1)
+        scale = per_user.clamp(min=least) if per_pair else torch.ones(n_users)
         optimizer = torch.optim.Adam([rows, bias] if ratings is not None else [rows], lr=FOLD_IN_LR)
         # In float32: bfloat16 products (training's, where the hardware has them) are 1.5x faster
         # here, but their rounding depends on the batch, and Adam turns it into answers that
@@ -355,7 +360,8 @@ class Recommender:
                 data = data + self._implicit(rows, position_t, items_t, weights)
             taste_norms = rows[:, 0].pow(2).sum(-1)                                   # (B, K)
             if self.config.get("share_taste_prior", False) and per_pair:  # each pair's share, by its weights
-                shares = mixture.detach()[position_t, :, items_t] * weights.unsqueeze(1)  # (P, K)
+                held = weights * (scale / per_user)[position_t]                        # (P,)
+                shares = mixture.detach()[position_t, :, items_t] * held.unsqueeze(1)  # (P, K)
                 tastes = (shares * taste_norms[position_t]).sum()
             else:
                 tastes = (scale * taste_norms.sum(1)).sum()
@@ -458,11 +464,19 @@ class Recommender:
 # A fold-in's full steps of Adam, and their lr, chosen on ML-1M's ranking run: 1,000 of its users
 # folded in from their training items as new users (each from its nearest other user), validation
 # NDCG@10 at 20 / 40 / 80 steps (lr 0.05) 0.2367 / 0.2383 / 0.2388, trained-in 0.2394; 25 steps
-# at lr 0.1 0.2368. 40 steps: 4.0 s for the 1,000 (docs/deploy.md).
+# at lr 0.1 0.2368. 40 steps: 4.0 s for the 1,000 (docs/deploy.md). With the least share below,
+# 25 steps at lr 0.08 kept ML-1M (0.2389 against 0.2397) but lost Amazon Beauty's (0.0578 / 0.0595).
 FOLD_IN_STEPS = 40
 FOLD_IN_LR = 0.05
 # A rating fold-in's implicit term: each rated item against this many items (_implicit).
 FOLD_IN_IMPLICIT_ITEMS = 512
+# The prior's hold on a short history: as on a user of this share of the mean user's interactions.
+# Chosen on the same validation users, from 1 / 3 / all of their training items, ML-1M: share 0
+# (none) 0.0401 / 0.0540 / 0.2385, 0.5 0.0571 / 0.0685 / 0.2397 (popularity 0.0546 / 0.0552);
+# Amazon Beauty: 0 0.0260 / 0.0408 / 0.0602, 0.5 0.0275 / 0.0445 / 0.0595, 1 0.0190 / 0.0481 /
+# 0.0601 (trained-in 0.0609). A trained user never had so few: a fold-in from one item without
+# it moved that user's tastes to the item's neighbours and lost to popularity.
+FOLD_IN_LEAST_SHARE = 0.5
 
 
 def _ids_like(raw, ids):

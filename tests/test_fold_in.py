@@ -54,6 +54,27 @@ def test_a_trained_users_own_history_folds_in_near_the_trained_user(runs):
     assert sum(agree) >= 14, agree  # of 20
 
 
+def test_a_short_history_is_held_by_the_prior_as_the_runs_least_user_and_a_long_one_is_not(runs, monkeypatch):
+    """FOLD_IN_LEAST_SHARE: a history shorter than that share of the mean user's interactions has
+    the prior of one that long (its tastes stay smaller, its answer nearer popularity); a longer
+    history's fold-in is the same with or without the rule."""
+    run = Recommender.load(runs["mixture"])
+    run.prior_weights.update(tastes=0.05, attention=0.05)  # the fixture's run trained without a prior
+    least = recommend.FOLD_IN_LEAST_SHARE * len(run.seen_items) / len(run.user_ids)
+    short, long = [3], list(range(1, 21))
+    assert len(short) < least < len(long)
+
+    def folded(items):
+        position, rows = np.zeros(len(items), dtype=np.int64), recommend.loader.positions(run.item_ids, np.array(items))[0]
+        return run.fold_in(position, rows, None, np.ones(len(items)), 1)[0]
+
+    held = [folded(short), folded(long)]
+    monkeypatch.setattr(recommend, "FOLD_IN_LEAST_SHARE", 0.0)
+    free = [folded(short), folded(long)]
+    assert held[0][:, 0].norm() < 0.9 * free[0][:, 0].norm()
+    np.testing.assert_array_equal(held[1].numpy(), free[1].numpy())
+
+
 def test_a_rating_run_folds_in_from_ratings_and_predicts_near_the_trained_user(runs):
     run = Recommender.load(runs["rating"])
     user = 130
