@@ -88,25 +88,61 @@ def row_bias_only(dataset, data_dir, columns=""):
     return metrics(predict(params, test), y[test]), {"reg (chosen on val)": reg}
 
 
+# Surprise's SVD and SVD++ searched on validation as the ranking peers are (grid_search): SVD over
+# its factors, L2, learning rate and epochs (its defaults 100, 0.02, 0.005, 20 inside); SVD++ at
+# 158 s a fit on ML-1M within SURPRISE_BUDGETS settings by TPE alone (no neighbourhood climb).
+SURPRISE_GRIDS = {"svd": {"n_factors": (10, 25, 50, 100, 200), "reg_all": (0.01, 0.02, 0.05, 0.1, 0.2),
+                          "lr_all": (0.002, 0.005, 0.01, 0.02), "n_epochs": (10, 20, 40, 80)},
+                  "svdpp": {"n_factors": (10, 20, 50), "reg_all": (0.02, 0.05, 0.1),
+                            "lr_all": (0.003, 0.007, 0.015), "n_epochs": (10, 20)}}
+SURPRISE_BUDGETS = {"svd": 30, "svdpp": 6}
+
+
 def row_surprise(dataset, data_dir, algorithm, columns=""):
+    """Surprise's SVD or SVD++: each setting fits the training rows and is scored by validation
+    MSE (grid_search within SURPRISE_BUDGETS); the chosen setting's fit (training rows only, as
+    ours) gives the test figures, refitted at each of SEEDS: their mean, the spread beside it."""
     try:
         import surprise
     except ImportError:
         return None, {"skipped": "scikit-surprise is not installed: pip install scikit-surprise"}
     import pandas as pd
     r, train, val, test = split_arrays(dataset, data_dir, columns)
-    rows = np.concatenate([train, val])  # surprise has no early stopping: all training rows
-    frame = pd.DataFrame({"u": r.users[rows], "i": r.items[rows], "r": r.ratings[rows]})
+    frame = pd.DataFrame({"u": r.users[train], "i": r.items[train], "r": r.ratings[train]})
     scale = (float(r.ratings.min()), float(r.ratings.max()))
-    trainset = surprise.Dataset.load_from_df(frame, surprise.Reader(rating_scale=scale)) \
-        .build_full_trainset()
-    model = {"svd": surprise.SVD, "svdpp": surprise.SVDpp}[algorithm](random_state=0)
-    started = time.perf_counter()
-    model.fit(trainset)
-    fit_seconds = time.perf_counter() - started
-    predictions = [model.predict(u, i).est for u, i in zip(r.users[test], r.items[test])]
-    return metrics(predictions, r.ratings[test]), {"fit_seconds": round(fit_seconds, 2),
-                                                    "surprise": surprise.__version__}
+    trainset = surprise.Dataset.load_from_df(frame, surprise.Reader(rating_scale=scale)).build_full_trainset()
+    algorithm_class = {"svd": surprise.SVD, "svdpp": surprise.SVDpp}[algorithm]
+    fit_times = []
+
+    def fit(setting, seed=0):
+        model = algorithm_class(random_state=seed, **setting)
+        started = time.perf_counter()
+        model.fit(trainset)
+        fit_times.append(time.perf_counter() - started)
+        return model
+
+    def predict(model, rows):
+        return [model.predict(u, i).est for u, i in zip(r.users[rows], r.items[rows])]
+
+    def score(setting):
+        model = fit(setting)
+        return -metrics(predict(model, val), r.ratings[val])["mse"], model
+
+    grid = SURPRISE_GRIDS[algorithm]
+    val_score, setting, model, fits = grid_search(grid, score, SURPRISE_BUDGETS[algorithm], climb=algorithm == "svd")
+    seeds = [metrics(predict(model, test), r.ratings[test])]
+    for seed in SEEDS[1:]:
+        seeds.append(metrics(predict(fit(setting, seed), test), r.ratings[test]))
+    fit_seconds = fit_times[-1]  # the last seed's fit, at the chosen setting: one fit's time
+    scores = {key: float(np.mean([s[key] for s in seeds])) for key in seeds[0]}
+    edges = [k for k, v in setting.items() if v in (grid[k][0], grid[k][-1])]
+    extra = {"chosen on val": ", ".join(f"{k}={v:g}" for k, v in setting.items()), "val mse": round(-val_score, 4),
+             "settings fitted": fits, f"seeds {SEEDS[0]}-{SEEDS[-1]}: test mse":
+             f"{min(s['mse'] for s in seeds):.4f}-{max(s['mse'] for s in seeds):.4f}",
+             "fit_seconds": round(fit_seconds, 2), "surprise": surprise.__version__}
+    if edges:
+        extra["at the grid's edge"] = ", ".join(edges)
+    return scores, extra
 
 
 def measure(command, env=None):
@@ -160,7 +196,7 @@ def train_row(name, args, scratch, extra_overrides=()):
 def baseline_row(name, args):
     command = [sys.executable, str(ROOT / "benchmark.py"), f"--_row={name}", f"--task={args.task}",
                f"--dataset={args.dataset}", f"--data_dir={args.data_dir}", f"--columns={getattr(args, 'columns', '')}",
-               f"--split={getattr(args, 'split', 'random')}"]
+               f"--split={getattr(args, 'split', 'random')}", f"--choices={getattr(args, 'choices', '')}"]
     wall, peak, out, err, code = measure(command)
     if code != 0:
         return failed_row(name, err)
@@ -176,7 +212,7 @@ LABELS = {"mfmixtaste": "this project, train.py defaults",
           "mfmixtaste_1thread": "this project, train.py defaults, 1 thread",
           "mfmixtaste_k1": "this project, n_tastes=1 (biased MF)",
           "global_mean": "global mean", "bias_only": "biases only (user + item)",
-          "svd": "Surprise SVD (defaults)", "svdpp": "Surprise SVD++ (defaults)"}
+          "svd": "Surprise SVD (searched on validation)", "svdpp": "Surprise SVD++ (searched on validation)"}
 
 
 def chosen_rows(args, valid, labels=None):
@@ -236,9 +272,6 @@ def machine_lines(command):
 RANKING_BASELINES = ("pop", "ease", "ease_single", "admmslim", "als", "bpr")
 
 
-EASE_CHOSEN_L2 = 1000.0  # what the "ease" row's search chooses on validation (its notes say so)
-
-
 def ranking_task(dataset, data_dir, columns="", **overrides):
     """The ranking data exactly as `train.py --task=ranking` builds it (same filter and split)."""
     import tasks
@@ -261,60 +294,84 @@ def torch_tensor(array):
     return torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32))
 
 
-# Each baseline's grid, an axis per hyperparameter. EASE's L2; iALS as Rendle et al. (2022) tune
-# it, over the dimension, the L2 and the confidence weight alpha; BPR over its learning rate and L2
-# at 64 factors, 300 epochs. Wide enough that the value chosen on ML-1M and on sparse product data
-# lies inside (a value at an edge is said beside the figure); grid_search climbs them.
-GRIDS = {"pop": {}, "ease_single": {"l2": (EASE_CHOSEN_L2,)},
+# Each baseline's grid, an axis per hyperparameter, wide enough that the choice on ML-1M, ML-100K
+# and sparse product data lies inside (a value at an edge is said beside the figure); BUDGETS says
+# how many settings grid_search may score where a grid is larger (else the whole grid). EASE's L2;
+# ADMM SLIM's L1 and L2 (RecBole's alpha 0.5, rho 4000, non-negative, 50 iterations); iALS as
+# Rendle et al. (2022) tune it, over the dimension, the L2, the confidence weight alpha and the
+# iterations; BPR over its learning rate, L2 and iterations (implicit's SGD wants small rates on
+# ML-1M and large ones on sparse product data, where an item has a few dozen interactions to move
+# it: Amazon Beauty, validation NDCG@10 at lr 0.001 0.0024, 0.01 0.0264, 0.1 0.0312, 1.0 NaN).
+# ease_single fits once at the L2 the ease row's search chose on the same data (chosen_setting).
+GRIDS = {"pop": {},
          "ease": {"l2": (10.0, 30.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 30000.0)},
-         # RecBole's ADMMSLIM settings (alpha 0.5, rho 4000, non-negative), 50 iterations, its L1
-         # and L2 weights searched around where a wider search on ML-1M validation peaked.
-         "admmslim": {"l1": (1.0, 3.0, 10.0), "l2": (500.0, 1000.0, 2000.0)},
+         "admmslim": {"l1": (0.3, 1.0, 3.0, 10.0, 30.0), "l2": (100.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0)},
          "als": {"factors": (16, 32, 64, 128, 256, 512), "regularization": (0.001, 0.01, 0.1, 1.0, 10.0, 100.0),
-                 "alpha": (0.3, 1.0, 5.0, 20.0, 50.0)},
-         # BPR, 300 iterations: implicit's SGD wants small learning rates on ML-1M (docs/ranking.md:
-         # 0.127 at its defaults, lr 0.01; 0.163 at 0.001; more iterations overfit) and large ones
-         # on sparse product data, where an item has a few dozen interactions to move it (Amazon
-         # Beauty, validation NDCG@10: lr 0.001 0.0024, 0.01 0.0264, 0.1 0.0312 (the peak; reg
-         # 0.01), 0.3 0.0299, 1.0 NaN): the grid spans both.
+                 "alpha": (0.3, 1.0, 5.0, 20.0, 50.0), "iterations": (5, 15, 30)},
          "bpr": {"factors": (64,), "learning_rate": (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
-                 "regularization": (0.0001, 0.001, 0.01, 0.1)}}
+                 "regularization": (0.0001, 0.001, 0.01, 0.1), "iterations": (50, 100, 300)}}
+BUDGETS = {"admmslim": 16, "als": 60, "bpr": 36}  # settings scored (TPE, then the best's neighbourhood)
+SEEDS = (0, 1, 2)  # a stochastic peer's (ALS, BPR) chosen setting refitted at each: mean and spread
 
 
-def grid_search(grid, score):
-    """The best setting of a grid ({name: sorted values}) by score(setting) (higher is better),
-    climbing from its centre: score the neighbours one step along each axis, move to the best of
-    them while it is better, stop where none is. A fit of EASE on 18k items takes minutes, and a
-    whole ALS grid 125 fits; the climb scores a few, and finds the best of the whole grid where
-    the score rises to one peak along each axis (checked on ML-1M against the whole grid, and by
-    a test). -> (best score, best setting, its result, the number of settings scored)."""
+def grid_search(grid, score, budget=None, climb=True):
+    """The best setting of a grid ({name: sorted values}) by score(setting) -> (value, result),
+    higher is better. The whole grid where it has at most budget settings (or budget is None);
+    a larger one by Optuna's TPE sampler (seed 0, as tune.py searches ours) over the same values
+    until budget distinct settings are scored, then from the best of them to the best of its
+    whole neighbourhood (every axis one step either way or not at all, the diagonals too) while
+    that is better (climb; at most 3 x budget settings in all). Never one knob at a time: ALS's
+    factors and L2 interact, and a climb along one axis at a time from the grid's centre stopped
+    at factors 16 on ML-100K where the grid's best was 32 (issue 48). Only the best result is
+    kept (an EASE fit on 18k items holds 1.3 GB).
+    -> (best value, best setting, its result, the number of settings scored)."""
+    import itertools
+
     names = list(grid)
-    scored, kept = {}, [None, None, None]  # scores by grid index; the best so far: index, score, result
+    size = int(np.prod([len(grid[name]) for name in names]))
+    scored, kept = {}, [None, -np.inf, None]  # scores by setting; the best: setting, value, result
 
-    def at(index):  # only the best result is kept: an EASE fit on 18k items holds 1.3 GB
-        if index not in scored:
-            value, result = score({name: grid[name][i] for name, i in zip(names, index)})
-            scored[index] = value
+    def at(values):
+        if values not in scored:
+            value, result = score(dict(zip(names, values)))
+            scored[values] = value
             if kept[0] is None or value > kept[1]:
-                kept[:] = [index, value, result]
-        return scored[index]
+                kept[:] = [values, value, result]
+        return scored[values]
 
-    here = tuple((len(grid[name]) - 1) // 2 for name in names)
-    at(here)
-    while True:
-        steps = [here[:a] + (here[a] + d,) + here[a + 1:] for a in range(len(names)) for d in (-1, 1)
-                 if 0 <= here[a] + d < len(grid[names[a]])]
-        best = max(steps, key=at, default=here)
-        if not steps or at(best) <= at(here):  # here scores highest of all scored: it is kept[0]
-            index, value, result = kept
-            return value, {name: grid[name][i] for name, i in zip(names, index)}, result, len(scored)
-        here = best
+    if budget is None or size <= budget:
+        for values in itertools.product(*(grid[name] for name in names)):
+            at(values)
+    else:
+        import optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+        for _ in range(budget * 5):  # TPE proposes a scored setting again at times: its score is reused
+            if len(scored) >= budget:
+                break
+            trial = study.ask()
+            values = tuple(trial.suggest_categorical(name, grid[name]) for name in names)
+            value = at(values)
+            study.tell(trial, value if np.isfinite(value) else -1e30)
+        while climb and len(scored) < 3 * budget:  # the best's neighbourhood, diagonals too, while it holds a better one
+            here = [grid[name].index(v) for name, v in zip(names, kept[0])]
+            best = kept[0]
+            for steps in itertools.product((-1, 0, 1), repeat=len(names)):
+                index = [i + d for i, d in zip(here, steps)]
+                if all(0 <= i < len(grid[name]) for i, name in zip(index, names)):
+                    at(tuple(grid[name][i] for name, i in zip(names, index)))
+            if kept[0] == best:
+                break
+    values, value, result = kept
+    return value, dict(zip(names, values)), result, len(scored)
 
 
-def ranking_baseline(name, dataset, data_dir, columns="", split="random"):
-    """Fit a baseline over its grid (GRIDS, climbed by grid_search) on the training part, keep
-    the setting with the best validation NDCG@k, and report its test figures (training and
-    validation items masked). split: train.py's --split, as the rows of ours take it."""
+def ranking_baseline(name, dataset, data_dir, columns="", split="random", choices=""):
+    """Fit a baseline over its grid (GRIDS, searched by grid_search within BUDGETS) on the
+    training part, keep the setting with the best validation NDCG@k, and report its test figures
+    (training and validation items masked); a stochastic one (ALS, BPR) refitted at each of SEEDS,
+    its figures their mean. split: train.py's --split, as the rows of ours take it. choices: a
+    JSON file where each search leaves its choice (ease_single's L2 is the ease row's)."""
     task = ranking_task(dataset, data_dir, columns, split=split)
     X = task.training_matrix()
     diverged = ()  # the errors that mean a setting diverged: it then scores below every other
@@ -325,6 +382,7 @@ def ranking_baseline(name, dataset, data_dir, columns="", split="random"):
         except ImportError:
             return None, {"skipped": "the implicit package is not installed: pip install implicit"}
         diverged = (ModelFitError,)
+    grid = GRIDS[name] if name != "ease_single" else {"l2": (chosen_setting(choices, "ease")["l2"],)}
 
     def score(setting):
         try:
@@ -333,15 +391,37 @@ def ranking_baseline(name, dataset, data_dir, columns="", split="random"):
             return -np.inf, None
         return task.evaluate(scorer, "val")[f"ndcg@{task.k}"], scorer
 
-    val, setting, scorer, fits = grid_search(GRIDS[name], score)
+    val, setting, scorer, fits = grid_search(grid, score, BUDGETS.get(name))
+    if choices and name != "ease_single":
+        record_setting(choices, name, setting)
     extra = {"chosen on val": ", ".join(f"{k}={v:g}" for k, v in setting.items()) or "-",
              f"val ndcg@{task.k}": round(val, 4), "settings fitted": fits}
-    edges = [k for k, v in setting.items() if len(GRIDS[name][k]) > 1 and v in (GRIDS[name][k][0], GRIDS[name][k][-1])]
+    edges = [k for k, v in setting.items() if len(grid[k]) > 1 and v in (grid[k][0], grid[k][-1])]
     if edges:  # the best may lie beyond the grid: said beside the figure
         extra["at the grid's edge"] = ", ".join(edges)
+    test = task.evaluate(scorer, "test")
     if name in ("als", "bpr"):
+        seeds = [test] + [task.evaluate(fit_ranking_baseline(name, X, setting, seed), "test") for seed in SEEDS[1:]]
+        test = {key: float(np.mean([s[key] for s in seeds])) for key in test}
+        ndcg = [s[f"ndcg@{task.k}"] for s in seeds]
+        extra[f"seeds {SEEDS[0]}-{SEEDS[-1]}: test ndcg@{task.k}"] = f"{min(ndcg):.4f}-{max(ndcg):.4f}"
         extra["implicit"] = implicit.__version__
-    return task.evaluate(scorer, "test"), extra
+    return test, extra
+
+
+def record_setting(path, name, setting):
+    """Leave a search's choice in the JSON file at path (benchmark.py's scratch folder)."""
+    found = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    Path(path).write_text(json.dumps({**found, name: setting}))
+
+
+def chosen_setting(path, name):
+    """The setting the named row's search left in path; a RuntimeError where it has not run."""
+    found = json.loads(Path(path).read_text()) if path and Path(path).is_file() else {}
+    if name not in found:
+        raise RuntimeError(f"the {name} row's search has not run: its choice is what this row fits "
+                           f"(benchmark.py runs it first)")
+    return found[name]
 
 
 def gram_matrix(X):
@@ -385,7 +465,7 @@ def admm_slim(X, l1, l2, alpha=0.5, rho=4000.0, iterations=50):
     return C
 
 
-def fit_ranking_baseline(name, X, setting):
+def fit_ranking_baseline(name, X, setting, seed=0):
     if name == "pop":
         counts = np.asarray(X.sum(0)).ravel()
         return Scorer(lambda users: np.broadcast_to(counts, (len(users), len(counts))))
@@ -398,11 +478,11 @@ def fit_ranking_baseline(name, X, setting):
         if name == "als":
             model = implicit.cpu.als.AlternatingLeastSquares(
                 factors=setting["factors"], regularization=setting["regularization"],
-                alpha=setting["alpha"], iterations=15, random_state=0)
+                alpha=setting["alpha"], iterations=setting["iterations"], random_state=seed)
         else:
             model = implicit.cpu.bpr.BayesianPersonalizedRanking(
                 factors=setting["factors"], learning_rate=setting["learning_rate"],
-                regularization=setting["regularization"], iterations=300, random_state=0)
+                regularization=setting["regularization"], iterations=setting["iterations"], random_state=seed)
         model.fit(X, show_progress=False)
     user_factors, item_factors = np.asarray(model.user_factors), np.asarray(model.item_factors)
     return Scorer(lambda users: user_factors[users] @ item_factors.T)

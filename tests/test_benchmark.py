@@ -36,7 +36,7 @@ def test_baseline_rows_are_measured_and_ordered(tmp_path, synthetic_ml100k):
     assert "replaced script" not in report  # its published figures are ML-1M's: beside no other set
     # Wall time and peak memory were measured, not left blank.
     row = next(line for line in report.splitlines() if line.startswith("| global mean "))
-    assert re.search(r"\| \d+\.\d \| \d+ \|", row), row
+    assert re.search(r"\| \d+\.\d \| - \| \d+ \|", row), row  # whole process; no fit of its own
 
 
 def test_surprise_rows_run_or_say_how_to_install(tmp_path, synthetic_ml100k):
@@ -46,7 +46,10 @@ def test_surprise_rows_run_or_say_how_to_install(tmp_path, synthetic_ml100k):
     if importlib.util.find_spec("surprise") is None:
         assert "pip install scikit-surprise" in report
     else:
-        assert table_mse(report, "Surprise SVD (defaults)") < 1.5
+        assert table_mse(report, "Surprise SVD (searched on validation)") < 1.5
+        row = next(line for line in report.splitlines() if line.startswith("| Surprise SVD"))
+        assert "chosen on val n_factors=" in row and "seeds 0-2: test mse" in row
+        assert re.search(r"\| \d+\.\d \| \d+\.\d \| \d+ \|", row), row  # whole process, one fit, memory
 
 
 def test_unknown_row_is_refused(tmp_path, synthetic_ml100k):
@@ -354,17 +357,32 @@ def test_the_generator_has_the_marginals_of_real_sets_and_writes_a_file_the_load
     assert len(found) == written and found.has_ratings and found.timestamps is not None
 
 
-def test_the_grid_climb_finds_a_single_peaked_grids_best_with_fewer_fits():
-    grid = {"a": (1, 2, 3, 4, 5), "b": (0.1, 1.0, 10.0, 100.0), "c": ("x", "y", "z")}
-    for peak in [(0, 3, 2), (4, 0, 0), (2, 1, 1), (3, 3, 0)]:
-        def score(setting, peak=peak):  # falls with the distance in grid steps from the peak
-            index = [grid[name].index(setting[name]) for name in grid]
-            return -sum(abs(i - p) * w for i, p, w in zip(index, peak, (1.0, 1.5, 0.7))), setting["a"]
-        every = max(score(dict(zip(grid, values)))[0] for values in itertools.product(*grid.values()))
-        value, setting, result, fits = peers.grid_search(grid, score)
-        assert value == every == 0.0
-        assert [grid[name].index(setting[name]) for name in grid] == list(peak)
-        assert result == setting["a"] and fits < 5 * 4 * 3
+ALS_LIKE = {"factors": (16, 32, 64, 128, 256, 512), "reg": (0.001, 0.01, 0.1, 1.0, 10.0, 100.0),
+            "alpha": (0.3, 1.0, 5.0, 20.0, 50.0)}
+
+
+def ridge(setting, peak=(4, 4, 2)):
+    """Interacting knobs, as ALS's factors and L2: the best L2 grows with the factors (a diagonal
+    ridge), so no single axis improves from most points on the ridge."""
+    f, r, a = (ALS_LIKE[name].index(setting[name]) for name in ALS_LIKE)
+    return -(abs(r - f - (peak[1] - peak[0])) + 0.15 * abs(f - peak[0]) + 0.5 * abs(a - peak[2])), setting["factors"]
+
+
+def test_the_peers_search_finds_the_whole_grids_best_where_knobs_interact():
+    every = {values: ridge(dict(zip(ALS_LIKE, values)))[0] for values in itertools.product(*ALS_LIKE.values())}
+    best = max(every, key=every.get)
+    # One knob at a time from the grid's centre (the old climb) stops on the ridge, short of it:
+    centre = (64, 0.1, 5.0)
+    along_axes = [centre[:a] + (v,) + centre[a + 1:] for a, name in enumerate(ALS_LIKE) for v in ALS_LIKE[name]]
+    assert max(along_axes, key=every.get) == centre != best
+    for peak in [(4, 4, 2), (1, 3, 0), (5, 2, 4)]:
+        score = lambda setting, peak=peak: ridge(setting, peak)
+        truth = max(every, key=lambda values: score(dict(zip(ALS_LIKE, values)))[0])
+        # the whole grid where the budget allows it, TPE then the full neighbourhood where not
+        for budget, most in ((None, 180), (40, 179)):
+            value, setting, result, fits = peers.grid_search(ALS_LIKE, score, budget)
+            assert tuple(setting.values()) == truth and value == 0.0 and result == setting["factors"]
+            assert fits <= most
     # A grid of one setting (or none: popularity) is scored once.
     assert peers.grid_search({}, lambda s: (1.0, "r")) == (1.0, {}, "r", 1)
     assert peers.grid_search({"l2": (7.0,)}, lambda s: (s["l2"], None))[:2] == (7.0, {"l2": 7.0})
@@ -377,7 +395,7 @@ def test_a_baseline_setting_that_diverges_scores_below_every_other(monkeypatch, 
     from implicit.recommender_base import ModelFitError
     fitted = []
 
-    def fit(name, X, setting):  # validation NDCG that rises with lr, until lr 0.03 diverges
+    def fit(name, X, setting, seed=0):  # validation NDCG that rises with lr, until lr 0.03 diverges
         if setting["learning_rate"] >= 0.03:
             raise ModelFitError("NaN encountered in factors")
         fitted.append(setting["learning_rate"])
@@ -388,6 +406,25 @@ def test_a_baseline_setting_that_diverges_scores_below_every_other(monkeypatch, 
     test, extra = peers.ranking_baseline("bpr", "ml-100k", str(synthetic_ml100k))
     assert "learning_rate=0.01," in extra["chosen on val"] and 0 < test["ndcg@10"] <= 1
     assert 0.01 in fitted and all(lr < 0.03 for lr in fitted)
+
+
+def test_the_one_fit_ease_row_fits_at_the_l2_its_search_chose_on_the_same_data(monkeypatch, synthetic_ml100k, tmp_path):
+    fitted = []
+
+    def fit(name, X, setting, seed=0):  # validation NDCG peaks at L2 250 (not the old constant 1000)
+        fitted.append((name, setting["l2"]))
+        counts = np.asarray(X.sum(0)).ravel() * (1.0 if setting["l2"] == 250.0 else -1.0)
+        return peers.Scorer(lambda users: np.broadcast_to(counts, (len(users), len(counts))))
+
+    monkeypatch.setattr(peers, "fit_ranking_baseline", fit)
+    choices = tmp_path / "choices.json"
+    with pytest.raises(RuntimeError, match="the ease row's search has not run"):
+        peers.ranking_baseline("ease_single", "ml-100k", str(synthetic_ml100k), choices=str(choices))
+    _, extra = peers.ranking_baseline("ease", "ml-100k", str(synthetic_ml100k), choices=str(choices))
+    assert extra["chosen on val"] == "l2=250" and len(fitted) == len(peers.GRIDS["ease"]["l2"])
+    fitted.clear()
+    _, extra = peers.ranking_baseline("ease_single", "ml-100k", str(synthetic_ml100k), choices=str(choices))
+    assert fitted == [("ease_single", 250.0)] and extra["settings fitted"] == 1
 
 
 def test_mixture_use_tells_copied_tastes_from_a_mixture_that_chooses(synthetic_ml100k):
