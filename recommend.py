@@ -69,6 +69,9 @@ class Recommender:
             model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
         except Exception as error:  # truncated or foreign file: torch raises many kinds
             raise RunError(f"{best} is damaged or not this run's model ({type(error).__name__})") from None
+        # Frozen: nothing here trains the run's tables, and a fold-in's backward would otherwise
+        # also compute the gradient of every item vector, a third of its time.
+        model.requires_grad_(False)
         run = cls(model, config, user_ids, item_ids, arrays["seen_indptr"], arrays["seen_items"], items)
         run.untrained = ~arrays["trained_items"] if "trained_items" in arrays else None  # older runs: unknown
         # Predicted ratings are shown within the training ratings' range, as train.py evaluates
