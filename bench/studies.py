@@ -647,7 +647,7 @@ def shared_accounts(args):
 
 
 # Shapes of real sets for the generator: (users, items, interactions).
-SHAPES = {"ml-1m": (6_040, 3_706, 1_000_209), "ml-10m": (69_878, 10_677, 10_000_054),
+SHAPES = {"ml-100k": (943, 1_682, 100_000), "ml-1m": (6_040, 3_706, 1_000_209), "ml-10m": (69_878, 10_677, 10_000_054),
           "ml-25m": (162_541, 59_047, 25_000_095), "1m-users": (1_000_000, 200_000, 100_000_000)}
 
 
