@@ -54,6 +54,7 @@ class Recommender:
         self.untrained = None     # (n_items,) bool: items no training row had (None: not recorded)
         self.prior_weights = {name: 0.0 for name in PRIOR_TERMS}  # the run's L2 prior (fold_in keeps it)
         self.has_titles = False   # whether the run named its items (items.json): answers then carry titles
+        self.fold_in_steps = FOLD_IN_STEPS  # a fold-in's steps of Adam (recommend.py --fold_in_steps)
         # What a score means: a predicted rating for rating runs, a ranking score otherwise.
         self.score_name = "rating" if config.get("task", "rating") == "rating" else "score"
 
@@ -325,7 +326,7 @@ class Recommender:
         (P,) (a rating run) or None, weights (P,). -> (user rows (n_users, 2, K, d), biases
         (n_users,)), as user_factors and user_bias hold a trained user.
         Each user starts from the trained user whose items overlap theirs most (cosine), so the
-        K tastes start apart and near an answer; then FOLD_IN_STEPS full steps of Adam on the
+        K tastes start apart and near an answer; then fold_in_steps full steps of Adam on the
         sum over users of: ranking, each met item's -log softmax over every item, and the prior
         per pair; rating, each rating's squared error, the implicit term (each rated item's
         claim against a fixed draw of items, as the sampled negatives of training average to) and
@@ -353,7 +354,7 @@ class Recommender:
         # In float32: bfloat16 products (training's, where the hardware has them) are 1.5x faster
         # here, but their rounding depends on the batch, and Adam turns it into answers that
         # moved by 1% with the other users of the batch (float32: 1e-7).
-        for _ in range(FOLD_IN_STEPS):
+        for _ in range(self.fold_in_steps):
             scores, mixture = model.score_rows(rows, bias, return_weights=True)      # (B, n_items), (B, K, n_items)
             met = scores[position_t, items_t]                                         # (P,)
             if ratings is None:
@@ -468,7 +469,9 @@ class Recommender:
 # folded in from their training items as new users (each from its nearest other user), validation
 # NDCG@10 at 20 / 40 / 80 steps (lr 0.05) 0.2367 / 0.2383 / 0.2388, trained-in 0.2394; 25 steps
 # at lr 0.1 0.2368. 40 steps: 4.0 s for the 1,000 (docs/deploy.md). With the least share below,
-# 25 steps at lr 0.08 kept ML-1M (0.2389 against 0.2397) but lost Amazon Beauty's (0.0578 / 0.0595).
+# 25 steps at lr 0.08 kept ML-1M (0.2389 against 0.2397) but lost Amazon Beauty's (0.0578 / 0.0595);
+# 80 steps raised Beauty's to 0.0614 (trained-in 0.0609; lr 0.1 at 40 steps: 0.0593) in twice the
+# time, ML-1M's not past noise: --fold_in_steps=80 for sparse data where time allows.
 FOLD_IN_STEPS = 40
 FOLD_IN_LR = 0.05
 # A rating fold-in's implicit term: each rated item against this many items (_implicit).
@@ -540,6 +543,9 @@ def command_line():
                         "train.py's --weight_column")
     parser.add_argument("--fallback", choices=["popular"], help="--history: a user none of whose items the run "
                         "knows gets the most popular items (else refused)")
+    parser.add_argument("--fold_in_steps", type=int, default=FOLD_IN_STEPS,
+                        help=f"--history: steps of Adam fitting each user (default {FOLD_IN_STEPS}; sparse data such as "
+                             "Amazon's gains from 80, in twice the time)")
     parser.add_argument("--out", metavar="FILE", help="--all, --history: write the answers to FILE (.csv or "
                         ".parquet; columns user_id, rank, item_id, score or rating, title where the run has titles)")
     return parser
@@ -551,8 +557,8 @@ def main(argv):
     batch = args.all or args.history or args.history_items
     if args.user is None and args.similar is None and not batch:
         parser.error("give --user=<id>, --similar=<item id>, --all, --history=FILE or --history_items=ID,...")
-    if args.n < 1:
-        parser.error("--n must be positive")
+    if args.n < 1 or args.fold_in_steps < 1:
+        parser.error("--n and --fold_in_steps must be positive")
     if args.out and Path(args.out).suffix.lower() not in (".csv", ".parquet"):
         parser.error(f"--out={args.out}: a .csv or .parquet file")
     if batch:
@@ -602,6 +608,7 @@ def answer_many(args):
     started = time.perf_counter()
     try:
         run = Recommender.load(args.run, quiet=True)
+        run.fold_in_steps = args.fold_in_steps
         if args.all:
             blocks, what = run.iter_recommend_all(args.n), f"{len(run.user_ids):,} users of the run"
         else:

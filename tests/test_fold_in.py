@@ -120,6 +120,11 @@ def test_the_command_line_answers_a_history_file_and_every_user_to_csv_and_parqu
     assert group(answers[answers["user_id"] == "c2"]["item_id"]) == {1}
     one = cli(runs["mixture"], "--history_items=21,22,23", "--n=3")
     assert one.returncode == 0 and group(pd.read_csv(__import__("io").StringIO(one.stdout))["item_id"]) == {1}
+    # --fold_in_steps reaches the fold-in: one step from the nearest user scores otherwise than 40
+    scores = [pd.read_csv(__import__("io").StringIO(cli(runs["mixture"], "--history_items=21,22,23", "--n=3",
+                                                        *steps).stdout))["score"] for steps in ([], ["--fold_in_steps=1"])]
+    assert not np.allclose(scores[0], scores[1])
+    assert cli(runs["mixture"], "--history_items=21", "--fold_in_steps=0").returncode == 2
     everyone = tmp_path / "top.csv"
     done = cli(runs["mixture"], "--all", "--n=5", f"--out={everyone}")
     assert done.returncode == 0, done.stderr
