@@ -54,13 +54,19 @@ def test_bad_weights_are_one_line_that_says_what_the_file_has(tmp_path, given, m
         loader.load(str(path), weights=formats.parse_weights(*given))
 
 
+def weighted_task(task_class, path, *args):
+    """A task of train.py's settings args on the file at path, read with its --event_weights; a
+    small model for it, and the task's first training batch."""
+    cfg = train.resolve_config([f"--dataset={path}", "--dim=4", *args])
+    task = task_class(cfg, loader.load(str(path), weights=formats.parse_weights(cfg["event_weights"])), "cpu", 0, 1)
+    model = __import__("MFMixTaste").MFMixTaste(task.n_users, task.n_items, dim=4, n_tastes=2, init_std=0.5)
+    return task, model, next(iter(task.batches))
+
+
 def test_the_ranking_loss_weighs_each_positive(tmp_path):
     path = event_log(tmp_path / "log.csv")
-    cfg = train.resolve_config([f"--dataset={path}", "--task=ranking", "--dim=4", "--batch_size=16",
-                                "--event_weights=event_type:view=0.2,cart=0.5,purchase=1"])
-    task = tasks.RankingTask(cfg, loader.load(str(path), weights=formats.parse_weights(cfg["event_weights"])), "cpu", 0, 1)
-    model = __import__("MFMixTaste").MFMixTaste(task.n_users, task.n_items, dim=4, n_tastes=2, init_std=0.5)
-    batch = next(iter(task.batches))
+    task, model, batch = weighted_task(tasks.RankingTask, path, "--task=ranking", "--batch_size=16",
+                                       "--event_weights=event_type:view=0.2,cart=0.5,purchase=1")
     users, position, items, global_pairs, drawn, weights = batch
     assert drawn is None and len(weights) == len(items)
     assert np.isclose(weights.numpy(), 0.2).any() and np.isclose(weights.numpy(), 1.0).any()
@@ -79,11 +85,8 @@ def test_the_rating_loss_weighs_each_rating_and_its_implicit_claim(tmp_path):
     path.write_text("user,item,rating,event\n" + "".join(
         f"{u},{i},{r},{k}\n" for u, i, r, k in zip(rng.integers(0, 50, n), rng.integers(0, 30, n), rng.integers(1, 6, n),
                                                   rng.choice(["view", "purchase"], n))))
-    cfg = train.resolve_config([f"--dataset={path}", "--dim=4", "--batch_size=64", "--implicit_negatives=3",
-                                "--event_weights=event:view=0.25,purchase=1"])
-    task = tasks.RatingTask(cfg, loader.load(str(path), weights=formats.parse_weights(cfg["event_weights"])), "cpu", 0, 1)
-    model = __import__("MFMixTaste").MFMixTaste(task.n_users, task.n_items, dim=4, n_tastes=2, init_std=0.5)
-    batch = next(iter(task.batches))
+    task, model, batch = weighted_task(tasks.RatingTask, path, "--batch_size=64", "--implicit_negatives=3",
+                                       "--event_weights=event:view=0.25,purchase=1")
     users, items, targets, global_batch, weights, negatives = batch
     assert set(np.round(weights.numpy(), 2)) == {0.25, 1.0} and negatives.shape == (len(users), 3)
     terms, *_ = task.loss(model, batch)
