@@ -1208,7 +1208,7 @@ def _fold_in_ratings(ratings):
     truth = torch.tensor(test["rating"].to_numpy(np.float32))
 
     def mse(run, user_rows, user_of_test, rows=None, bias=None):
-        items = torch.from_numpy(loader.positions(run.item_ids, _same_type(test["item_id"], run.item_ids))[0])
+        items = torch.from_numpy(loader.positions(run.item_ids, loader.as_ids(test["item_id"].to_numpy(), run.item_ids))[0])
         with torch.no_grad():
             if rows is None:
                 predictions = run.model(torch.from_numpy(user_rows[user_of_test]), items)
@@ -1217,10 +1217,10 @@ def _fold_in_ratings(ratings):
         low, high = run.rating_range
         return float((predictions.clamp(low, high) - truth).pow(2).mean())
 
-    b_rows = loader.positions(run_b.user_ids, _same_type(test["user_id"], run_b.user_ids))[0]
+    b_rows = loader.positions(run_b.user_ids, loader.as_ids(test["user_id"].to_numpy(), run_b.user_ids))[0]
     trained = mse(run_b, b_rows, np.arange(len(test)))
     with torch.no_grad():  # A without the user: the global mean and the item's bias
-        items = torch.from_numpy(loader.positions(run_a.item_ids, _same_type(test["item_id"], run_a.item_ids))[0])
+        items = torch.from_numpy(loader.positions(run_a.item_ids, loader.as_ids(test["item_id"].to_numpy(), run_a.item_ids))[0])
         unknown = run_a.model.global_bias + run_a.model.item_bias[items]
         unknown = float((unknown.clamp(*run_a.rating_range) - truth).pow(2).mean())
     table = ["| history given | fold-in MSE | trained in | without the user (global mean + item bias) | fold-in time |",
@@ -1242,11 +1242,6 @@ def _fold_in_ratings(ratings):
             f"{FOLD_IN_HISTORY:.0%} of their ratings, the MSE of their other ratings ({len(test):,}); run B trained "
             "them in (the other users' ratings split 80/10/10 within each user, seed 2020, as pre-split folders; "
             "predictions clipped to the training range, as train.py evaluates).", "", *table, ""]
-
-
-def _same_type(raw, ids):
-    """Raw ids (a Series) in the dtype of a run's ids."""
-    return raw.to_numpy().astype(ids.dtype)
 
 
 def _ndcg(scores, given, truth, k=10):
