@@ -1030,13 +1030,10 @@ def fold_in_study(args):
     rows, EASE given the same history (its L2 chosen on A's validation part) and popularity.
     The rating task (ratings, not positives; MovieLens names): fold-in MSE on the held-out 20%
     beside B's. Validation never sees a held-out user."""
-    import subprocess
-
     import pandas as pd
     import torch
     from scipy.sparse import csr_matrix
 
-    import recommend
     from bench import peers
 
     name = args.dataset if loader.is_movielens(args.dataset) else f"`{Path(args.dataset).name}`"
@@ -1044,45 +1041,12 @@ def fold_in_study(args):
     cfg = peers.task_config(args.dataset, "ranking", args.columns)
     ratings = loader.load(args.dataset, args.data_dir, allow_download=False, columns=args.columns)
     rows, _ = loader.implicit_feedback(ratings, cfg["ranking_min_rating"], cfg["ranking_core"])
-    users = ratings.users[rows]
-    user_list = np.unique(users)
-    rng = np.random.default_rng(0)
-    held = np.sort(rng.choice(user_list, int(len(user_list) * FOLD_IN_HELD), replace=False))
-    is_held = np.isin(users, held)
-    kept = rows[~is_held]
-    # split_per_user keeps the rows' order: its parts line up with kept
-    rest_part = loader.split_per_user(ratings, kept, fractions=(0.8, 0.1, 0.1), seed=cfg["split_seed"]).part
-    held_rows = rows[is_held]
-    order = np.lexsort((rng.random(len(held_rows)), ratings.users[held_rows]))
-    held_rows = held_rows[order]
-    held_users = ratings.users[held_rows]
-    counts = np.bincount(held_users, minlength=ratings.n_users)[held]
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    within = np.arange(len(held_rows)) - np.repeat(start, counts)
-    given = within < np.repeat(np.floor(counts * FOLD_IN_HISTORY).astype(int).clip(min=1), counts)
+    held, user_list, held_rows, given, a_parts, b_parts = _hold_out(ratings, rows, cfg["split_seed"])
     raw_user, raw_item = ratings.user_ids[ratings.users], ratings.item_ids[ratings.items]
     with tempfile.TemporaryDirectory(prefix="mfmixtaste-fold-in-") as scratch:
-        scratch = Path(scratch)
-
-        def write(folder, parts):
-            folder.mkdir()
-            for name, chosen in zip(("train", "valid", "test"), parts):
-                pd.DataFrame({"user": raw_user[chosen], "item": raw_item[chosen]}).to_csv(folder / f"{name}.csv", index=False)
-            return folder
-
-        a_parts = [kept[rest_part == p] for p in range(3)]
-        folder_a = write(scratch / "a", a_parts)
-        folder_b = write(scratch / "b", [np.concatenate([a_parts[0], held_rows[given]]), a_parts[1],
-                                         np.concatenate([a_parts[2], held_rows[~given]])])
-        run = {}
-        for name, folder in (("a", folder_a), ("b", folder_b)):
-            command = [sys.executable, str(ROOT / "train.py"), "--task=ranking", f"--dataset={folder}",
-                       f"--runs_dir={scratch / 'runs'}", f"--results_dir={scratch / 'results'}", f"--run_name={name}",
-                       "--progress=False"]
-            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-            if done.returncode:
-                sys.exit(f"error: the fold-in study's run {name} failed: {done.stderr.strip()[-500:]}")
-            run[name] = recommend.Recommender.load(scratch / "runs" / name, quiet=True)
+        columns = {"user": raw_user, "item": raw_item}
+        run = {name: _train_on_parts(Path(scratch), name, parts, columns, ["--task=ranking"])
+               for name, parts in (("a", a_parts), ("b", b_parts))}
         trained_a, trained_b = run["a"], run["b"]
         ids = trained_a.item_ids
         test = {}
@@ -1164,43 +1128,19 @@ def _fold_in_ratings(ratings):
     one's ratings. Each held-out user is folded into A from 1, 3 or all of those ratings; the MSE
     of their other 20% beside B's trained-in predictions and A's without the user (the global
     mean and item biases: what an unknown user gets). -> the report's lines."""
-    import subprocess
 
     import pandas as pd
     import torch
 
-    import recommend
 
-    rng = np.random.default_rng(0)
-    user_list = np.unique(ratings.users)
-    held = np.sort(rng.choice(user_list, int(len(user_list) * FOLD_IN_HELD), replace=False))
-    is_held = np.isin(ratings.users, held)
-    kept = np.flatnonzero(~is_held)
-    rest_part = loader.split_per_user(ratings, kept, fractions=(0.8, 0.1, 0.1), seed=2020).part
-    held_rows = np.flatnonzero(is_held)
-    held_rows = held_rows[np.lexsort((rng.random(len(held_rows)), ratings.users[held_rows]))]
-    counts = np.bincount(ratings.users[held_rows], minlength=ratings.n_users)[held]
-    within = np.arange(len(held_rows)) - np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-    given = within < np.repeat(np.floor(counts * FOLD_IN_HISTORY).astype(int).clip(min=1), counts)
+    held, user_list, held_rows, given, a_parts, b_parts = _hold_out(ratings, np.arange(len(ratings)), 2020)
     raw_user, raw_item = ratings.user_ids[ratings.users], ratings.item_ids[ratings.items]
     frame = lambda chosen: pd.DataFrame({"user_id": raw_user[chosen], "item_id": raw_item[chosen],
                                          "rating": ratings.ratings[chosen]})
-    a_parts = [kept[rest_part == p] for p in range(3)]
-    runs = {}
     with tempfile.TemporaryDirectory(prefix="mfmixtaste-fold-in-rating-") as scratch:
-        scratch = Path(scratch)
-        for name, parts in (("a", a_parts), ("b", [np.concatenate([a_parts[0], held_rows[given]]), a_parts[1],
-                                                   np.concatenate([a_parts[2], held_rows[~given]])])):
-            folder = scratch / name
-            folder.mkdir()
-            for part, chosen in zip(("train", "valid", "test"), parts):
-                frame(chosen).rename(columns={"user_id": "user", "item_id": "item"}).to_csv(folder / f"{part}.csv", index=False)
-            done = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--dataset={folder}", "--progress=False",
-                                   f"--runs_dir={scratch / 'runs'}", f"--results_dir={scratch / 'results'}",
-                                   f"--run_name={name}"], capture_output=True, text=True, cwd=ROOT)
-            if done.returncode:
-                sys.exit(f"error: the rating fold-in's run {name} failed: {done.stderr.strip()[-500:]}")
-            runs[name] = recommend.Recommender.load(scratch / "runs" / name, quiet=True)
+        columns = {"user": raw_user, "item": raw_item, "rating": ratings.ratings}
+        runs = {name: _train_on_parts(Path(scratch), name, parts, columns)
+                for name, parts in (("a", a_parts), ("b", b_parts))}
     run_a, run_b = runs["a"], runs["b"]
     test = frame(held_rows[~given])
     test = test[np.isin(test["item_id"], run_a.item_ids) & np.isin(test["item_id"], run_b.item_ids)]
@@ -1242,6 +1182,54 @@ def _fold_in_ratings(ratings):
             f"{FOLD_IN_HISTORY:.0%} of their ratings, the MSE of their other ratings ({len(test):,}); run B trained "
             "them in (the other users' ratings split 80/10/10 within each user, seed 2020, as pre-split folders; "
             "predictions clipped to the training range, as train.py evaluates).", "", *table, ""]
+
+
+def _hold_out(ratings, rows, split_seed):
+    """The fold-in studies' split of rows (indices into ratings): FOLD_IN_HELD of their users held
+    out entirely (numpy seed 0), the others' rows split 80/10/10 within each user (split_seed);
+    each held-out user's rows in random order, the first FOLD_IN_HISTORY of them (at least one)
+    given as their history. -> (held users, every user, held rows by user, given (bool, as held
+    rows), run A's parts [train, valid, test], run B's: A's with the given rows in training and
+    the held users' other rows in test)."""
+    rng = np.random.default_rng(0)
+    users = ratings.users[rows]
+    user_list = np.unique(users)
+    held = np.sort(rng.choice(user_list, int(len(user_list) * FOLD_IN_HELD), replace=False))
+    is_held = np.isin(users, held)
+    kept = rows[~is_held]
+    # split_per_user keeps the rows' order: its parts line up with kept
+    rest_part = loader.split_per_user(ratings, kept, fractions=(0.8, 0.1, 0.1), seed=split_seed).part
+    held_rows = rows[is_held]
+    held_rows = held_rows[np.lexsort((rng.random(len(held_rows)), ratings.users[held_rows]))]
+    counts = np.bincount(ratings.users[held_rows], minlength=ratings.n_users)[held]
+    within = np.arange(len(held_rows)) - np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    given = within < np.repeat(np.floor(counts * FOLD_IN_HISTORY).astype(int).clip(min=1), counts)
+    a_parts = [kept[rest_part == p] for p in range(3)]
+    b_parts = [np.concatenate([a_parts[0], held_rows[given]]), a_parts[1], np.concatenate([a_parts[2], held_rows[~given]])]
+    return held, user_list, held_rows, given, a_parts, b_parts
+
+
+def _train_on_parts(scratch, name, parts, columns, settings=()):
+    """A train.py run (its defaults, plus settings) on parts (train, valid, test row indices) as
+    a pre-split folder scratch/name of the given columns ({name: array over every row}) ->
+    the finished run, loaded (recommend.Recommender)."""
+    import subprocess
+
+    import pandas as pd
+
+    import recommend
+
+    folder = scratch / name
+    folder.mkdir()
+    for part, chosen in zip(("train", "valid", "test"), parts):
+        pd.DataFrame({column: values[chosen] for column, values in columns.items()}).to_csv(
+            folder / f"{part}.csv", index=False)
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *settings, f"--dataset={folder}", "--progress=False",
+                           f"--runs_dir={scratch / 'runs'}", f"--results_dir={scratch / 'results'}",
+                           f"--run_name={name}"], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        sys.exit(f"error: the fold-in study's run {name} failed: {done.stderr.strip()[-500:]}")
+    return recommend.Recommender.load(scratch / "runs" / name, quiet=True)
 
 
 def _ndcg(scores, given, truth, k=10):
