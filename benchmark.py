@@ -7,6 +7,7 @@
     python benchmark.py --large=big/ratings.csv                         # rating, ranking and ALS on such a file
     python benchmark.py --cost_curve                                    # time/memory vs interactions, users, items
     python benchmark.py --sizes --data_dir=../shared/data               # defaults on small sets
+    python benchmark.py --user_fraction=0.1 --data_dir=../shared/data   # the same rows on 10% of ML-1M's users
     python benchmark.py --shared-accounts --data_dir=../shared/data     # real users pooled into accounts
     python benchmark.py --shared-accounts --accounts_seed=1 ...         # another draw of the accounts
     python benchmark.py --variant=item_bag --task=ranking --dataset=PATH # a train.py run of a model variant (bench/variants.py)
@@ -117,7 +118,7 @@ def peers_table(results, args, speed=()):
         fit = f"{r['fit_seconds']:.1f}" if r.get("fit_seconds") else "-"
         lines.append(f"| {LABELS[r['row']]} | {r['mse']:.4f} | {r['rmse']:.4f} | {r['mae']:.4f} "
                      f"| {r['wall']:.1f} | {fit} | {r['peak_mib']:.0f} | {r.get('note', '')} |")
-    for label, mse, wall in REPLACED if args.dataset == "ml-1m" else ():  # the replaced script's ML-1M figures
+    for label, mse, wall in REPLACED if data_name(args) == "ml-1m" else ():  # the replaced script's ML-1M figures
         lines.append(f"| {label} | {mse:.4f} | {mse ** 0.5:.4f} | - | {wall} (not run here) | - | - | 50 epochs; "
                      "a figure typed in, not measured by this run |")
     by_row = {r["row"]: r for r in results if "error" not in r}
@@ -140,8 +141,31 @@ def peers_table(results, args, speed=()):
 
 
 def data_name(args):
-    """The dataset as a report names it: the MovieLens name, or the file's or folder's name."""
+    """The dataset as a report names it: the MovieLens name (and the share of its users cut), or
+    the file's or folder's name."""
+    if getattr(args, "user_fraction", 1.0) < 1.0:
+        return f"{args.dataset}, {args.user_fraction:.0%} of its users (seed 0)"
     return args.dataset if loader.is_movielens(args.dataset) else f"`{Path(args.dataset).name}`"
+
+
+def cut_users(args, scratch):
+    """args.user_fraction < 1: write that share of the MovieLens set's users (all their ratings,
+    seeded, studies.subsample) into scratch as the same set, and point args.data_dir there.
+    -> the report's section suffix ("" for the whole set)."""
+    if args.user_fraction >= 1.0:
+        return ""
+    if not 0.0 < args.user_fraction < 1.0 or args.dataset != "ml-1m":
+        sys.exit(f"error: --user_fraction={args.user_fraction:g} must lie in (0, 1] and cuts ml-1m "
+                 f"(not --dataset={args.dataset})")
+    full = loader.load(args.dataset, args.data_dir, allow_download=False)
+    folder = Path(scratch) / args.dataset
+    studies.write_ratings_dat(folder, full, studies.subsample(full, "users", args.user_fraction))
+    for name in ("movies.dat", "users.dat"):  # titles and genres for the tables' studies
+        source = Path(args.data_dir) / args.dataset / name
+        if source.is_file():
+            (folder / name).write_bytes(source.read_bytes())
+    args.data_dir = str(scratch)
+    return f"-users-{args.user_fraction:g}"
 
 
 def data_lines(args):
@@ -224,7 +248,7 @@ def ranking_table(results, args, task, speed=()):
             continue
         lines.append(f"| {RANKING_LABELS[r['row']]} | " + " | ".join(f"{r[n]:.4f}" for n in names)
                      + f" | {r['wall']:.1f} | {r['peak_mib']:.0f} | {r.get('note', '')} |")
-    published = args.dataset == "ml-1m"  # RecBole's table is of ML-1M: beside no other set
+    published = data_name(args) == "ml-1m"  # RecBole's table is of the whole ML-1M: beside no other set
     for label, ndcg, recall in PUBLISHED if published else ():
         lines.append(f"| {label}, published by RecBole | {ndcg:.4f} | {recall:.4f} | - | - | - | - | - "
                      "| published figure, not run here |")
@@ -283,6 +307,9 @@ def command_line():
                         help="--task=ranking: every row on train.py's --split (time: a global cut; last: each user's latest)")
     parser.add_argument("--only", default="", help=f"comma-separated rows of the task's table: rating {', '.join(ROWS)}; "
                                                    f"ranking {', '.join(RANKING_ROWS)}")
+    parser.add_argument("--user_fraction", type=float, default=1.0,
+                        help="the rating or ranking table on a seeded random share of ML-1M's users (0.1: 604 "
+                             "users, about 100k ratings, ML-100K's size), cut into a temporary folder")
     parser.add_argument("--output", default=str(ROOT / "results" / "benchmark.md"))
     parser.add_argument("--speed_pairs", type=int, default=3,
                         help="pairs (ours, then the peer) of the speed bar, back to back; its ratio is their median")
@@ -339,7 +366,9 @@ def run(args):
                           else ("sizes", studies.sizes) if args.sizes
                           else ("shared-accounts", studies.shared_accounts) if args.shared_accounts
                           else ("ranking", ranking_peers) if args.task == "ranking" else ("peers", rating_peers))
-        report = study(args)
+        with tempfile.TemporaryDirectory(prefix="mfmixtaste-cut-") as scratch:  # MovieLens may not be kept
+            section += cut_users(args, scratch)
+            report = study(args)
     except loader.DataError as error:
         sys.exit(f"error: {error}")
     print(report)
