@@ -92,9 +92,9 @@ def row_bias_only(dataset, data_dir, columns=""):
 # its factors, L2, learning rate and epochs (its defaults 100, 0.02, 0.005, 20 inside); SVD++ at
 # 158 s a fit on ML-1M within SURPRISE_BUDGETS settings by TPE alone (no neighbourhood climb).
 SURPRISE_GRIDS = {"svd": {"n_factors": (10, 25, 50, 100, 200), "reg_all": (0.01, 0.02, 0.05, 0.1, 0.2),
-                          "lr_all": (0.002, 0.005, 0.01, 0.02), "n_epochs": (10, 20, 40, 80)},
-                  "svdpp": {"n_factors": (10, 20, 50), "reg_all": (0.02, 0.05, 0.1),
-                            "lr_all": (0.003, 0.007, 0.015), "n_epochs": (10, 20)}}
+                          "lr_all": (0.002, 0.005, 0.01, 0.02), "n_epochs": (10, 20, 40, 80, 160)},
+                  "svdpp": {"n_factors": (10, 20, 50), "reg_all": (0.005, 0.01, 0.02, 0.05, 0.1),
+                            "lr_all": (0.003, 0.007, 0.015), "n_epochs": (10, 20, 40)}}
 SURPRISE_BUDGETS = {"svd": 30, "svdpp": 6}
 
 
@@ -305,12 +305,12 @@ def torch_tensor(array):
 # ease_single fits once at the L2 the ease row's search chose on the same data (chosen_setting).
 GRIDS = {"pop": {},
          "ease": {"l2": (10.0, 30.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 30000.0)},
-         "admmslim": {"l1": (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
+         "admmslim": {"l1": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
                       "l2": (30.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0)},
          "als": {"factors": (16, 32, 64, 128, 256, 512), "regularization": (0.001, 0.01, 0.1, 1.0, 10.0, 100.0),
-                 "alpha": (0.3, 1.0, 5.0, 20.0, 50.0), "iterations": (5, 15, 30)},
+                 "alpha": (0.3, 1.0, 5.0, 20.0, 50.0), "iterations": (5, 15, 30, 60)},
          "bpr": {"factors": (64,), "learning_rate": (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
-                 "regularization": (0.0001, 0.001, 0.01, 0.1), "iterations": (50, 100, 300)}}
+                 "regularization": (0.0001, 0.001, 0.01, 0.1), "iterations": (50, 100, 300, 1000)}}
 BUDGETS = {"admmslim": 16, "als": 60, "bpr": 36}  # settings scored (TPE, then the best's neighbourhood)
 SEEDS = (0, 1, 2)  # a stochastic peer's (ALS, BPR) chosen setting refitted at each: mean and spread
 
