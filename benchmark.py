@@ -31,6 +31,7 @@ from pathlib import Path
 import loader
 from bench import peers, studies
 from bench.peers import LABELS, ROOT, chosen_rows, machine_lines, measure_row
+from recommend import FOLD_IN_STEPS
 
 ROWS = ("mfmixtaste", "mfmixtaste_1thread", "mfmixtaste_k1", "global_mean", "bias_only", "svd",
         "svdpp")
@@ -143,7 +144,7 @@ def peers_table(results, args, speed=()):
 def data_name(args):
     """The dataset as a report names it: the MovieLens name (and the share of its users cut), or
     the file's or folder's name."""
-    if getattr(args, "user_fraction", 1.0) < 1.0:
+    if getattr(args, "user_fraction", 1.0) != 1.0:
         return f"{args.dataset}, {args.user_fraction:.0%} of its users (seed 0)"
     return args.dataset if loader.is_movielens(args.dataset) else f"`{Path(args.dataset).name}`"
 
@@ -152,7 +153,7 @@ def cut_users(args, scratch):
     """args.user_fraction < 1: write that share of the MovieLens set's users (all their ratings,
     seeded, studies.subsample) into scratch as the same set, and point args.data_dir there.
     -> the report's section suffix ("" for the whole set)."""
-    if args.user_fraction >= 1.0:
+    if args.user_fraction == 1.0:
         return ""
     if not 0.0 < args.user_fraction < 1.0 or args.dataset != "ml-1m":
         sys.exit(f"error: --user_fraction={args.user_fraction:g} must lie in (0, 1] and cuts ml-1m "
@@ -327,6 +328,8 @@ def command_line():
                         help="batch size for the synthetic large sets")
     parser.add_argument("--fold_in", action="store_true",
                         help="new users without retraining: held-out users folded in, against trained-in, EASE, popularity")
+    parser.add_argument("--fold_in_steps", type=int, default=FOLD_IN_STEPS,
+                        help=f"--fold_in: steps of Adam fitting each new user (recommend.py's; default {FOLD_IN_STEPS})")
     parser.add_argument("--weights_study", action="store_true",
                         help="event types: ML-1M's ratings as views, carts, purchases; unweighted, weighted, purchases only")
     parser.add_argument("--sniffers", action="store_true",

@@ -1,3 +1,4 @@
+import argparse
 import importlib.util
 import itertools
 import re
@@ -148,6 +149,27 @@ def test_subsets_keep_whole_users_or_a_share_of_each_users_ratings():
     assert np.array_equal(np.bincount(ratings.users[rows], minlength=50), expected)
     assert np.array_equal(rows, studies.subsample(ratings, "ratings", 0.1))  # seeded
     assert not np.array_equal(rows, studies.subsample(ratings, "ratings", 0.1, seed=1))
+
+
+def test_a_share_of_ml_1m_users_is_cut_whole_into_its_own_section(tmp_path):
+    from conftest import mixture_ratings, write_ratings
+    users, items, ratings = mixture_ratings()
+    write_ratings(tmp_path / "data" / "ml-1m" / "ratings.dat", users, items, ratings)
+    (tmp_path / "data" / "ml-1m" / "movies.dat").write_text("5::Five (1995)::Drama\n")
+    args = argparse.Namespace(dataset="ml-1m", data_dir=str(tmp_path / "data"), user_fraction=0.25)
+    scratch = tmp_path / "cut"
+    assert benchmark.cut_users(args, scratch) == "-users-0.25"
+    assert args.data_dir == str(scratch) and (scratch / "ml-1m" / "movies.dat").is_file()
+    cut = loader.load("ml-1m", scratch, allow_download=False)
+    kept = np.unique(cut.user_ids)
+    assert len(kept) == round(0.25 * len(np.unique(users)))  # a quarter of the users, every rating of each
+    assert len(cut) == np.isin(users, kept).sum()
+    assert benchmark.data_name(args) == "ml-1m, 25% of its users (seed 0)"  # RecBole's whole-ML-1M rows stay out
+    whole = argparse.Namespace(dataset="ml-1m", data_dir=str(tmp_path / "data"), user_fraction=1.0)
+    assert benchmark.cut_users(whole, scratch) == "" and benchmark.data_name(whole) == "ml-1m"
+    for fraction, dataset in ((1.5, "ml-1m"), (0.0, "ml-1m"), (0.5, "ml-100k")):
+        with pytest.raises(SystemExit, match="--user_fraction"):
+            benchmark.cut_users(argparse.Namespace(dataset=dataset, data_dir="", user_fraction=fraction), scratch)
 
 
 def test_the_sizes_report_runs_every_row_on_every_set(tmp_path):
