@@ -31,7 +31,6 @@ from pathlib import Path
 import loader
 from bench import peers, studies
 from bench.peers import LABELS, ROOT, chosen_rows, machine_lines, measure_row
-from recommend import FOLD_IN_STEPS
 
 ROWS = ("mfmixtaste", "mfmixtaste_1thread", "mfmixtaste_k1", "global_mean", "bias_only", "svd",
         "svdpp")
@@ -328,8 +327,8 @@ def command_line():
                         help="batch size for the synthetic large sets")
     parser.add_argument("--fold_in", action="store_true",
                         help="new users without retraining: held-out users folded in, against trained-in, EASE, popularity")
-    parser.add_argument("--fold_in_steps", type=int, default=FOLD_IN_STEPS,
-                        help=f"--fold_in: steps of Adam fitting each new user (recommend.py's; default {FOLD_IN_STEPS})")
+    parser.add_argument("--fold_in_steps", type=int, default=0,
+                        help="--fold_in: steps of Adam fitting each new user (default 0: the run's own, as recommend.py)")
     parser.add_argument("--weights_study", action="store_true",
                         help="event types: ML-1M's ratings as views, carts, purchases; unweighted, weighted, purchases only")
     parser.add_argument("--sniffers", action="store_true",

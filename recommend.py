@@ -83,6 +83,7 @@ class Recommender:
         weights = arrays.get("prior_weights", [config.get(f"prior_{name}", 0.0) for name in PRIOR_TERMS])
         run.prior_weights = dict(zip(PRIOR_TERMS, (float(w) for w in weights)))
         run.has_titles = names_given
+        run.fold_in_steps = fold_in_steps_for(config, run.seen_indptr)
         return run
 
     # ------------------------------------------------------------------------- ids
@@ -470,9 +471,15 @@ class Recommender:
 # NDCG@10 at 20 / 40 / 80 steps (lr 0.05) 0.2367 / 0.2383 / 0.2388, trained-in 0.2394; 25 steps
 # at lr 0.1 0.2368. 40 steps: 4.0 s for the 1,000 (docs/deploy.md). With the least share below,
 # 25 steps at lr 0.08 kept ML-1M (0.2389 against 0.2397) but lost Amazon Beauty's (0.0578 / 0.0595);
-# 80 steps raised Beauty's to 0.0614 (trained-in 0.0609; lr 0.1 at 40 steps: 0.0593) in twice the
-# time, ML-1M's not past noise: --fold_in_steps=80 for sparse data where time allows.
+# lr 0.1 at 40 steps lost Beauty's too (0.0593). On sparse product data more steps pay: Beauty's
+# 1,000 validation users at 40 / 80 / 120 steps 0.0595 / 0.0614 / 0.0625 (trained-in 0.0609),
+# while ML-1M at 40 steps is where its users' objectives settle (fitted until each moved by under
+# 1e-5 a step: 0.2398 against 0.2397, in 1.5x the time). Stopping each user at such a tolerance
+# instead of after a fixed count lost on both (ML-1M at 1e-4: 0.2366; Beauty at 1e-5, 200 steps at
+# most: 0.0613, in 85% of 120 steps' time). FOLD_IN_STEPS_SPARSE serve a run whose users have FOLD_IN_SPARSE times fewer training
+# interactions than the ranking defaults' prior_user_pairs (Beauty 15x, Sports 16x; ML-1M 1x).
 FOLD_IN_STEPS = 40
+FOLD_IN_STEPS_SPARSE, FOLD_IN_SPARSE = 120, 4.0
 FOLD_IN_LR = 0.05
 # A rating fold-in's implicit term: each rated item against this many items (_implicit).
 FOLD_IN_IMPLICIT_ITEMS = 512
@@ -483,6 +490,16 @@ FOLD_IN_IMPLICIT_ITEMS = 512
 # 0.0601 (trained-in 0.0609). A trained user never had so few: a fold-in from one item without
 # it moved that user's tastes to the item's neighbours and lost to popularity.
 FOLD_IN_LEAST_SHARE = 0.5
+
+
+def fold_in_steps_for(config, seen_indptr):
+    """A run's fold-in steps: FOLD_IN_STEPS_SPARSE where its users with any training interaction
+    have FOLD_IN_SPARSE times fewer than its prior_user_pairs (the ranking defaults' 100), else
+    FOLD_IN_STEPS."""
+    per_user = np.diff(seen_indptr)
+    mean = per_user.sum() / max(1, np.count_nonzero(per_user))
+    rich = float(config.get("prior_user_pairs", 0) or 0)
+    return FOLD_IN_STEPS_SPARSE if rich and rich / max(mean, 1e-9) >= FOLD_IN_SPARSE else FOLD_IN_STEPS
 
 
 def _ids_like(raw, ids):
@@ -543,9 +560,9 @@ def command_line():
                         "train.py's --weight_column")
     parser.add_argument("--fallback", choices=["popular"], help="--history: a user none of whose items the run "
                         "knows gets the most popular items (else refused)")
-    parser.add_argument("--fold_in_steps", type=int, default=FOLD_IN_STEPS,
-                        help=f"--history: steps of Adam fitting each user (default {FOLD_IN_STEPS}; sparse data such as "
-                             "Amazon's gains from 80, in twice the time)")
+    parser.add_argument("--fold_in_steps", type=int, default=None,
+                        help=f"--history: steps of Adam fitting each user (default: the run's, {FOLD_IN_STEPS}, or "
+                             f"{FOLD_IN_STEPS_SPARSE} on sparse data such as Amazon's)")
     parser.add_argument("--out", metavar="FILE", help="--all, --history: write the answers to FILE (.csv or "
                         ".parquet; columns user_id, rank, item_id, score or rating, title where the run has titles)")
     return parser
@@ -557,7 +574,7 @@ def main(argv):
     batch = args.all or args.history or args.history_items
     if args.user is None and args.similar is None and not batch:
         parser.error("give --user=<id>, --similar=<item id>, --all, --history=FILE or --history_items=ID,...")
-    if args.n < 1 or args.fold_in_steps < 1:
+    if args.n < 1 or (args.fold_in_steps is not None and args.fold_in_steps < 1):
         parser.error("--n and --fold_in_steps must be positive")
     if args.out and Path(args.out).suffix.lower() not in (".csv", ".parquet"):
         parser.error(f"--out={args.out}: a .csv or .parquet file")
@@ -608,7 +625,7 @@ def answer_many(args):
     started = time.perf_counter()
     try:
         run = Recommender.load(args.run, quiet=True)
-        run.fold_in_steps = args.fold_in_steps
+        run.fold_in_steps = args.fold_in_steps or run.fold_in_steps
         if args.all:
             blocks, what = run.iter_recommend_all(args.n), f"{len(run.user_ids):,} users of the run"
         else:

@@ -1048,7 +1048,7 @@ def fold_in_study(args):
         run = {name: _train_on_parts(Path(scratch), name, parts, columns, ["--task=ranking"])
                for name, parts in (("a", a_parts), ("b", b_parts))}
         trained_a, trained_b = run["a"], run["b"]
-        trained_a.fold_in_steps = args.fold_in_steps
+        trained_a.fold_in_steps = args.fold_in_steps or trained_a.fold_in_steps
         ids = trained_a.item_ids
         test = {}
         for u, i in zip(raw_user[held_rows[~given]], raw_item[held_rows[~given]]):
@@ -1113,7 +1113,7 @@ def fold_in_study(args):
             table.append(f"| {label} | **{fold_ndcg:.4f}** | {trained} | {ease_ndcg:.4f} | {pop_ndcg:.4f} | "
                          f"{len(users_here):,} ({seconds:.1f} s to fold in and answer) |")
     lines += [f"{len(held):,} of {len(user_list):,} users held out (numpy seed 0); each folded in from 1, 3 or "
-              f"all of {FOLD_IN_HISTORY:.0%} of their items ({args.fold_in_steps} steps of Adam) and ranked against "
+              f"all of {FOLD_IN_HISTORY:.0%} of their items ({trained_a.fold_in_steps} steps of Adam) and ranked against "
               "the rest; test NDCG@10 over "
               "every item but the given ones. Run A trains without them, run B with their 80% (the same split "
               f"of the other users, as pre-split folders); EASE fits A's training part, its L2 chosen on A's "
@@ -1144,7 +1144,7 @@ def _fold_in_ratings(ratings, fold_in_steps):
         runs = {name: _train_on_parts(Path(scratch), name, parts, columns)
                 for name, parts in (("a", a_parts), ("b", b_parts))}
     run_a, run_b = runs["a"], runs["b"]
-    run_a.fold_in_steps = fold_in_steps
+    run_a.fold_in_steps = fold_in_steps or run_a.fold_in_steps
     test = frame(held_rows[~given])
     test = test[np.isin(test["item_id"], run_a.item_ids) & np.isin(test["item_id"], run_b.item_ids)]
     history = frame(held_rows[given])

@@ -158,3 +158,14 @@ def test_every_user_of_a_run_folds_in_block_by_block(runs):
     answers = recommend.Recommender.recommend_histories(run, histories, n=3, block=50)
     right = [group(answers[answers["user_id"] == u]["item_id"]) == {0 if u <= 60 else 1} for u in range(1, 121)]
     assert sum(right) >= 110, sum(right)
+
+
+def test_a_run_of_sparse_users_folds_in_with_more_steps():
+    rich = np.concatenate([[0], np.cumsum(np.full(50, 120))])   # 120 training items a user
+    sparse = np.concatenate([[0], np.cumsum(np.full(50, 8))])   # 8: Amazon's kind of user
+    ranking = {"prior_user_pairs": 100}
+    assert recommend.fold_in_steps_for(ranking, rich) == recommend.FOLD_IN_STEPS
+    assert recommend.fold_in_steps_for(ranking, sparse) == recommend.FOLD_IN_STEPS_SPARSE > recommend.FOLD_IN_STEPS
+    assert recommend.fold_in_steps_for({"prior_user_pairs": 0}, sparse) == recommend.FOLD_IN_STEPS  # no reference: as ML-1M
+    with_empty = np.concatenate([[0], np.cumsum(np.r_[np.full(50, 120), np.zeros(500, dtype=int)])])
+    assert recommend.fold_in_steps_for(ranking, with_empty) == recommend.FOLD_IN_STEPS  # users with none don't count
