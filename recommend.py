@@ -50,6 +50,7 @@ class Recommender:
         self.user_ids, self.item_ids = user_ids, item_ids          # raw ids of the rows, sorted
         self.seen_indptr, self.seen_items = seen_indptr, seen_items  # CSR: user row -> item rows
         self.items = items  # DataFrame indexed by item row: item_id, title, year (int or None), genres
+        self._item_columns = None  # its columns as arrays, for answers (_item_frame)
         self.rating_range = None  # (low, high) of a rating run's training ratings
         self.untrained = None     # (n_items,) bool: items no training row had (None: not recorded)
         self.prior_weights = {name: 0.0 for name in PRIOR_TERMS}  # the run's L2 prior (fold_in keeps it)
@@ -128,11 +129,10 @@ class Recommender:
             top = torch.topk(scores, min(n, int(torch.isfinite(scores).sum()))).indices
             weights, contributions = self._mixture(row, top)                        # (K, n) each
         best_taste = contributions.argmax(0)
-        frame = self._item_frame(top.numpy())
-        frame[self.score_name] = self._shown(scores[top]).double().numpy().round(4)
-        frame["taste"] = best_taste.numpy() + 1
-        frame["taste_weight"] = weights.gather(0, best_taste.unsqueeze(0))[0].double().numpy().round(3)
-        return frame
+        return self._item_frame(top.numpy(), **{
+            self.score_name: self._shown(scores[top]).double().numpy().round(4),
+            "taste": best_taste.numpy() + 1,
+            "taste_weight": weights.gather(0, best_taste.unsqueeze(0))[0].double().numpy().round(3)})
 
     def tastes(self, user_id, n=5):
         """Each of the user's tastes, as the mixture uses it: its share (the mean of its mixture
@@ -157,9 +157,9 @@ class Recommender:
             held = torch.where(dominant == k, scores, -torch.inf)
             top = torch.topk(held, min(max(n, 20), int(torch.isfinite(held).sum()))).indices
             genres = pd.Series([g for names in self.items["genres"].iloc[top[:20].numpy()] for g in names])
-            top_items = self._item_frame(top[:n].numpy())
-            top_items[self.score_name] = self._shown(scores[top[:n]]).double().numpy().round(4)
-            top_items["weight"] = weights[k, top[:n]].double().numpy().round(3)
+            top_items = self._item_frame(top[:n].numpy(), **{
+                self.score_name: self._shown(scores[top[:n]]).double().numpy().round(4),
+                "weight": weights[k, top[:n]].double().numpy().round(3)})
             answer.append({"taste": k + 1, "share": None if shares is None else round(float(shares[k]), 3),
                            "top_items": top_items.to_dict("records"),
                            "genres": genres.value_counts().head(3).index.tolist(),
@@ -186,9 +186,7 @@ class Recommender:
             cosine = vectors @ vectors[row]
             cosine[row] = -torch.inf
             top = torch.topk(cosine, min(n, self.model.n_items - 1)).indices
-        frame = self._item_frame(top.numpy())
-        frame["cosine"] = cosine[top].double().numpy().round(4)
-        return frame
+        return self._item_frame(top.numpy(), cosine=cosine[top].double().numpy().round(4))
 
     def recommend_all(self, n=10, block=1024):
         """Every user's top n unrated (unmet) items: DataFrame user_id, rank, item_id and score (rating,
@@ -434,10 +432,14 @@ class Recommender:
         """Scores as shown: predicted ratings clipped to the training ratings' range."""
         return scores.clamp(*self.rating_range) if self.rating_range else scores
 
-    def _item_frame(self, item_rows):
-        frame = self.items.iloc[item_rows][["item_id", "title", "year", "genres"]].reset_index(drop=True)
-        frame.insert(0, "rank", np.arange(1, len(frame) + 1))
-        return frame
+    def _item_frame(self, item_rows, **columns):
+        """DataFrame rank, item_id, title, year, genres of the items at item_rows, in that order,
+        then the given columns (arrays alike). Built once from arrays: a DataFrame's per-column
+        inserts cost a third of an answer's 5 ms."""
+        if self._item_columns is None:  # the items' columns as numpy arrays, taken once
+            self._item_columns = {name: self.items[name].to_numpy() for name in ("item_id", "title", "year", "genres")}
+        return pd.DataFrame({"rank": np.arange(1, len(item_rows) + 1),
+                             **{name: values[item_rows] for name, values in self._item_columns.items()}, **columns})
 
     # ------------------------------------------------------------------------- pictures
 
