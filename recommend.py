@@ -27,15 +27,17 @@ A run folder answers on its own: train.py leaves in it the best model, config.js
 (the raw ids of the model's rows and each user's rated or met items) and items.json (titles and
 genres, when the dataset has a movie file or an --items file; otherwise items are named by id).
 Items are called items, whatever the data: a movie of MovieLens, a product of a review set.
+pandas is imported where a DataFrame is made, not with the module: a one-answer process (`--user`)
+needs none, and importing it is 0.3 s of that process's 2 s.
 """
 
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 import files
@@ -49,8 +51,8 @@ class Recommender:
         self.model, self.config = model.eval(), config
         self.user_ids, self.item_ids = user_ids, item_ids          # raw ids of the rows, sorted
         self.seen_indptr, self.seen_items = seen_indptr, seen_items  # CSR: user row -> item rows
-        self.items = items  # DataFrame indexed by item row: item_id, title, year (int or None), genres
-        self._item_columns = None  # its columns as arrays, for answers (_item_frame)
+        self.item_columns = items  # {item_id, title, year (int or None), genres: (n_items,) arrays} (files.item_columns)
+        self._items = None         # the same as a DataFrame, made when first asked (items)
         self.rating_range = None  # (low, high) of a rating run's training ratings
         self.untrained = None     # (n_items,) bool: items no training row had (None: not recorded)
         self.prior_weights = {name: 0.0 for name in PRIOR_TERMS}  # the run's L2 prior (fold_in keeps it)
@@ -87,6 +89,14 @@ class Recommender:
         run.fold_in_steps = fold_in_steps_for(config, run.seen_indptr)
         return run
 
+    @property
+    def items(self):
+        """DataFrame indexed by item row: item_id, title, year (int or None), genres."""
+        if self._items is None:
+            import pandas as pd
+            self._items = pd.DataFrame(self.item_columns)
+        return self._items
+
     # ------------------------------------------------------------------------- ids
 
     def user_row(self, user_id):
@@ -121,6 +131,11 @@ class Recommender:
     def recommend(self, user_id, n=10):
         """The n items with the highest scores that the user has not rated (or met), each with the
         taste that contributes most to its score and that taste's mixture weight."""
+        import pandas as pd
+        return pd.DataFrame(self.recommend_columns(user_id, n))
+
+    def recommend_columns(self, user_id, n=10):
+        """recommend's answer as {column: (n,) array}, without pandas."""
         row, n = self.user_row(user_id), _count(n)
         with torch.no_grad():
             scores = self.model.score_all(torch.tensor([row]))[0]                   # (n_items,)
@@ -129,7 +144,7 @@ class Recommender:
             top = torch.topk(scores, min(n, int(torch.isfinite(scores).sum()))).indices
             weights, contributions = self._mixture(row, top)                        # (K, n) each
         best_taste = contributions.argmax(0)
-        return self._item_frame(top.numpy(), **{
+        return self._item_columns_at(top.numpy(), **{
             self.score_name: self._shown(scores[top]).double().numpy().round(4),
             "taste": best_taste.numpy() + 1,
             "taste_weight": weights.gather(0, best_taste.unsqueeze(0))[0].double().numpy().round(3)})
@@ -156,25 +171,26 @@ class Recommender:
         for k in range(self.model.n_tastes):
             held = torch.where(dominant == k, scores, -torch.inf)
             top = torch.topk(held, min(max(n, 20), int(torch.isfinite(held).sum()))).indices
-            genres = pd.Series([g for names in self.items["genres"].iloc[top[:20].numpy()] for g in names])
-            top_items = self._item_frame(top[:n].numpy(), **{
+            genres = Counter(g for names in self.item_columns["genres"][top[:20].numpy()] for g in names)
+            top_items = self._item_columns_at(top[:n].numpy(), **{
                 self.score_name: self._shown(scores[top[:n]]).double().numpy().round(4),
                 "weight": weights[k, top[:n]].double().numpy().round(3)})
             answer.append({"taste": k + 1, "share": None if shares is None else round(float(shares[k]), 3),
-                           "top_items": top_items.to_dict("records"),
-                           "genres": genres.value_counts().head(3).index.tolist(),
+                           "top_items": _records(top_items),
+                           "genres": [genre for genre, _ in genres.most_common(3)],
                            "rated_items": own[own["taste"] == k + 1].head(n).to_dict("records")})
         return answer
 
     def rated_tastes(self, user_id):
         """One row per item the user rated (or met): item_id, title, taste (1..K, the taste of the
         largest mixture weight on it) and weight (that weight); by taste, highest weight first."""
+        import pandas as pd
         row = self.user_row(user_id)
         rated = self.rated(row)
         with torch.no_grad():
             weights = self.model.mixture_weights(torch.full((len(rated),), row), torch.from_numpy(rated))  # (m, K)
         best = weights.max(1)
-        frame = pd.DataFrame({"item_id": self.item_ids[rated], "title": self.items["title"].iloc[rated].to_numpy(),
+        frame = pd.DataFrame({"item_id": self.item_ids[rated], "title": self.item_columns["title"][rated],
                               "taste": best.indices.numpy() + 1, "weight": best.values.double().numpy().round(3)})
         return frame.sort_values(["taste", "weight"], ascending=[True, False], kind="stable").reset_index(drop=True)
 
@@ -186,13 +202,15 @@ class Recommender:
             cosine = vectors @ vectors[row]
             cosine[row] = -torch.inf
             top = torch.topk(cosine, min(n, self.model.n_items - 1)).indices
-        return self._item_frame(top.numpy(), cosine=cosine[top].double().numpy().round(4))
+        import pandas as pd
+        return pd.DataFrame(self._item_columns_at(top.numpy(), cosine=cosine[top].double().numpy().round(4)))
 
     def recommend_all(self, n=10, block=1024):
         """Every user's top n unrated (unmet) items: DataFrame user_id, rank, item_id and score (rating,
         for rating runs), and title where the run names its items; blocks of users scored against
         all items at once. A user with fewer than n such items gets them all. iter_recommend_all
         gives the same frame in blocks, for a file of every user (bounded memory)."""
+        import pandas as pd
         return pd.concat(list(self.iter_recommend_all(n, block)), ignore_index=True)
 
     def iter_recommend_all(self, n=10, block=1024):
@@ -209,6 +227,7 @@ class Recommender:
     def _top(self, scores, position, met, user_ids, n):
         """The top n of scores (B, n_items), each user's met items (met[position == b]) and the
         untrained items left out: DataFrame user_id, rank, item_id, score[, title]."""
+        import pandas as pd
         scores[torch.from_numpy(position), torch.from_numpy(met)] = -torch.inf
         self._drop_untrained(scores)
         values, items = torch.topk(scores, n, dim=1)
@@ -219,7 +238,7 @@ class Recommender:
                               "item_id": self.item_ids[items],
                               self.score_name: self._shown(values).numpy().ravel()[shown]})
         if self.has_titles:
-            frame["title"] = self.items["title"].to_numpy()[items]
+            frame["title"] = self.item_columns["title"][items]
         return frame
 
     # ------------------------------------------------------------------------- new users
@@ -232,6 +251,7 @@ class Recommender:
         then answered as a trained user is: met items never recommended. DataFrame: rank,
         item_id, score (rating)[, title]; items the run never saw are left out and counted in
         its attrs["unknown_items"]."""
+        import pandas as pd
         history = pd.DataFrame({"user_id": 0, "item_id": pd.Series(list(items), dtype=object)})
         for name, values in (("rating", ratings), ("weight", weights)):
             if values is not None:
@@ -246,6 +266,7 @@ class Recommender:
         how many rows named items the run never saw ("unknown_items"). A user none of whose
         items the run knows is a RunError naming them, unless fallback="popular": then they get
         the most popular items (attrs["popular_for"] counts them)."""
+        import pandas as pd
         blocks = list(self.iter_histories(histories, n, fallback, block))
         answer = pd.concat(blocks, ignore_index=True)
         answer.attrs.update(blocks[0].attrs)
@@ -432,14 +453,12 @@ class Recommender:
         """Scores as shown: predicted ratings clipped to the training ratings' range."""
         return scores.clamp(*self.rating_range) if self.rating_range else scores
 
-    def _item_frame(self, item_rows, **columns):
-        """DataFrame rank, item_id, title, year, genres of the items at item_rows, in that order,
-        then the given columns (arrays alike). Built once from arrays: a DataFrame's per-column
-        inserts cost a third of an answer's 5 ms."""
-        if self._item_columns is None:  # the items' columns as numpy arrays, taken once
-            self._item_columns = {name: self.items[name].to_numpy() for name in ("item_id", "title", "year", "genres")}
-        return pd.DataFrame({"rank": np.arange(1, len(item_rows) + 1),
-                             **{name: values[item_rows] for name, values in self._item_columns.items()}, **columns})
+    def _item_columns_at(self, item_rows, **columns):
+        """{rank, item_id, title, year, genres: arrays} of the items at item_rows, in that order,
+        then the given columns (arrays alike): an answer made at once (a DataFrame's per-column
+        inserts cost a third of an answer's 5 ms), a DataFrame where asked for."""
+        return {"rank": np.arange(1, len(item_rows) + 1),
+                **{name: values[item_rows] for name, values in self.item_columns.items()}, **columns}
 
     # ------------------------------------------------------------------------- pictures
 
@@ -447,7 +466,7 @@ class Recommender:
         """taste_weights.svg and item_map.svg of this run into folder (as train.py draws them)."""
         users = np.repeat(np.arange(len(self.user_ids)), np.diff(self.seen_indptr))
         import pictures  # matplotlib: only for pictures
-        pictures.run_pictures(Path(folder), self.model, (users, self.seen_items), list(self.items["genres"]),
+        pictures.run_pictures(Path(folder), self.model, (users, self.seen_items), list(self.item_columns["genres"]),
                               loader.dataset_name(self.config["dataset"]), self.untrained)
 
     def plot_map(self, path, user_id=None):
@@ -464,7 +483,7 @@ class Recommender:
             # where its items lie; drawn as arrows from the centre, scaled to the map.
             tastes = project(self.model.tastes[row].detach().numpy()) - project(np.zeros((1, self.model.dim)))
             title += f", user {user_id}"
-        pictures.movie_map(path, coordinates, list(self.items["genres"]), title, rated, tastes,
+        pictures.movie_map(path, coordinates, list(self.item_columns["genres"]), title, rated, tastes,
                            f"user {user_id}", self.untrained)
 
 
@@ -508,6 +527,7 @@ def _ids_like(raw, ids):
     """Raw ids read from a file (often str) in the type of the run's ids: int64 where the run's
     ids are integers and every raw id is one (those that are not stay unknown), else str."""
     if ids.dtype.kind in "iu":
+        import pandas as pd
         converted = pd.to_numeric(pd.Series(raw), errors="coerce")
         whole = converted.notna() & (converted == np.floor(converted))
         out = np.where(whole, converted.fillna(-1), -(2 ** 62)).astype(np.int64)
@@ -530,9 +550,15 @@ def _title(item):
     return text + (f"  [{'|'.join(item['genres'])}]" if item["genres"] else "")
 
 
-def _text(frame, score_name):
+def _records(columns):
+    """{column: array} -> a list of {column: plain Python value}, one per row (JSON-ready)."""
+    names = list(columns)
+    return [dict(zip(names, row)) for row in zip(*(columns[name].tolist() for name in names))]
+
+
+def _text(records, score_name):
     lines = []
-    for record in frame.to_dict("records"):
+    for record in records:
         extra = (f"  {score_name} {record[score_name]:.3f}  taste {record['taste']} "
                  f"(weight {record['taste_weight']:.2f})" if score_name in record else
                  f"  cosine {record['cosine']:.3f}")
@@ -585,11 +611,11 @@ def main(argv):
     try:
         run = Recommender.load(args.run)
         if args.similar is not None:
-            answer = run.similar(args.similar, args.n)
+            answer = run.similar(args.similar, args.n).to_dict("records")
         elif args.tastes:
             answer = run.tastes(args.user, args.n)
-        else:
-            answer = run.recommend(args.user, args.n)
+        else:  # as recommend's DataFrame, without importing pandas (the answer's process is 2 s)
+            answer = _records(run.recommend_columns(args.user, args.n))
         if args.plot:
             try:
                 run.plot_map(args.plot, args.user)
@@ -599,8 +625,8 @@ def main(argv):
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(answer.to_dict("records") if isinstance(answer, pd.DataFrame) else answer))
-    elif isinstance(answer, pd.DataFrame):
+        print(json.dumps(answer))
+    elif args.similar is not None or not args.tastes:
         print(_text(answer, run.score_name))
     else:
         for taste in answer:
@@ -623,6 +649,8 @@ def answer_many(args):
     under a temporary name and renamed: whole or absent) or printed; one line on stderr says
     how many users, how long, and what was left out. Exit 0, or 2 with one line."""
     import time
+
+    import pandas as pd
 
     started = time.perf_counter()
     try:
@@ -651,6 +679,8 @@ def answer_many(args):
 def read_history(path, columns="", event_weights="", weight_column=""):
     """An interactions file as train.py reads it (formats.read_interactions: any format, its
     column rules, --columns, the rows' weights) -> DataFrame user_id, item_id[, rating][, weight]."""
+    import pandas as pd
+
     import formats
 
     if not Path(path).is_file():
