@@ -15,6 +15,7 @@ From Python, every answer is plain data (a pandas DataFrame, or lists of dicts):
     run = Recommender.load("runs/<run>")
     run.recommend(42, n=10)      # DataFrame: rank, item_id, title, year, genres, score, taste, taste_weight
                                  # (score is called rating in rating runs: a predicted rating)
+    run.recommend_columns(42)    # the same as {column: numpy array}, without importing pandas
     run.tastes(42)               # [{"taste": 1, "share": 0.61, "top_items": [...], "genres": [...],
                                  #   "rated_items": [...]}, ...]
     run.rated_tastes(42)         # DataFrame: item_id, title, taste, weight, for each item user 42 met
