@@ -312,8 +312,8 @@ GRIDS = {"pop": {},
          "bpr": {"factors": (64,), "learning_rate": (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
                  "regularization": (0.0001, 0.001, 0.01, 0.1), "iterations": (50, 100, 300, 1000)}}
 # Settings scored: TPE, then the best's neighbourhood (at most 3x the budget in all); BPR by TPE
-# alone within 20 (NO_CLIMB: up to 117 s a fit on ML-1M at 1,000 iterations, 26 neighbours a round).
-BUDGETS = {"admmslim": 16, "als": 60, "bpr": 20}
+# alone within 12 (NO_CLIMB: up to 117 s a fit on ML-1M at 1,000 iterations, 26 neighbours a round).
+BUDGETS = {"admmslim": 16, "als": 60, "bpr": 12}
 NO_CLIMB = ("bpr",)
 SEEDS = (0, 1, 2)  # a stochastic peer's (ALS, BPR) chosen setting refitted at each: mean and spread
 
