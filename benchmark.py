@@ -47,8 +47,9 @@ def run_row(name, task, dataset, data_dir, columns="", split="random", choices="
     """Child process: compute one baseline row and print it as JSON (choices: the file where the
     searches leave their choices, peers.record_setting)."""
     functions = {"global_mean": peers.row_global_mean, "bias_only": peers.row_bias_only,
-                 "svd": lambda d, dd, c: peers.row_surprise(d, dd, "svd", c),
-                 "svdpp": lambda d, dd, c: peers.row_surprise(d, dd, "svdpp", c)}
+                 "svd": lambda d, dd, c: peers.row_surprise(d, dd, "svd", c, choices),
+                 "svd_single": lambda d, dd, c: peers.row_surprise(d, dd, "svd", c, fixed=peers.chosen_setting(choices, "svd")),
+                 "svdpp": lambda d, dd, c: peers.row_surprise(d, dd, "svdpp", c, choices)}
     if task == "ranking":
         functions = {name: lambda d, dd, c, n=name: peers.ranking_baseline(n, d, dd, c, split, choices)
                      for name in peers.RANKING_BASELINES}
@@ -57,20 +58,23 @@ def run_row(name, task, dataset, data_dir, columns="", split="random", choices="
     print(json.dumps({"scores": scores, "extra": extra}))
 
 
-def speed_pairs(results, peer, peer_seconds, args, scratch, task_overrides=()):
+def speed_pairs(results, peer, peer_seconds, args, scratch, task_overrides=(), pair_peer=None):
     """The speed bar's ratios: our whole default run over the peer's time, one per pair of runs
     measured back to back. The table's two rows are the first pair; args.speed_pairs - 1 more
     pairs run ours, then the peer, again. This machine's speed drifts by up to half within an
     hour, and it drifts differently for our memory-bound two-thread steps than for a one-thread
     peer, so one pair can land anywhere in that range: the report gives the median of the
-    pairs' ratios and their range. [] when either row is missing or failed."""
+    pairs' ratios and their range. [] when either row is missing or failed. pair_peer: the row
+    the later pairs run for the peer (default peer): one fit at the setting the peer's search
+    chose, where the peer's row searches (a pair would otherwise search again: 20 minutes for
+    SVD on ML-1M)."""
     by_row = {r["row"]: r for r in results if "error" not in r}
     if "mfmixtaste" not in by_row or peer not in by_row or not peer_seconds(by_row[peer]):
         return []
     ratios = [by_row["mfmixtaste"]["wall"] / peer_seconds(by_row[peer])]
     for _ in range(args.speed_pairs - 1):
         print(f"speed pair {len(ratios) + 1} of {args.speed_pairs} ...", flush=True)
-        ours, theirs = (measure_row(name, args, scratch, task_overrides) for name in ("mfmixtaste", peer))
+        ours, theirs = (measure_row(name, args, scratch, task_overrides) for name in ("mfmixtaste", pair_peer or peer))
         if "error" in ours or "error" in theirs:
             break
         ratios.append(ours["wall"] / peer_seconds(theirs))
@@ -95,12 +99,13 @@ def rating_peers(args):
                                  columns=args.columns).described
     results = []
     with tempfile.TemporaryDirectory(prefix="mfmixtaste-bench-") as scratch:
+        args.choices = str(Path(scratch) / "choices.json")  # SVD's choice, which the speed pairs fit again
         for name in chosen:
             print(f"running {name} ...", flush=True)
             row = measure_row(name, args, Path(scratch))
             print("  ", row, flush=True)
             results.append(row)
-        speed = speed_pairs(results, "svd", lambda r: r["fit_seconds"], args, Path(scratch))
+        speed = speed_pairs(results, "svd", lambda r: r["fit_seconds"], args, Path(scratch), pair_peer="svd_single")
     report = peers_table(results, args, speed)
     return report
 

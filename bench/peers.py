@@ -98,10 +98,12 @@ SURPRISE_GRIDS = {"svd": {"n_factors": (10, 25, 50, 100, 200), "reg_all": (0.01,
 SURPRISE_BUDGETS = {"svd": 30, "svdpp": 6}
 
 
-def row_surprise(dataset, data_dir, algorithm, columns=""):
+def row_surprise(dataset, data_dir, algorithm, columns="", choices="", fixed=None):
     """Surprise's SVD or SVD++: each setting fits the training rows and is scored by validation
     MSE (grid_search within SURPRISE_BUDGETS); the chosen setting's fit (training rows only, as
-    ours) gives the test figures, refitted at each of SEEDS: their mean, the spread beside it."""
+    ours) gives the test figures, refitted at each of SEEDS: their mean, the spread beside it.
+    The choice is left in choices (record_setting) where given; fixed, a setting: that one fit
+    alone, for the speed bar's pairs (seed 0 only)."""
     try:
         import surprise
     except ImportError:
@@ -128,14 +130,16 @@ def row_surprise(dataset, data_dir, algorithm, columns=""):
         model = fit(setting)
         return -metrics(predict(model, val), r.ratings[val])["mse"], model
 
-    grid = SURPRISE_GRIDS[algorithm]
+    grid = SURPRISE_GRIDS[algorithm] if fixed is None else {name: (value,) for name, value in fixed.items()}
     val_score, setting, model, fits = grid_search(grid, score, SURPRISE_BUDGETS[algorithm], climb=algorithm == "svd")
+    if choices:
+        record_setting(choices, algorithm, setting)
     seeds = [metrics(predict(model, test), r.ratings[test])]
-    for seed in SEEDS[1:]:
+    for seed in SEEDS[1:] if fixed is None else ():
         seeds.append(metrics(predict(fit(setting, seed), test), r.ratings[test]))
     fit_seconds = fit_times[-1]  # the last seed's fit, at the chosen setting: one fit's time
     scores = {key: float(np.mean([s[key] for s in seeds])) for key in seeds[0]}
-    edges = [k for k, v in setting.items() if v in (grid[k][0], grid[k][-1])]
+    edges = [k for k, v in setting.items() if v in (grid[k][0], grid[k][-1])] if fixed is None else []
     extra = {"chosen on val": ", ".join(f"{k}={v:g}" for k, v in setting.items()), "val mse": round(-val_score, 4),
              "settings fitted": fits, f"seeds {SEEDS[0]}-{SEEDS[-1]}: test mse":
              f"{min(s['mse'] for s in seeds):.4f}-{max(s['mse'] for s in seeds):.4f}",

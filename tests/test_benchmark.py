@@ -354,8 +354,8 @@ def test_the_speed_bar_is_the_median_of_interleaved_pairs(monkeypatch, tmp_path)
     monkeypatch.setattr(benchmark, "measure_row", measure_row)
     first = [{"row": "mfmixtaste", "wall": 4.0}, {"row": "svd", "wall": 7.0, "fit_seconds": 2.0}]
     args = type("Args", (), {"speed_pairs": 3})()
-    ratios = benchmark.speed_pairs(first, "svd", lambda r: r["fit_seconds"], args, tmp_path)
-    assert calls == ["mfmixtaste", "svd", "mfmixtaste", "svd"]
+    ratios = benchmark.speed_pairs(first, "svd", lambda r: r["fit_seconds"], args, tmp_path, pair_peer="svd_single")
+    assert calls == ["mfmixtaste", "svd_single", "mfmixtaste", "svd_single"]  # the pairs fit SVD's choice, no search
     assert ratios == [2.0, 3.0, 2.5]
     line = benchmark.speed_line(ratios, "python train.py", 4.0, "SVD's fit", 2.0, 2.5)
     assert "2.00 to 3.00, median **2.50**" in line and "over 3 pairs" in line
