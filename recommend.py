@@ -498,8 +498,9 @@ class Recommender:
 # while ML-1M at 40 steps is where its users' objectives settle (fitted until each moved by under
 # 1e-5 a step: 0.2398 against 0.2397, in 1.5x the time). Stopping each user at such a tolerance
 # instead of after a fixed count lost on both (ML-1M at 1e-4: 0.2366; Beauty at 1e-5, 200 steps at
-# most: 0.0613, in 85% of 120 steps' time). FOLD_IN_STEPS_SPARSE serve a run whose users have FOLD_IN_SPARSE times fewer training
-# interactions than the ranking defaults' prior_user_pairs (Beauty 15x, Sports 16x; ML-1M 1x).
+# most: 0.0613, in 85% of 120 steps' time). FOLD_IN_STEPS_SPARSE serve a run whose users have
+# FOLD_IN_SPARSE times fewer training interactions than the ranking defaults' prior_user_pairs
+# (Beauty 15x, Sports 16x; ML-1M 1x).
 FOLD_IN_STEPS = 40
 FOLD_IN_STEPS_SPARSE, FOLD_IN_SPARSE = 120, 4.0
 FOLD_IN_LR = 0.05
@@ -517,7 +518,8 @@ FOLD_IN_LEAST_SHARE = 0.5
 def fold_in_steps_for(config, seen_indptr):
     """A run's fold-in steps: FOLD_IN_STEPS_SPARSE where its users with any training interaction
     have FOLD_IN_SPARSE times fewer than its prior_user_pairs (the ranking defaults' 100), else
-    FOLD_IN_STEPS."""
+    FOLD_IN_STEPS. The mean is tasks.sparsity's, written again here: importing tasks imports
+    Ignite (0.8 s), which an answer's process does without."""
     per_user = np.diff(seen_indptr)
     mean = per_user.sum() / max(1, np.count_nonzero(per_user))
     rich = float(config.get("prior_user_pairs", 0) or 0)
