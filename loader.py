@@ -964,16 +964,22 @@ class UserBatches(_SeededShuffle):
     of a sampled softmax."""
 
     def __init__(self, users, items, n_users, batch_size, seed=0, shuffle=True, rank=0,
-                 world_size=1, columns=0, probabilities=None, weights=None):
-        order = torch.argsort(users * (int(items.max()) + 1 if len(items) else 1) + items)
-        self.items_sorted = items[order]                                   # grouped by user
-        # weights (N,) of the interactions (--event_weights): each batch then also yields its
-        # pairs' weights, and global_pairs is the global batch's total weight.
-        self.weights_sorted = None if weights is None else weights[order]
-        self.counts = torch.bincount(users, minlength=n_users)              # (n_users,)
+                 world_size=1, columns=0, probabilities=None, weights=None, grouped=None):
+        # grouped: a UserBatches of the same (users, items) whose grouping by user is shared
+        # instead of sorted again (ML-25M: 19.7M pairs, 151 MB and a sort).
+        if grouped is not None and weights is None:
+            self.items_sorted, self.weights_sorted = grouped.items_sorted, None
+            self.counts, self.offsets = grouped.counts, grouped.offsets
+        else:
+            order = torch.argsort(users * (int(items.max()) + 1 if len(items) else 1) + items)
+            self.items_sorted = items[order]                                   # grouped by user
+            # weights (N,) of the interactions (--event_weights): each batch then also yields its
+            # pairs' weights, and global_pairs is the global batch's total weight.
+            self.weights_sorted = None if weights is None else weights[order]
+            self.counts = torch.bincount(users, minlength=n_users)              # (n_users,)
+            self.offsets = torch.cumsum(self.counts, 0) - self.counts           # (n_users,)
         self.totals = self.counts if weights is None else \
             torch.zeros(n_users, dtype=weights.dtype).index_add_(0, users, weights)  # (n_users,)
-        self.offsets = torch.cumsum(self.counts, 0) - self.counts           # (n_users,)
         self.n_users, self.batch_size, self.shuffle = n_users, batch_size, shuffle
         self.rank, self.world_size = rank, world_size
         self.columns, self.probabilities = columns, probabilities

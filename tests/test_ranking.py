@@ -399,6 +399,44 @@ def test_a_softmax_sampled_over_every_item_once_is_the_full_softmax_gradients_in
             assert torch.isclose(got[pair], full[user, item] - torch.logsumexp(torch.stack(own + rest), 0))
 
 
+def test_the_training_batches_share_the_evaluations_grouping_and_yield_what_a_sort_of_their_own_does(tmp_path):
+    task = _ranking_task(tmp_path, softmax_items=30, batch_size=50)
+    assert task.batches.items_sorted is task.by_user["train"].items_sorted  # one copy of the training pairs
+    users, items, _, part = task.split
+    train = part == 0
+    alone = loader.UserBatches(torch.from_numpy(users[train].astype(np.int64)), torch.from_numpy(items[train].astype(np.int64)),
+                               task.n_users, 50, columns=30, probabilities=torch.ones(task.n_items) / task.n_items)
+    for shared, own in zip(task.batches, alone):
+        assert all(torch.equal(a, b) for a, b in zip(shared[:3], own[:3])) and shared[3] == own[3]
+    assert task.split[0].dtype == task.seen[0].dtype == np.int32  # indices kept to the run's end in half the bytes
+
+
+def test_padded_columns_give_the_log_probabilities_of_the_drawn_ones():
+    generator = torch.Generator().manual_seed(3)
+    n_items = 40
+    drawn = torch.randint(0, n_items, (25,), generator=generator)
+    columns, draws = torch.unique(drawn, return_counts=True)
+    padded, padded_draws = tasks.padded_columns(columns, draws, multiple=16)
+    assert len(padded) % 16 == 0 and len(padded) > len(columns)
+    assert torch.equal(padded[:len(columns)], columns) and int(padded_draws[len(columns):].sum()) == 0
+    # User 0 has the first column's item among its positives: the padding repeats that item, and
+    # the positive must still be masked in its drawn column, not in a padding one.
+    position = torch.tensor([0, 0, 1, 1, 1])
+    items = torch.tensor([int(columns[0]), int(columns[2]), 1, 7, int(columns[-1])])
+    full = torch.randn(2, n_items, generator=generator, requires_grad=True)       # every item's score
+    log_draws = torch.full((n_items,), math.log(25 / n_items))
+
+    def log_p(cols, counts):
+        return tasks.sampled_log_softmax(full[:, cols], full[position, items], position, items, cols, counts, log_draws)
+    drawn_only, with_padding = log_p(columns, draws), log_p(padded, padded_draws)
+    assert torch.allclose(drawn_only, with_padding)
+    gradient, = torch.autograd.grad(drawn_only.sum(), full)
+    padded_gradient, = torch.autograd.grad(with_padding.sum(), full)
+    assert torch.allclose(gradient, padded_gradient)
+    # The padding first: a padding column is masked instead, and the positive counted twice.
+    assert not torch.allclose(log_p(padded.flip(0), padded_draws.flip(0)), drawn_only)
+
+
 def test_the_sampled_normaliser_is_corrected_for_the_draw_probabilities():
     """Draws from a skewed q, with log(C q) subtracted, estimate log sum_j exp(s_j) over all items;
     uncorrected, the popular items' overdraw would bias it."""
