@@ -466,11 +466,11 @@ def padded_columns(columns, draws, multiple=PAD_COLUMNS_TO):
     """A step's distinct drawn items (U,) and their draw counts, padded to a multiple of
     `multiple` columns by repeating the first item with no draws: a padding column's weight in
     the normaliser is log 0 = -inf, so the log-probabilities are those of the U columns
-    (tests/test_ranking.py). Why: U differs from step to step (ML-25M: about 3,700 of 4,096
+    (tests/test_ranking.py). Why: U differs from step to step (the distinct items of the
     draws), so every (users x U) tensor of the step had its own size, and glibc's heap
     (runs.keep_freed_memory keeps every block in it) never reused the holes they left: 2,700
     more free chunks an epoch and 0.9 GiB more resident memory, to 11.4 GiB at the run's end. In
-    few sizes the step's blocks fit the holes of the steps before: the heap stays at 5.3 GiB."""
+    few sizes the step's blocks fit the holes of the steps before: the heap stays near 5.6 GiB."""
     pad = -len(columns) % multiple
     return torch.cat([columns, columns[:1].expand(pad)]), torch.cat([draws, draws.new_zeros(pad)])
 
