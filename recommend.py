@@ -518,12 +518,9 @@ FOLD_IN_LEAST_SHARE = 0.5
 def fold_in_steps_for(config, seen_indptr):
     """A run's fold-in steps: FOLD_IN_STEPS_SPARSE where its users with any training interaction
     have FOLD_IN_SPARSE times fewer than its prior_user_pairs (the ranking defaults' 100), else
-    FOLD_IN_STEPS. The mean is tasks.sparsity's, written again here: importing tasks imports
-    Ignite (0.8 s), which an answer's process does without."""
-    per_user = np.diff(seen_indptr)
-    mean = per_user.sum() / max(1, np.count_nonzero(per_user))
-    rich = float(config.get("prior_user_pairs", 0) or 0)
-    return FOLD_IN_STEPS_SPARSE if rich and rich / max(mean, 1e-9) >= FOLD_IN_SPARSE else FOLD_IN_STEPS
+    FOLD_IN_STEPS (loader.sparsity, as the run's own d and prior weights were set)."""
+    _, sparser = loader.sparsity(np.diff(seen_indptr), float(config.get("prior_user_pairs", 0) or 0))
+    return FOLD_IN_STEPS_SPARSE if sparser >= FOLD_IN_SPARSE else FOLD_IN_STEPS
 
 
 def _ids_like(raw, ids):

@@ -594,14 +594,6 @@ def warm_down_share(cfg, scale, described):
     return share
 
 
-def sparsity(cfg, user_pairs):
-    """(mean, factor): the mean training interactions of a user with any (user_pairs,
-    (n_users,)), and how many times fewer that is than prior_user_pairs, the users the ranking
-    defaults were chosen for (ML-1M's 112 a user), at least 1 (1 where prior_user_pairs is 0)."""
-    mean = float(user_pairs.sum() / max(1, np.count_nonzero(user_pairs)))
-    return mean, max(1.0, cfg["prior_user_pairs"] / max(mean, 1e-9)) if cfg["prior_user_pairs"] else 1.0
-
-
 # dim=0 (the ranking defaults): d from the data. DIM_FOR_RICH_USERS where users have
 # prior_user_pairs interactions or more (ML-1M: 160, its figures and its speed), growing with the
 # fourth root of how many times sparser the users are, at most DIM_GROWTH_MOST times, in steps of
@@ -618,7 +610,7 @@ def dim_for(cfg, user_pairs, described):
     what d=160's full softmax did."""
     if cfg["dim"]:
         return cfg["dim"]
-    mean, factor = sparsity(cfg, user_pairs)
+    mean, factor = loader.sparsity(user_pairs, cfg["prior_user_pairs"])
     growth = min(DIM_GROWTH_MOST, factor ** 0.25)
     dim = max(DIM_STEP, DIM_STEP * round(DIM_FOR_RICH_USERS * growth / DIM_STEP))
     described.append(f"d={dim}: {mean:.1f} training interactions a user, d={DIM_FOR_RICH_USERS} is set for "
@@ -641,7 +633,7 @@ def prior_weights(cfg, user_pairs, described, dim):
     weights = {name: cfg[f"prior_{name}"] for name in PRIOR_TERMS}
     if cfg["prior_per"] != "pair" or not cfg["prior_user_pairs"]:
         return weights
-    mean, sparser = sparsity(cfg, user_pairs)
+    mean, sparser = loader.sparsity(user_pairs, cfg["prior_user_pairs"])
     scale = 1 + (sparser - 1) * math.sqrt(DIM_FOR_RICH_USERS / max(dim, DIM_FOR_RICH_USERS))
     if scale > 1:
         weights["tastes"] *= scale

@@ -139,7 +139,7 @@ def row_surprise(dataset, data_dir, algorithm, columns="", choices="", fixed=Non
         seeds.append(metrics(predict(fit(setting, seed), test), r.ratings[test]))
     fit_seconds = fit_times[-1]  # the last seed's fit, at the chosen setting: one fit's time
     scores = {key: float(np.mean([s[key] for s in seeds])) for key in seeds[0]}
-    edges = [k for k, v in setting.items() if v in (grid[k][0], grid[k][-1])] if fixed is None else []
+    edges = grid_edges(grid, setting)
     extra = {"chosen on val": ", ".join(f"{k}={v:g}" for k, v in setting.items()), "val mse": round(-val_score, 4),
              "settings fitted": fits, f"seeds {SEEDS[0]}-{SEEDS[-1]}: test mse":
              f"{min(s['mse'] for s in seeds):.4f}-{max(s['mse'] for s in seeds):.4f}",
@@ -374,6 +374,14 @@ def grid_search(grid, score, budget=None, climb=True):
     return value, dict(zip(names, values)), result, len(scored)
 
 
+def grid_edges(grid, setting):
+    """The knobs of a search's chosen setting that lie at an end of their axis, where the best may
+    lie beyond it: said beside the figure. An axis of one value (a fixed setting) has no edge,
+    nor has a value of 0 at the low end (no L2 at all is as low as an L2 goes)."""
+    return [k for k, v in setting.items() if len(grid[k]) > 1 and v in (grid[k][0], grid[k][-1])
+            and not v == grid[k][0] == 0]
+
+
 def ranking_baseline(name, dataset, data_dir, columns="", split="random", choices=""):
     """Fit a baseline over its grid (GRIDS, searched by grid_search within BUDGETS) on the
     training part, keep the setting with the best validation NDCG@k, and report its test figures
@@ -404,8 +412,7 @@ def ranking_baseline(name, dataset, data_dir, columns="", split="random", choice
         record_setting(choices, name, setting)
     extra = {"chosen on val": ", ".join(f"{k}={v:g}" for k, v in setting.items()) or "-",
              f"val ndcg@{task.k}": round(val, 4), "settings fitted": fits}
-    edges = [k for k, v in setting.items() if len(grid[k]) > 1 and v in (grid[k][0], grid[k][-1])
-             and not v == grid[k][0] == 0]  # no L2 at all is as low as an L2 goes: not an edge
+    edges = grid_edges(grid, setting)
     if edges:  # the best may lie beyond the grid: said beside the figure
         extra["at the grid's edge"] = ", ".join(edges)
     test = task.evaluate(scorer, "test")

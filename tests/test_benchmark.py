@@ -410,6 +410,13 @@ def test_the_peers_search_finds_the_whole_grids_best_where_knobs_interact():
     assert peers.grid_search({"l2": (7.0,)}, lambda s: (s["l2"], None))[:2] == (7.0, {"l2": 7.0})
 
 
+def test_a_choice_at_an_end_of_its_axis_is_an_edge_unless_the_axis_is_fixed_or_the_end_is_no_l2():
+    grid = {"factors": (16, 64, 256), "regularization": (0.0, 0.01, 0.1), "lr": (0.01,)}
+    assert peers.grid_edges(grid, {"factors": 256, "regularization": 0.01, "lr": 0.01}) == ["factors"]
+    assert peers.grid_edges(grid, {"factors": 64, "regularization": 0.0, "lr": 0.01}) == []
+    assert peers.grid_edges(grid, {"factors": 16, "regularization": 0.1, "lr": 0.01}) == ["factors", "regularization"]
+
+
 def test_a_baseline_setting_that_diverges_scores_below_every_other(monkeypatch, synthetic_ml100k):
     """implicit's BPR at too large a learning rate ends in NaN factors (ModelFitError, Amazon
     Beauty at 1.0): the grid's climb then keeps the best setting that fitted, not a crash."""
