@@ -334,6 +334,9 @@ def command_line():
                         help="new users without retraining: held-out users folded in, against trained-in, EASE, popularity")
     parser.add_argument("--fold_in_steps", type=int, default=0,
                         help="--fold_in: steps of Adam fitting each new user (default 0: the run's own, as recommend.py)")
+    parser.add_argument("--fold_in_seeds", default="0",
+                        help="--fold_in: the numpy seeds of the held-out users, comma-separated (each: two runs); "
+                             "the table gives their mean")
     parser.add_argument("--weights_study", action="store_true",
                         help="event types: ML-1M's ratings as views, carts, purchases; unweighted, weighted, purchases only")
     parser.add_argument("--sniffers", action="store_true",
@@ -368,7 +371,7 @@ def run(args):
         section, study = (("scaling", studies.scaling) if args.scaling else ("large", studies.large) if args.large
                           else ("cost-curve", studies.cost_curve) if args.cost_curve
                           else ("sniffers", studies.sniffers) if args.sniffers
-                          else ("fold-in", studies.fold_in_study) if args.fold_in
+                          else (_per_dataset("fold-in", args), studies.fold_in_study) if args.fold_in
                           else ("event-weights", studies.weights_study) if args.weights_study
                           else ("sizes", studies.sizes) if args.sizes
                           else ("shared-accounts", studies.shared_accounts) if args.shared_accounts
@@ -380,6 +383,12 @@ def run(args):
         sys.exit(f"error: {error}")
     print(report)
     write_section(Path(args.output), section, report)
+
+
+def _per_dataset(section, args):
+    """A study's section for ML-1M, or its own section for another dataset (Beauty's fold-in
+    beside ML-1M's, not over it)."""
+    return section if args.dataset == "ml-1m" else f"{section}-{loader.dataset_name(args.dataset)}"
 
 
 if __name__ == "__main__":

@@ -1022,110 +1022,143 @@ EASE_L2 = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)  # EASE's L2, chosen on th
 
 def fold_in_study(args):
     """New users without retraining, measured: FOLD_IN_HELD of the users held out entirely
-    (numpy seed 0), the rest split 80/10/10 within each user (seed 2020) as the ranking task
-    splits them. Run A trains on the rest; run B also on 80% of each held-out user's items (the
-    same split otherwise, as pre-split folders, so both choose on the same validation part).
-    Each held-out user is folded into A from 1, 3 or all of their 80% (recommend.py's fold-in)
-    and ranked (their given items masked) against their other 20%: NDCG@10 beside B's trained
-    rows, EASE given the same history (its L2 chosen on A's validation part) and popularity.
-    The rating task (ratings, not positives; MovieLens names): fold-in MSE on the held-out 20%
-    beside B's. Validation never sees a held-out user."""
+    (numpy seed s for each s of --fold_in_seeds), the rest split 80/10/10 within each user (seed
+    2020) as the ranking task splits them. Run A trains on the rest; run B also on 80% of each
+    held-out user's items (the same split otherwise, as pre-split folders, so both choose on the
+    same validation part). Each held-out user is folded into A from 1, 3 or all of their 80%
+    (recommend.py's fold-in) and ranked (their given items masked) against their other 20%:
+    NDCG@10 beside B's trained rows, EASE given the same history (its L2 chosen on A's validation
+    part) and popularity; with several seeds, each figure the mean of the seeds' (a seed's 10% of
+    Beauty is 2,236 users with 1-2 test items each: its NDCG@10 moves by about 3% with the draw).
+    The rating task (ratings, not positives; MovieLens names; the first seed): fold-in MSE on the
+    held-out 20% beside B's. Validation never sees a held-out user."""
+    from bench import peers
+
+    name = args.dataset if loader.is_movielens(args.dataset) else f"`{Path(args.dataset).name}`"
+    seeds = [int(seed) for seed in str(args.fold_in_seeds).split(",")]
+    cfg = peers.task_config(args.dataset, "ranking", args.columns)
+    ratings = loader.load(args.dataset, args.data_dir, allow_download=False, columns=args.columns)
+    rows, _ = loader.implicit_feedback(ratings, cfg["ranking_min_rating"], cfg["ranking_core"])
+    by_seed = [_fold_in_ranking(args, ratings, rows, cfg, seed) for seed in seeds]
+    mean = lambda key, size: np.mean([found["sizes"][size][key] for found in by_seed])
+
+    def cell(key, size):
+        """The seeds' mean, and with several their range."""
+        values = [found["sizes"][size][key] for found in by_seed]
+        return f"{np.mean(values):.4f}" + (f" ({min(values):.4f}-{max(values):.4f})" if len(values) > 1 else "")
+
+    l2s = ", ".join(f"{found['l2']:g}" for found in by_seed)
+    table = [f"| history given | fold-in | trained in | EASE (L2 {l2s}) | popularity | users | seconds to fold in and answer |",
+             "|---|---|---|---|---|---|---|"]
+    for size in (1, 3, None):
+        label = "all (80%)" if size is None else f"{size}"
+        trained = cell("trained", size) if size is None else "-"
+        users = " / ".join(f"{found['sizes'][size]['users']:,}" for found in by_seed)
+        seconds = " / ".join(f"{found['sizes'][size]['seconds']:.1f}" for found in by_seed)
+        table.append(f"| {label} | **{cell('fold', size)}** | {trained} | {cell('ease', size)} | {cell('pop', size)} | "
+                     f"{users} | {seconds} |")
+    first = by_seed[0]
+    gap = mean("fold", None) / mean("trained", None) - 1
+    seeded = f"numpy seed{'s' if len(seeds) > 1 else ''} {args.fold_in_seeds}"
+    lines = [f"## New users without retraining (fold-in) on {name}", "",
+             f"{first['held']:,} of {first['users']:,} users held out ({seeded}); each folded in from 1, 3 or "
+             f"all of {FOLD_IN_HISTORY:.0%} of their items ({first['steps']} steps of Adam) and ranked against "
+             "the rest; test NDCG@10 over every item but the given ones"
+             + (", the mean of the seeds (their range in brackets)" if len(seeds) > 1 else "")
+             + ". Run A trains without them, run B with their 80% (the same split of the other users, as pre-split "
+             "folders); EASE fits A's training part, its L2 chosen on A's validation (validation NDCG@10 "
+             + ", ".join(f"{found['ease_val']:.4f}" for found in by_seed) + ").", "", *table, "",
+             f"From whole histories the fold-in is {gap:+.1%} against trained-in and "
+             f"{mean('fold', None) / mean('ease', None) - 1:+.1%} against EASE.", ""]
+    if ratings.has_ratings:
+        lines += _fold_in_ratings(ratings, args.fold_in_steps, seeds[0])
+    return "\n".join(lines + [machine_lines(args.command)]) + "\n"
+
+
+def _fold_in_ranking(args, ratings, rows, cfg, seed):
+    """fold_in_study's ranking figures for the users held out by numpy seed `seed` -> {"sizes":
+    {1, 3, None (all): {fold, trained, ease, pop, users, seconds}}, held, users, steps, l2, ease_val}."""
     import pandas as pd
     import torch
     from scipy.sparse import csr_matrix
 
     from bench import peers
 
-    name = args.dataset if loader.is_movielens(args.dataset) else f"`{Path(args.dataset).name}`"
-    lines = [f"## New users without retraining (fold-in) on {name}", ""]
-    cfg = peers.task_config(args.dataset, "ranking", args.columns)
-    ratings = loader.load(args.dataset, args.data_dir, allow_download=False, columns=args.columns)
-    rows, _ = loader.implicit_feedback(ratings, cfg["ranking_min_rating"], cfg["ranking_core"])
-    held, user_list, held_rows, given, a_parts, b_parts = _hold_out(ratings, rows, cfg["split_seed"])
+    held, user_list, held_rows, given, a_parts, b_parts = _hold_out(ratings, rows, cfg["split_seed"], seed)
     raw_user, raw_item = ratings.user_ids[ratings.users], ratings.item_ids[ratings.items]
     with tempfile.TemporaryDirectory(prefix="mfmixtaste-fold-in-") as scratch:
         columns = {"user": raw_user, "item": raw_item}
         run = {name: _train_on_parts(Path(scratch), name, parts, columns, ["--task=ranking"])
                for name, parts in (("a", a_parts), ("b", b_parts))}
-        trained_a, trained_b = run["a"], run["b"]
-        trained_a.fold_in_steps = args.fold_in_steps or trained_a.fold_in_steps
-        ids = trained_a.item_ids
-        test = {}
-        for u, i in zip(raw_user[held_rows[~given]], raw_item[held_rows[~given]]):
-            test.setdefault(u, set()).add(i)
-        history = pd.DataFrame({"user_id": raw_user[held_rows[given]], "item_id": raw_item[held_rows[given]]})
-        history = history[np.isin(history["item_id"], ids)]
-        # EASE on A's training matrix, its L2 chosen on A's validation part.
-        train_a = a_parts[0]
-        a_items = loader.positions(ids, raw_item[train_a])[0]
-        a_users_ids, a_users = np.unique(raw_user[train_a], return_inverse=True)
-        X = csr_matrix((np.ones(len(train_a), dtype=np.float32), (a_users, a_items)), shape=(len(a_users_ids), len(ids)))
-        X.data[:] = 1.0
-        valid_a = a_parts[1]
-        v_users = np.searchsorted(a_users_ids, raw_user[valid_a])
-        v_items = loader.positions(ids, raw_item[valid_a])[0]
-        valid = {}
-        for u, i in zip(v_users, v_items):
-            valid.setdefault(u, set()).add(i)
-        best_l2, best_val = None, -1.0
-        for l2 in EASE_L2:
-            weights = peers.ease(X, l2)
-            chosen = np.array(sorted(valid))
-            scores = torch.from_numpy(np.asarray(X[chosen] @ weights))
-            value = _ndcg(scores, X[chosen], [valid[u] for u in chosen])
-            if value > best_val:
-                best_l2, best_val, best_weights = l2, value, weights
-        popular = torch.from_numpy(np.asarray(X.sum(0)).ravel())
-        table = ["| history given | fold-in | trained in | EASE (L2 " + f"{best_l2:g}" + ") | popularity | users |",
-                 "|---|---|---|---|---|---|"]
-        for size in (1, 3, None):
-            chosen = history if size is None else history.groupby("user_id", sort=False).head(size)
-            started = time.perf_counter()
-            folded = trained_a.recommend_histories(chosen, n=len(ids), block=256)
-            seconds = time.perf_counter() - started
-            users_here = chosen["user_id"].drop_duplicates().to_numpy()
-            scores = np.full((len(users_here), len(ids)), -np.inf, dtype=np.float32)
-            where = {u: k for k, u in enumerate(users_here)}
-            rows_f = np.array([where[u] for u in folded["user_id"]])
-            scores[rows_f, loader.positions(ids, folded["item_id"].to_numpy())[0]] = -folded["rank"].to_numpy()
-            chosen_items = loader.positions(ids, chosen["item_id"].to_numpy())[0]
-            given_x = csr_matrix((np.ones(len(chosen), dtype=np.float32),
-                                  ([where[u] for u in chosen["user_id"]], chosen_items)), shape=(len(users_here), len(ids)))
-            given_x.data[:] = 1.0
-            truth = [{i for i in test.get(u, ()) if i in set(ids)} for u in users_here]
-            truth_rows = [set(loader.positions(ids, np.array(sorted(t), dtype=ids.dtype))[0]) if t else set() for t in truth]
-            fold_ndcg = _ndcg(torch.from_numpy(scores), given_x, truth_rows)
-            ease_ndcg = _ndcg(torch.from_numpy(np.asarray(given_x @ best_weights)), given_x, truth_rows)
-            pop_ndcg = _ndcg(popular.expand(len(users_here), -1).clone(), given_x, truth_rows)
-            trained = "-"
-            if size is None:
-                b_rows = loader.positions(trained_b.user_ids, users_here.astype(trained_b.user_ids.dtype))[0]
-                with torch.no_grad():
-                    b_scores = trained_b.model.score_all(torch.from_numpy(b_rows))
-                b_truth = [set(loader.positions(trained_b.item_ids, np.array(sorted(t), dtype=ids.dtype))[0]) if t else set()
-                           for t in truth]
-                b_given = csr_matrix((np.ones(len(chosen), dtype=np.float32),
-                                      ([where[u] for u in chosen["user_id"]],
-                                       loader.positions(trained_b.item_ids, chosen["item_id"].to_numpy())[0])),
-                                     shape=(len(users_here), len(trained_b.item_ids)))
-                trained = f"{_ndcg(b_scores, b_given, b_truth):.4f}"
-            label = "all (80%)" if size is None else f"{size}"
-            table.append(f"| {label} | **{fold_ndcg:.4f}** | {trained} | {ease_ndcg:.4f} | {pop_ndcg:.4f} | "
-                         f"{len(users_here):,} ({seconds:.1f} s to fold in and answer) |")
-    lines += [f"{len(held):,} of {len(user_list):,} users held out (numpy seed 0); each folded in from 1, 3 or "
-              f"all of {FOLD_IN_HISTORY:.0%} of their items ({trained_a.fold_in_steps} steps of Adam) and ranked against "
-              "the rest; test NDCG@10 over "
-              "every item but the given ones. Run A trains without them, run B with their 80% (the same split "
-              f"of the other users, as pre-split folders); EASE fits A's training part, its L2 chosen on A's "
-              f"validation (validation NDCG@10 {best_val:.4f}).", ""] + table + [""]
-    if ratings.has_ratings:
-        lines += _fold_in_ratings(ratings, args.fold_in_steps)
-    return "\n".join(lines + [machine_lines(args.command)]) + "\n"
+    trained_a, trained_b = run["a"], run["b"]
+    trained_a.fold_in_steps = args.fold_in_steps or trained_a.fold_in_steps
+    ids = trained_a.item_ids
+    test = {}
+    for u, i in zip(raw_user[held_rows[~given]], raw_item[held_rows[~given]]):
+        test.setdefault(u, set()).add(i)
+    history = pd.DataFrame({"user_id": raw_user[held_rows[given]], "item_id": raw_item[held_rows[given]]})
+    history = history[np.isin(history["item_id"], ids)]
+    # EASE on A's training matrix, its L2 chosen on A's validation part.
+    train_a = a_parts[0]
+    a_items = loader.positions(ids, raw_item[train_a])[0]
+    a_users_ids, a_users = np.unique(raw_user[train_a], return_inverse=True)
+    X = csr_matrix((np.ones(len(train_a), dtype=np.float32), (a_users, a_items)), shape=(len(a_users_ids), len(ids)))
+    X.data[:] = 1.0
+    valid_a = a_parts[1]
+    v_users = np.searchsorted(a_users_ids, raw_user[valid_a])
+    v_items = loader.positions(ids, raw_item[valid_a])[0]
+    valid = {}
+    for u, i in zip(v_users, v_items):
+        valid.setdefault(u, set()).add(i)
+    best_l2, best_val = None, -1.0
+    for l2 in EASE_L2:
+        weights = peers.ease(X, l2)
+        chosen = np.array(sorted(valid))
+        scores = torch.from_numpy(np.asarray(X[chosen] @ weights))
+        value = _ndcg(scores, X[chosen], [valid[u] for u in chosen])
+        if value > best_val:
+            best_l2, best_val, best_weights = l2, value, weights
+    popular = torch.from_numpy(np.asarray(X.sum(0)).ravel())
+    sizes = {}
+    for size in (1, 3, None):
+        chosen = history if size is None else history.groupby("user_id", sort=False).head(size)
+        started = time.perf_counter()
+        folded = trained_a.recommend_histories(chosen, n=len(ids), block=256)
+        seconds = time.perf_counter() - started
+        users_here = chosen["user_id"].drop_duplicates().to_numpy()
+        scores = np.full((len(users_here), len(ids)), -np.inf, dtype=np.float32)
+        where = {u: k for k, u in enumerate(users_here)}
+        rows_f = np.array([where[u] for u in folded["user_id"]])
+        scores[rows_f, loader.positions(ids, folded["item_id"].to_numpy())[0]] = -folded["rank"].to_numpy()
+        chosen_items = loader.positions(ids, chosen["item_id"].to_numpy())[0]
+        given_x = csr_matrix((np.ones(len(chosen), dtype=np.float32),
+                              ([where[u] for u in chosen["user_id"]], chosen_items)), shape=(len(users_here), len(ids)))
+        given_x.data[:] = 1.0
+        truth = [{i for i in test.get(u, ()) if i in set(ids)} for u in users_here]
+        truth_rows = [set(loader.positions(ids, np.array(sorted(t), dtype=ids.dtype))[0]) if t else set() for t in truth]
+        found = {"fold": _ndcg(torch.from_numpy(scores), given_x, truth_rows),
+                 "ease": _ndcg(torch.from_numpy(np.asarray(given_x @ best_weights)), given_x, truth_rows),
+                 "pop": _ndcg(popular.expand(len(users_here), -1).clone(), given_x, truth_rows),
+                 "users": len(users_here), "seconds": seconds}
+        if size is None:
+            b_rows = loader.positions(trained_b.user_ids, users_here.astype(trained_b.user_ids.dtype))[0]
+            with torch.no_grad():
+                b_scores = trained_b.model.score_all(torch.from_numpy(b_rows))
+            b_truth = [set(loader.positions(trained_b.item_ids, np.array(sorted(t), dtype=ids.dtype))[0]) if t else set()
+                       for t in truth]
+            b_given = csr_matrix((np.ones(len(chosen), dtype=np.float32),
+                                  ([where[u] for u in chosen["user_id"]],
+                                   loader.positions(trained_b.item_ids, chosen["item_id"].to_numpy())[0])),
+                                 shape=(len(users_here), len(trained_b.item_ids)))
+            found["trained"] = _ndcg(b_scores, b_given, b_truth)
+        sizes[size] = found
+    return {"sizes": sizes, "held": len(held), "users": len(user_list), "steps": trained_a.fold_in_steps,
+            "l2": best_l2, "ease_val": best_val}
 
 
-def _fold_in_ratings(ratings, fold_in_steps):
+def _fold_in_ratings(ratings, fold_in_steps, seed=0):
     """The rating task's fold-in, measured as fold_in_study measures the ranking task's, on every
-    rating: FOLD_IN_HELD of the users held out (numpy seed 0), the others' ratings split 80/10/10
+    rating: FOLD_IN_HELD of the users held out (numpy seed `seed`), the others' ratings split 80/10/10
     within each user (seed 2020); run A trains without the held-out users, run B with 80% of each
     one's ratings. Each held-out user is folded into A from 1, 3 or all of those ratings; the MSE
     of their other 20% beside B's trained-in predictions and A's without the user (the global
@@ -1135,7 +1168,7 @@ def _fold_in_ratings(ratings, fold_in_steps):
     import torch
 
 
-    held, user_list, held_rows, given, a_parts, b_parts = _hold_out(ratings, np.arange(len(ratings)), 2020)
+    held, user_list, held_rows, given, a_parts, b_parts = _hold_out(ratings, np.arange(len(ratings)), 2020, seed)
     raw_user, raw_item = ratings.user_ids[ratings.users], ratings.item_ids[ratings.items]
     frame = lambda chosen: pd.DataFrame({"user_id": raw_user[chosen], "item_id": raw_item[chosen],
                                          "rating": ratings.ratings[chosen]})
@@ -1180,21 +1213,21 @@ def _fold_in_ratings(ratings, fold_in_steps):
         label, beside = ("all (80%)", f"{trained:.4f}") if size is None else (f"{size}", "-")
         table.append(f"| {label} | **{mse(run_a, None, user_of_test, rows, bias):.4f}** | {beside} | {unknown:.4f} | "
                      f"{seconds:.1f} s |")
-    return [f"### The rating task: {len(held):,} of {len(user_list):,} users held out", "",
+    return [f"### The rating task: {len(held):,} of {len(user_list):,} users held out (numpy seed {seed})", "",
             f"Every rating (not only the positives): each held-out user folded into run A from 1, 3 or all of "
             f"{FOLD_IN_HISTORY:.0%} of their ratings, the MSE of their other ratings ({len(test):,}); run B trained "
             "them in (the other users' ratings split 80/10/10 within each user, seed 2020, as pre-split folders; "
             "predictions clipped to the training range, as train.py evaluates).", "", *table, ""]
 
 
-def _hold_out(ratings, rows, split_seed):
+def _hold_out(ratings, rows, split_seed, seed=0):
     """The fold-in studies' split of rows (indices into ratings): FOLD_IN_HELD of their users held
-    out entirely (numpy seed 0), the others' rows split 80/10/10 within each user (split_seed);
+    out entirely (numpy seed `seed`), the others' rows split 80/10/10 within each user (split_seed);
     each held-out user's rows in random order, the first FOLD_IN_HISTORY of them (at least one)
     given as their history. -> (held users, every user, held rows by user, given (bool, as held
     rows), run A's parts [train, valid, test], run B's: A's with the given rows in training and
     the held users' other rows in test)."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     users = ratings.users[rows]
     user_list = np.unique(users)
     held = np.sort(rng.choice(user_list, int(len(user_list) * FOLD_IN_HELD), replace=False))

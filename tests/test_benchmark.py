@@ -484,3 +484,18 @@ def test_mixture_use_tells_copied_tastes_from_a_mixture_that_chooses(synthetic_m
     with torch.no_grad():
         model.user_factors[:, 1] = 0
     assert studies.mixture_use(task, model)["largest_weight"] == pytest.approx(0.5)
+
+
+def test_the_fold_in_studys_held_out_users_follow_their_seed():
+    """--fold_in_seeds: each seed holds out its own users (the same ones again for the same
+    seed), and none of them is in run A's parts; run B trains on their given rows only."""
+    from conftest import mixture_ratings
+
+    ratings = loader.encode(*mixture_ratings(n_users=200, n_items=50, n_ratings=4000))
+    rows = np.arange(len(ratings))
+    first, again, other = (studies._hold_out(ratings, rows, 2020, seed) for seed in (0, 0, 1))
+    assert np.array_equal(first[0], again[0]) and not np.array_equal(first[0], other[0])
+    for held, _, held_rows, given, a_parts, b_parts in (first, other):
+        assert len(held) == int(200 * studies.FOLD_IN_HELD)
+        assert not np.isin(ratings.users[np.concatenate(a_parts)], held).any()
+        assert np.array_equal(np.setdiff1d(b_parts[0], a_parts[0]), np.sort(held_rows[given]))
