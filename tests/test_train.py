@@ -320,6 +320,35 @@ def test_a_row_prior_counts_each_user_and_item_once_per_epoch(prior_per):
     torch.testing.assert_close(norms[2], expected[1])
 
 
+@pytest.mark.parametrize("task_name", ["rating", "ranking"])
+def test_an_evaluation_runs_without_the_last_steps_gradients(task_name, tmp_path):
+    """The tables' gradients (0.45 GB at ML-25M's shape) are not held through an evaluation:
+    the evaluators run with none, after a step that moved the model."""
+    import torch
+    from ignite.engine import Events
+
+    import loader
+    import tasks
+    import train
+    from conftest import mixture_ratings
+
+    users, items, ratings = mixture_ratings(n_users=40, n_items=30, n_ratings=600)
+    data = loader.encode(users, items, ratings)
+    cfg = {**train.DEFAULTS, **(train.RANKING_DEFAULTS if task_name == "ranking" else {}), "task": task_name,
+           "ranking_core": 1, "dim": 8, "eval_every": 1}
+    task = tasks.TASKS[task_name](cfg, data, "cpu", 0, 1)
+    model, _, trainer = train.build_trainer(cfg, task, torch.device("cpu"))
+    evaluators = train.evaluate_each_epoch(cfg, task, model, trainer, tmp_path)[0]
+    held = []
+    for _, evaluator in evaluators:
+        evaluator.add_event_handler(Events.STARTED, lambda _: held.append(
+            [parameter.grad is not None for parameter in model.parameters()]))
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    trainer.run(task.batches, max_epochs=1, epoch_length=1)
+    assert held and not any(any(flags) for flags in held)
+    assert any(not torch.equal(old, parameter) for old, parameter in zip(before, model.parameters()))
+
+
 def test_a_run_never_overwrites_the_results_of_a_run_in_another_runs_dir(tmp_path, synthetic_ml100k):
     run_train(tmp_path, synthetic_ml100k, "--epochs=1", "--run_name=x")
     summary = (tmp_path / "results" / "x" / "summary.json").read_text()
