@@ -1035,7 +1035,10 @@ def fold_in_study(args):
     from bench import peers
 
     name = args.dataset if loader.is_movielens(args.dataset) else f"`{Path(args.dataset).name}`"
-    seeds = [int(seed) for seed in str(args.fold_in_seeds).split(",")]
+    try:
+        seeds = [int(seed) for seed in str(args.fold_in_seeds).split(",")]
+    except ValueError:
+        sys.exit(f"error: --fold_in_seeds={args.fold_in_seeds}: give whole numbers separated by commas, e.g. 0,1,2")
     cfg = peers.task_config(args.dataset, "ranking", args.columns)
     ratings = loader.load(args.dataset, args.data_dir, allow_download=False, columns=args.columns)
     rows, _ = loader.implicit_feedback(ratings, cfg["ranking_min_rating"], cfg["ranking_core"])
