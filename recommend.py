@@ -59,7 +59,6 @@ class Recommender:
         self.prior_weights = {name: 0.0 for name in PRIOR_TERMS}  # the run's L2 prior (fold_in keeps it)
         self.has_titles = False   # whether the run named its items (items.json): answers then carry titles
         self.fold_in_steps = FOLD_IN_STEPS  # a fold-in's steps of Adam (recommend.py --fold_in_steps)
-        self.fold_in_lr = FOLD_IN_LR        # and their learning rate
         # What a score means: a predicted rating for rating runs, a ranking score otherwise.
         self.score_name = "rating" if config.get("task", "rating") == "rating" else "score"
 
@@ -88,7 +87,7 @@ class Recommender:
         weights = arrays.get("prior_weights", [config.get(f"prior_{name}", 0.0) for name in PRIOR_TERMS])
         run.prior_weights = dict(zip(PRIOR_TERMS, (float(w) for w in weights)))
         run.has_titles = names_given
-        run.fold_in_steps, run.fold_in_lr = fold_in_schedule(config, run.seen_indptr)
+        run.fold_in_steps = fold_in_steps_for(config, run.seen_indptr)
         return run
 
     @property
@@ -372,7 +371,7 @@ class Recommender:
         # user's interactions would be: near the run's popular items, not one item's neighbours.
         least = FOLD_IN_LEAST_SHARE * len(self.seen_items) / max(len(self.user_ids), 1)
         scale = per_user.clamp(min=least) if per_pair else torch.ones(n_users)
-        optimizer = torch.optim.Adam([rows, bias] if ratings is not None else [rows], lr=self.fold_in_lr)
+        optimizer = torch.optim.Adam([rows, bias] if ratings is not None else [rows], lr=FOLD_IN_LR)
         # In float32: bfloat16 products (training's, where the hardware has them) are 1.5x faster
         # here, but their rounding depends on the batch, and Adam turns it into answers that
         # moved by 1% with the other users of the batch (float32: 1e-7).
@@ -501,14 +500,15 @@ class Recommender:
 # instead of after a fixed count lost on both (ML-1M at 1e-4: 0.2366; Beauty at 1e-5, 200 steps at
 # most: 0.0613, in 85% of 120 steps' time). FOLD_IN_STEPS_SPARSE serve a run whose users have
 # FOLD_IN_SPARSE times fewer training interactions than the ranking defaults' prior_user_pairs
-# (Beauty 15x, Sports 16x; ML-1M 1x). Their count and lr were then chosen again on users the run
-# never saw (Amazon Beauty's 2,236 held-out users of benchmark.py --fold_in, seed 0, folded in from
-# 80% of their given items and scored on the rest; the test items untouched), NDCG@10 at steps:lr
-# 120:0.05 0.0572, 200:0.05 0.0576, 120:0.08 0.0559, 120:0.03 0.0577, 120:0.02 0.0571, 120:0.01
-# 0.0561, 200:0.03 0.0579 (the run's prior x0.5 or x2: 0.0546; a cosine decay of lr: 0.0572).
+# (Beauty 15x, Sports 16x; ML-1M 1x). Tried later on users the run never saw (Beauty's 2,236
+# held-out users of benchmark.py --fold_in, seed 0, folded in from 80% of their given items and
+# scored on the rest), NDCG@10 at steps:lr 120:0.05 0.0572, 200:0.05 0.0576, 120:0.08 0.0559,
+# 120:0.03 0.0577, 120:0.02 0.0571, 120:0.01 0.0561, 200:0.03 0.0579; the prior x0.5 or x2 0.0546;
+# lr decayed to 0 (cosine) 0.0572. 200:0.03, run over three draws, moved the test figures by
+# -0.2% / -0.3% / +0.3% (1 / 3 / all items) in 1.6x the time: kept at 120:0.05 (docs/deploy.md).
 FOLD_IN_STEPS = 40
+FOLD_IN_STEPS_SPARSE, FOLD_IN_SPARSE = 120, 4.0
 FOLD_IN_LR = 0.05
-FOLD_IN_STEPS_SPARSE, FOLD_IN_LR_SPARSE, FOLD_IN_SPARSE = 200, 0.03, 4.0
 # A rating fold-in's implicit term: each rated item against this many items (_implicit).
 FOLD_IN_IMPLICIT_ITEMS = 512
 # The prior's hold on a short history: as on a user of this share of the mean user's interactions.
@@ -520,13 +520,12 @@ FOLD_IN_IMPLICIT_ITEMS = 512
 FOLD_IN_LEAST_SHARE = 0.5
 
 
-def fold_in_schedule(config, seen_indptr):
-    """A run's fold-in (steps, lr): FOLD_IN_STEPS_SPARSE at FOLD_IN_LR_SPARSE where its users with
-    any training interaction have FOLD_IN_SPARSE times fewer than its prior_user_pairs (the ranking
-    defaults' 100), else FOLD_IN_STEPS at FOLD_IN_LR (loader.sparsity, as the run's own d and prior
-    weights were set)."""
+def fold_in_steps_for(config, seen_indptr):
+    """A run's fold-in steps: FOLD_IN_STEPS_SPARSE where its users with any training interaction
+    have FOLD_IN_SPARSE times fewer than its prior_user_pairs (the ranking defaults' 100), else
+    FOLD_IN_STEPS (loader.sparsity, as the run's own d and prior weights were set)."""
     _, sparser = loader.sparsity(np.diff(seen_indptr), float(config.get("prior_user_pairs", 0) or 0))
-    return (FOLD_IN_STEPS_SPARSE, FOLD_IN_LR_SPARSE) if sparser >= FOLD_IN_SPARSE else (FOLD_IN_STEPS, FOLD_IN_LR)
+    return FOLD_IN_STEPS_SPARSE if sparser >= FOLD_IN_SPARSE else FOLD_IN_STEPS
 
 
 def _ids_like(raw, ids):
@@ -596,7 +595,7 @@ def command_line():
                         "knows gets the most popular items (else refused)")
     parser.add_argument("--fold_in_steps", type=int, default=None,
                         help=f"--history: steps of Adam fitting each user (default: the run's, {FOLD_IN_STEPS}, or "
-                             f"{FOLD_IN_STEPS_SPARSE} at lr {FOLD_IN_LR_SPARSE} on sparse data such as Amazon's)")
+                             f"{FOLD_IN_STEPS_SPARSE} on sparse data such as Amazon's)")
     parser.add_argument("--out", metavar="FILE", help="--all, --history: write the answers to FILE (.csv or "
                         ".parquet; columns user_id, rank, item_id, score or rating, title where the run has titles)")
     return parser

@@ -1065,8 +1065,8 @@ def fold_in_study(args):
     seeded = f"numpy seed{'s' if len(seeds) > 1 else ''} {args.fold_in_seeds}"
     lines = [f"## New users without retraining (fold-in) on {name}", "",
              f"{first['held']:,} of {first['users']:,} users held out ({seeded}); each folded in from 1, 3 or "
-             f"all of {FOLD_IN_HISTORY:.0%} of their items ({first['steps']} steps of Adam at lr {first['lr']:g}) "
-             "and ranked against the rest; test NDCG@10 over every item but the given ones"
+             f"all of {FOLD_IN_HISTORY:.0%} of their items ({first['steps']} steps of Adam) and ranked against "
+             "the rest; test NDCG@10 over every item but the given ones"
              + (", the mean of the seeds (their range in brackets)" if len(seeds) > 1 else "")
              + ". Run A trains without them, run B with their 80% (the same split of the other users, as pre-split "
              "folders); EASE fits A's training part, its L2 chosen on A's validation (validation NDCG@10 "
@@ -1159,7 +1159,7 @@ def _fold_in_ranking(args, ratings, rows, cfg, seed):
             found["trained"] = _ndcg(b_scores, b_given, b_truth)
         sizes[size] = found
     return {"sizes": sizes, "held": len(held), "users": len(user_list), "steps": trained_a.fold_in_steps,
-            "lr": trained_a.fold_in_lr, "l2": best_l2, "ease_val": best_val}
+            "l2": best_l2, "ease_val": best_val}
 
 
 def _fold_in_ratings(ratings, fold_in_steps, seed=0):

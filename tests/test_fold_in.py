@@ -34,9 +34,6 @@ def test_a_fold_in_is_deterministic_and_does_not_depend_on_the_other_users_of_it
     run = Recommender.load(runs["mixture"])
     alone = run.recommend_new([1, 2, 3, 21], n=10)
     assert alone.equals(run.recommend_new([1, 2, 3, 21], n=10))
-    run.fold_in_lr /= 2  # the run's fold-in lr is the one its Adam steps take
-    assert not np.allclose(alone["score"], run.recommend_new([1, 2, 3, 21], n=10)["score"])
-    run.fold_in_lr *= 2
     histories = pd.DataFrame({"user_id": ["other"] * 5 + ["me"] * 4,
                               "item_id": [30, 31, 32, 33, 34, 1, 2, 3, 21]})
     together = run.recommend_histories(histories, n=10)
@@ -163,14 +160,12 @@ def test_every_user_of_a_run_folds_in_block_by_block(runs):
     assert sum(right) >= 110, sum(right)
 
 
-def test_a_run_of_sparse_users_folds_in_with_more_smaller_steps():
+def test_a_run_of_sparse_users_folds_in_with_more_steps():
     rich = np.concatenate([[0], np.cumsum(np.full(50, 120))])   # 120 training items a user
     sparse = np.concatenate([[0], np.cumsum(np.full(50, 8))])   # 8: Amazon's kind of user
     ranking = {"prior_user_pairs": 100}
-    dense_schedule = (recommend.FOLD_IN_STEPS, recommend.FOLD_IN_LR)
-    assert recommend.fold_in_schedule(ranking, rich) == dense_schedule
-    steps, lr = recommend.fold_in_schedule(ranking, sparse)
-    assert steps == recommend.FOLD_IN_STEPS_SPARSE > recommend.FOLD_IN_STEPS and lr == recommend.FOLD_IN_LR_SPARSE
-    assert recommend.fold_in_schedule({"prior_user_pairs": 0}, sparse) == dense_schedule  # no reference: as ML-1M
+    assert recommend.fold_in_steps_for(ranking, rich) == recommend.FOLD_IN_STEPS
+    assert recommend.fold_in_steps_for(ranking, sparse) == recommend.FOLD_IN_STEPS_SPARSE > recommend.FOLD_IN_STEPS
+    assert recommend.fold_in_steps_for({"prior_user_pairs": 0}, sparse) == recommend.FOLD_IN_STEPS  # no reference: as ML-1M
     with_empty = np.concatenate([[0], np.cumsum(np.r_[np.full(50, 120), np.zeros(500, dtype=int)])])
-    assert recommend.fold_in_schedule(ranking, with_empty) == dense_schedule  # users with none don't count
+    assert recommend.fold_in_steps_for(ranking, with_empty) == recommend.FOLD_IN_STEPS  # users with none don't count
