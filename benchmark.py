@@ -375,7 +375,8 @@ def run(args):
                           else ("event-weights", studies.weights_study) if args.weights_study
                           else ("sizes", studies.sizes) if args.sizes
                           else ("shared-accounts", studies.shared_accounts) if args.shared_accounts
-                          else ("ranking", ranking_peers) if args.task == "ranking" else ("peers", rating_peers))
+                          else (_per_dataset("ranking", args), ranking_peers) if args.task == "ranking"
+                          else (_per_dataset("peers", args), rating_peers))
         with tempfile.TemporaryDirectory(prefix="mfmixtaste-cut-") as scratch:  # MovieLens may not be kept
             section += cut_users(args, scratch)
             report = study(args)
@@ -386,8 +387,8 @@ def run(args):
 
 
 def _per_dataset(section, args):
-    """A study's section for ML-1M, or its own section for another dataset (Beauty's fold-in
-    beside ML-1M's, not over it)."""
+    """A table's or study's section for ML-1M, or its own section for another dataset (Beauty's
+    ranking table or fold-in beside ML-1M's, not over it)."""
     return section if args.dataset == "ml-1m" else f"{section}-{loader.dataset_name(args.dataset)}"
 
 

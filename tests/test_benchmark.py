@@ -31,7 +31,7 @@ def test_baseline_rows_are_measured_and_ordered(tmp_path, synthetic_ml100k):
     done, output = run_benchmark(tmp_path, synthetic_ml100k, "global_mean,bias_only")
     assert done.returncode == 0, done.stderr[-2000:]
     report = output.read_text()
-    assert "<!-- peers:begin -->" in report and "Machine:" in report
+    assert "<!-- peers-ml-100k:begin -->" in report and "Machine:" in report
     assert "--only=global_mean,bias_only" in report
     assert table_mse(report, "biases only (user + item)") < table_mse(report, "global mean")
     assert "replaced script" not in report  # its published figures are ML-1M's: beside no other set
@@ -115,12 +115,14 @@ def test_a_failed_row_reports_its_own_error_not_the_memory_line():
 
 def test_ranking_rows_are_measured_and_the_ml_1m_table_stays_with_ml_1m(tmp_path, synthetic_ml100k):
     output = tmp_path / "bench.md"
+    benchmark.write_section(output, "ranking", "ML-1M's ranking table\n")  # another set's table: not overwritten
     done = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--task=ranking",
                            "--dataset=ml-100k", f"--data_dir={synthetic_ml100k}", "--only=pop,ease,als",
                            f"--output={output}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = output.read_text()
-    assert "<!-- ranking:begin -->" in report and "Machine:" in report
+    assert "<!-- ranking-ml-100k:begin -->" in report and "Machine:" in report
+    assert "<!-- ranking:begin -->\nML-1M's ranking table\n<!-- ranking:end -->" in report
     for label in ("popularity", "EASE (closed form)"):
         row = next(line for line in report.splitlines() if line.startswith(f"| {label} "))
         ndcg, recall = (float(x) for x in row.split("|")[2:4])
