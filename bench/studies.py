@@ -1096,6 +1096,7 @@ def _fold_in_ranking(args, ratings, rows, cfg, seed):
     trained_a, trained_b = run["a"], run["b"]
     trained_a.fold_in_steps = args.fold_in_steps or trained_a.fold_in_steps
     ids = trained_a.item_ids
+    known_items = set(ids)  # run A's items: a test item outside them cannot be ranked
     test = {}
     for u, i in zip(raw_user[held_rows[~given]], raw_item[held_rows[~given]]):
         test.setdefault(u, set()).add(i)
@@ -1140,7 +1141,7 @@ def _fold_in_ranking(args, ratings, rows, cfg, seed):
         given_x = csr_matrix((np.ones(len(chosen), dtype=np.float32),
                               (given_rows, chosen_items)), shape=(len(users_here), len(ids)))
         given_x.data[:] = 1.0
-        truth = [{i for i in test.get(u, ()) if i in set(ids)} for u in users_here]
+        truth = [{i for i in test.get(u, ()) if i in known_items} for u in users_here]
         truth_rows = [set(loader.positions(ids, np.array(sorted(t), dtype=ids.dtype))[0]) if t else set() for t in truth]
         found = {"fold": _ndcg(torch.from_numpy(scores), given_x, truth_rows),
                  "ease": _ndcg(torch.from_numpy(np.asarray(given_x @ best_weights)), given_x, truth_rows),

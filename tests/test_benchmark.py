@@ -506,6 +506,6 @@ def test_the_fold_in_studys_held_out_users_follow_their_seed():
 def test_fold_in_seeds_that_are_not_numbers_are_one_line(tmp_path, synthetic_ml100k):
     done = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--fold_in", "--fold_in_seeds=0,one",
                            f"--data_dir={synthetic_ml100k}", "--dataset=ml-100k", f"--output={tmp_path / 'b.md'}"],
-                          capture_output=True, text=True, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode != 0 and "--fold_in_seeds=0,one: give whole numbers" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "b.md").exists()
