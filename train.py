@@ -142,7 +142,7 @@ DEFAULTS = {k: v for k, v in globals().items()
 RANKING_DEFAULTS = dict(test_fraction=0.1, val_fraction=0.1, split_seed=2020, dim=0, n_tastes=2,
                         prior_per="pair", prior_user_pairs=100, prior_tastes=0.07, share_taste_prior=True,
                         prior_attention=0.05, prior_items=0.03, prior_biases=0.0, lr=0.03, lr_decay=0.7,
-                        lr_steps=24, batch_size=0, epochs=15, patience=3, eval_every=5)
+                        lr_steps=24, batch_size=0, epochs=15, patience=3, eval_every=8)
 # What a dataset given by path changes (an explicit --key=value still wins): RecBole's ML-1M protocol
 # is MovieLens's; a file is used as it is, every row an interaction (docs/data.md).
 FILE_DEFAULTS = dict(ranking_min_rating=float("-inf"), ranking_core=1)
