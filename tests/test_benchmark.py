@@ -365,6 +365,13 @@ def test_the_speed_bar_is_the_median_of_interleaved_pairs(monkeypatch, tmp_path)
     assert benchmark.speed_pairs(first[:1], "svd", lambda r: r["fit_seconds"], args, tmp_path) == []
 
 
+def test_the_bar_against_ease_with_its_search_is_our_time_over_its_and_needs_both_rows():
+    lines = benchmark.versus_ease_search({"mfmixtaste": {"wall": 10.0}, "ease": {"wall": 25.0}})
+    assert "(25.0 s): 0.40 times (target: at most 1)" in lines[-1]
+    assert benchmark.versus_ease_search({"mfmixtaste": {"wall": 10.0}}) == []
+    assert benchmark.versus_ease_search({"ease": {"wall": 25.0}}) == []
+
+
 def test_the_generator_has_the_marginals_of_real_sets_and_writes_a_file_the_loader_reads(tmp_path):
     users, items, ratings, times = (np.concatenate(parts) for parts in
                                     zip(*studies.synthetic_interactions(3000, 2000, 100_000, seed=2, block=50_000)))
