@@ -90,17 +90,15 @@ def row_bias_only(dataset, data_dir, columns=""):
 
 # Surprise's SVD and SVD++ searched on validation as the ranking peers are (grid_search): SVD over
 # its factors, L2, learning rate and epochs (its defaults 100, 0.02, 0.005, 20 inside; the low rates
-# and long runs because the ML-100K-sized cut chose lr 0.002 at 160 epochs, both edges, before them).
-# SVD++ over the same knobs: where the training part has at most SVDPP_SMALL's rows (the cut: 24 s a
-# fit at 40 epochs), TPE within its budget, then the best's neighbourhood (at most 3x the budget);
-# above, by TPE alone within SURPRISE_BUDGETS (ML-1M: about 5 minutes a fit at 40 epochs on 2
-# cores, so six settings are half an hour).
+# and long runs because the ML-100K-sized cut chose lr 0.002 at 160 epochs, both edges, before them;
+# ML-1M then chose 10 factors at lr 0.001 for 320 epochs, and beyond those edges validation is no
+# better: docs/rating.md). SVD++ (about 5 minutes a fit on ML-1M at 40 epochs, one thread) by TPE
+# alone within SURPRISE_BUDGETS: a neighbourhood round of its four knobs is up to 80 fits.
 SURPRISE_GRIDS = {"svd": {"n_factors": (10, 25, 50, 100, 200), "reg_all": (0.01, 0.02, 0.05, 0.1, 0.2),
                           "lr_all": (0.001, 0.002, 0.005, 0.01, 0.02), "n_epochs": (10, 20, 40, 80, 160, 320)},
-                  "svdpp": {"n_factors": (10, 20, 50), "reg_all": (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
-                            "lr_all": (0.001, 0.003, 0.007, 0.015), "n_epochs": (10, 20, 40, 80, 160)}}
+                  "svdpp": {"n_factors": (10, 20, 50), "reg_all": (0.005, 0.01, 0.02, 0.05, 0.1),
+                            "lr_all": (0.003, 0.007, 0.015), "n_epochs": (10, 20, 40)}}
 SURPRISE_BUDGETS = {"svd": 30, "svdpp": 6}
-SVDPP_SMALL = (200_000, 12)  # at most this many training rows: this budget, and the climb
 
 
 def row_surprise(dataset, data_dir, algorithm, columns="", choices="", fixed=None):
@@ -136,9 +134,7 @@ def row_surprise(dataset, data_dir, algorithm, columns="", choices="", fixed=Non
         return -metrics(predict(model, val), r.ratings[val])["mse"], model
 
     grid = SURPRISE_GRIDS[algorithm] if fixed is None else {name: (value,) for name, value in fixed.items()}
-    small = algorithm == "svdpp" and len(train) <= SVDPP_SMALL[0]
-    budget, climb = (SVDPP_SMALL[1], True) if small else (SURPRISE_BUDGETS[algorithm], algorithm == "svd")
-    val_score, setting, model, fits = grid_search(grid, score, budget, climb)
+    val_score, setting, model, fits = grid_search(grid, score, SURPRISE_BUDGETS[algorithm], climb=algorithm == "svd")
     if choices:
         record_setting(choices, algorithm, setting)
     seeds = [metrics(predict(model, test), r.ratings[test])]
@@ -322,7 +318,7 @@ GRIDS = {"pop": {},
                  "alpha": (0.1, 0.3, 1.0, 5.0, 20.0, 50.0), "iterations": (2, 5, 15, 30, 60, 120)},
          "bpr": {"factors": (64,), "learning_rate": (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
                  "regularization": (0.0, 0.00001, 0.0001, 0.001, 0.01, 0.1), "iterations": (50, 100, 300, 1000)}}
-# Settings scored: TPE, then the best's neighbourhood (at most 3x the budget in all); BPR by TPE
+# Settings scored: TPE, then the best's neighbourhood (rounds begun while under 3x the budget); BPR by TPE
 # alone within 12 (NO_CLIMB: up to 117 s a fit on ML-1M at 1,000 iterations, 26 neighbours a round).
 BUDGETS = {"admmslim": 16, "als": 60, "bpr": 12}
 NO_CLIMB = ("bpr",)
@@ -335,8 +331,9 @@ def grid_search(grid, score, budget=None, climb=True):
     a larger one by Optuna's TPE sampler (seed 0, as tune.py searches ours) over the same values
     until budget distinct settings are scored, then from the best of them to the best of its
     whole neighbourhood (every axis one step either way or not at all, the diagonals too) while
-    that is better (climb; at most 3 x budget settings in all). Never one knob at a time: ALS's
-    factors and L2 interact, and a climb along one axis at a time from the grid's centre stopped
+    that is better (climb), round after round while fewer than 3 x budget settings are scored (a
+    round, once begun, scores its whole neighbourhood: up to 3^axes - 1 settings). Never one knob
+    at a time: ALS's factors and L2 interact, and a climb along one axis at a time from the grid's centre stopped
     at factors 16 on ML-100K where the grid's best was 32 (issue 48). Only the best result is
     kept (an EASE fit on 18k items holds 1.3 GB).
     -> (best value, best setting, its result, the number of settings scored)."""
