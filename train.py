@@ -381,12 +381,14 @@ def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, t
     Rank 0 reads it and sends it to the others (every rank evaluates the same model without a
     shared disk), then writes the run data, pictures and results, summary.json last (a run
     interrupted before it resumes at this stage; one that has it is finished)."""
-    if idist.get_rank() == 0:
-        Checkpoint.load_objects({"model": model}, runs.read_checkpoint(best_file))
-    if idist.get_world_size() > 1:
-        for tensor in model.state_dict().values():
-            idist.broadcast(tensor, src=0)
     best = runs.chosen_row(history.rows, task)
+    if best["epoch"] != epochs_run:  # else the model in memory is the chosen one: a second copy
+        # of it read from disk (0.45 GB at ML-25M's shape) was the run's peak memory (issue 46)
+        if idist.get_rank() == 0:
+            Checkpoint.load_objects({"model": model}, runs.read_checkpoint(best_file))
+        if idist.get_world_size() > 1:
+            for tensor in model.state_dict().values():
+                idist.broadcast(tensor, src=0)
     known = {f"{s}_{m}": best[f"{s}_{m}"] for s in ("test", "val") if f"{s}_{task.choose_by}" in best
              for m in task.metric_names}  # the chosen epoch's own figures: not evaluated again
     missing = [s for s in ("test", "val", "train") if f"{s}_{task.choose_by}" not in known and s in task.eval_batches]

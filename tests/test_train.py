@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -114,6 +115,26 @@ def test_resume_continues_to_the_same_model_as_an_uninterrupted_run(tmp_path, sy
             assert abs(float(a[key]) - float(b[key])) < 1e-6, (a["epoch"], key)
     summary = json.loads((tmp_path / "results" / "split" / "summary.json").read_text())
     assert summary["epochs_run"] == 4 and summary["hyperparameters"]["batch_size"] == 512
+
+
+def test_the_end_reads_the_chosen_model_from_disk_only_when_it_is_not_the_last_epochs(tmp_path, synthetic_ml100k, monkeypatch):
+    """The model in memory after the last epoch is that epoch's: reading its checkpoint again
+    only doubled the run's peak memory at the end (issue 46). An earlier chosen epoch is read."""
+    import runs
+    import train
+    reads, read_checkpoint = [], runs.read_checkpoint
+    monkeypatch.setattr(runs, "read_checkpoint", lambda path: reads.append(Path(path).name) or read_checkpoint(path))
+    args = ["--dataset=ml-100k", f"--data_dir={synthetic_ml100k}", "--download=False", "--progress=False",
+            "--batch_size=512", "--dim=8", "--n_tastes=3", "--epochs=3", "--patience=0", "--lr_decay=0",
+            f"--runs_dir={tmp_path / 'runs'}", f"--results_dir={tmp_path / 'results'}"]
+    for name, lr, chosen in (("last", 0.3, 3), ("earlier", 0.1, 1)):  # lr 0.1 overshoots after epoch 1 here
+        reads.clear()
+        assert train.main(args + [f"--run_name={name}", f"--lr={lr}"]) == 0
+        summary = json.loads((tmp_path / "results" / name / "summary.json").read_text())
+        assert summary["best_epoch"] == chosen
+        assert any(r.startswith("best_model") for r in reads) == (chosen != 3), reads
+        rows = read_csv(tmp_path / "results" / name / "metrics.csv")
+        assert summary["test_mse"] == pytest.approx(float(rows[chosen - 1]["test_mse"]))
 
 
 def test_resume_refuses_settings_its_checkpoint_fixes(tmp_path, synthetic_ml100k):
