@@ -379,8 +379,9 @@ def save_and_resume(cfg, to_save, run_dir, started, task):
 def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, tb_logger, wall_seconds):
     """The final figures: the best-by-validation model on every split its epoch did not evaluate.
     Rank 0 reads it and sends it to the others (every rank evaluates the same model without a
-    shared disk), then writes the run data, pictures and results, summary.json last (a run
-    interrupted before it resumes at this stage; one that has it is finished)."""
+    shared disk), unless it is the last epoch's, in memory already; then rank 0 writes the run
+    data, pictures and results, summary.json last (a run interrupted before it resumes at this
+    stage; one that has it is finished)."""
     best = runs.chosen_row(history.rows, task)
     if best["epoch"] != epochs_run:  # else the model in memory is the chosen one: a second copy
         # of it read from disk (0.45 GB at ML-25M's shape) was the run's peak memory (issue 46)
