@@ -333,9 +333,9 @@ def grid_search(grid, score, budget=None, climb=True):
     whole neighbourhood (every axis one step either way or not at all, the diagonals too) while
     that is better (climb), round after round while fewer than 3 x budget settings are scored (a
     round, once begun, scores its whole neighbourhood: up to 3^axes - 1 settings). Never one knob
-    at a time: ALS's factors and L2 interact, and a climb along one axis at a time from the grid's centre stopped
-    at factors 16 on ML-100K where the grid's best was 32 (issue 48). Only the best result is
-    kept (an EASE fit on 18k items holds 1.3 GB).
+    at a time: ALS's factors and L2 interact, and a climb along one axis at a time from the
+    grid's centre stopped at factors 16 on ML-100K where the grid's best was 32 (issue 48). Only
+    the best result is kept (an EASE fit on 18k items holds 1.3 GB).
     -> (best value, best setting, its result, the number of settings scored)."""
     import itertools
 
