@@ -244,9 +244,9 @@ def _sum_of_outer(coefficients, vectors, out=None):
 
 def native_bfloat16(device):
     """Whether the device computes bfloat16 matrix products natively, so that the full-softmax
-    products (training's, and a fold-in's in recommend.py) run under bfloat16 autocast: on this
-    project's 2-core CPU with AVX512-BF16 they take a fifth of their float32 time. Where bfloat16
-    is emulated it is slower than float32."""
+    products of training may run under bfloat16 autocast: on an AMD EPYC with AVX512-BF16 they
+    take a fifth of their float32 time. Where bfloat16 is emulated it is slower than float32;
+    where it is native a CPU's float32 can still be faster (tasks.bfloat16_products measures)."""
     device = torch.device(device)
     if device.type == "cuda":
         # Native bfloat16 matrix units from compute capability 8 (Ampere) on. torch's

@@ -13,7 +13,9 @@ evaluators and their metrics, and which validation metric chooses the epoch.
 """
 
 import math
+import time
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -287,7 +289,9 @@ class RankingTask:
                              for split in ("val", "test") if self.counts[f"n_{split}"]}  # none: a fraction of 0
         self.device, self.world_size = device, world_size
         self.n_interactions = len(data)
-        self.bfloat16 = bfloat16_products(cfg, torch.device(device))
+        self.bfloat16 = bfloat16_products(cfg, torch.device(device), described=self.described,
+                                          shape=(self.batch_size * 2 * cfg["n_tastes"], self.dim,
+                                                 self.softmax_items or self.n_items))
         self.share_taste_prior = cfg["share_taste_prior"]
 
     def loss(self, model, batch):
@@ -503,18 +507,56 @@ def sampled_log_softmax(scores, positive_scores, position, items, columns, draws
     return positive_scores - log_normaliser[position]                             # (P,)
 
 
-def bfloat16_products(cfg, device):
+# "auto" trains in bfloat16 on a CPU only where the step's matrix product runs at least this many
+# times faster in it than in float32, measured (bfloat16_speedup): native bfloat16 instructions
+# alone do not say it. On an AMD EPYC with AVX512-BF16 the products took a fifth of their float32
+# time; on an Intel Xeon with AVX512-BF16 (its AMX hidden by the hypervisor) 1.7x their float32
+# time, whose products MKL runs at full AVX-512 speed: there bfloat16 made ML-1M's whole run 16%
+# slower and its peak memory 55% larger (docs/speed.md).
+BFLOAT16_SPEEDUP = 1.25
+
+
+def bfloat16_products(cfg, device, shape=(1024, 160, 3123), described=None):
     """Whether the ranking task's training forward runs under bfloat16 autocast (train.py's
     mixed_precision). Its full-softmax step is matrix products, every user of the batch against
-    every item (ML-1M: 1024 x 128 by 128 x 3123, forward and backward): on this project's 2-core
-    CPU with AVX512-BF16 they take a fifth of their float32 time, and a whole run 30% less, at
-    the same validation NDCG@10 (docs/ranking.md). Where bfloat16 is emulated it is slower than
-    float32, so "auto" asks the hardware of the run's own device."""
+    every item (ML-1M: 1024 x 160 by 160 x 3123, forward and backward). Where bfloat16 is emulated
+    it is slower than float32, so "auto" asks the hardware of the run's own device: a GPU by its
+    compute capability, a CPU by its instructions and then by timing the product of the step's
+    shape (rows, d, columns) both ways (BFLOAT16_SPEEDUP). described: a list the measured choice
+    is said in. Every process of a distributed run takes rank 0's choice, so all train alike."""
     if cfg["mixed_precision"] != "auto":
         return cfg["mixed_precision"] == "bfloat16"
     if cfg["loss"] != "softmax":  # the sampled losses run through the fused node, in float32
         return False
-    return native_bfloat16(device)
+    if not native_bfloat16(device):
+        return False
+    if torch.device(device).type != "cpu":
+        return True
+    speedup = bfloat16_speedup(*shape)
+    chosen = bool(idist.broadcast(torch.tensor(int(speedup >= BFLOAT16_SPEEDUP)), src=0).item())
+    if described is not None:
+        described.append(f"training products in {'bfloat16' if chosen else 'float32'}: bfloat16's ran "
+                         f"{speedup:.2f}x float32's speed on this CPU (auto takes it from {BFLOAT16_SPEEDUP}x)")
+    return chosen
+
+
+def bfloat16_speedup(rows, dim, columns, repeats=5):
+    """float32's time over bfloat16's for a (rows, dim) by (dim, columns) matrix product on this
+    CPU: the best of repeats of each, alternated so that a moment of the machine's drift weighs
+    on both; rows and columns capped (1024, 4096) to keep the measurement near 0.1 s. The
+    operands come from a generator of their own: the run's seeded draws are not touched."""
+    generator = torch.Generator().manual_seed(0)
+    left = torch.rand(min(rows, 1024), dim, generator=generator)
+    right = torch.rand(min(columns, 4096), dim, generator=generator)
+    operands = {dtype: (left.to(dtype), right.T.contiguous().to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(operands, math.inf)
+    for repeat in range(repeats + 1):
+        for dtype, (a, b) in operands.items():
+            start = time.perf_counter()
+            a @ b
+            if repeat:  # the first of each builds its kernel
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.bfloat16]
 
 
 def batch_size_for(cfg, n_train, steps=AUTO_BATCH_STEPS, most=AUTO_BATCH_MOST, least=1, most_steps=None):

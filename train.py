@@ -121,7 +121,7 @@ test_curve = True          # also score the test set after every epoch, for its 
 eval_every = 1             # evaluate every this many epochs, and after the last; the model is chosen among those
 mixed_precision = "auto"   # "bfloat16": the training forward under torch.autocast (matrix products in bf16, weights,
                            # optimiser and evaluation in fp32); "off"; "auto": bfloat16 for the full-softmax ranking
-                           # loss where the device computes bf16 natively (CPU with AVX512-BF16 or AMX, CUDA)
+                           # loss where the device computes bf16 natively (CUDA; a CPU where it also ran faster)
 eval_batch_size = 16384    # ratings per evaluation batch (temporaries under 32 MB, see keep_freed_memory); ranking: /16 users
 # system
 seed = 0                   # seeds initialisation and shuffling; the same seed gives the same run
@@ -239,8 +239,9 @@ def open_run(cfg, device):
             loader.read_items(cfg["dataset"], cfg["data_dir"], cfg["items"])
     task = TASKS[cfg["task"]](cfg, ratings, device, rank, world_size)
     # The d the task trains (the ranking task's dim=0: from the data) goes into the run's config,
-    # which a resumed run and recommend.py then read.
-    cfg["dim"] = task.dim
+    # which a resumed run and recommend.py then read; so does what mixed_precision="auto" chose
+    # (on a CPU, measured: a resumed run trains in the precision it began in).
+    cfg["dim"], cfg["mixed_precision"] = task.dim, "bfloat16" if task.bfloat16 else "off"
     return run_dir, results, task
 
 

@@ -347,6 +347,58 @@ def test_auto_mixed_precision_asks_the_runs_own_gpu_for_native_bfloat16(monkeypa
     assert asked in ([], [torch.device("cuda:1")])
 
 
+@pytest.mark.parametrize("speedup,chosen", [(0.57, False), (1.2, False), (1.3, True), (5.0, True)])
+def test_auto_mixed_precision_on_a_cpu_takes_bfloat16_only_where_it_measured_faster(monkeypatch, speedup, chosen):
+    """A CPU with native bfloat16 instructions can still run float32's products faster (an Intel
+    Xeon whose AMX is hidden: bfloat16 at 0.57x): "auto" times the step's product both ways and
+    takes bfloat16 only from BFLOAT16_SPEEDUP on, and says what it measured."""
+    import torch
+
+    import tasks
+    monkeypatch.setattr(tasks, "native_bfloat16", lambda device: True)
+    shapes = []
+    monkeypatch.setattr(tasks, "bfloat16_speedup", lambda *shape: shapes.append(shape) or speedup)
+    described = []
+    cfg = {"mixed_precision": "auto", "loss": "softmax"}
+    assert tasks.bfloat16_products(cfg, torch.device("cpu"), shape=(1024, 160, 3123), described=described) is chosen
+    assert shapes == [(1024, 160, 3123)]
+    assert described == [f"training products in {'bfloat16' if chosen else 'float32'}: bfloat16's ran "
+                         f"{speedup:.2f}x float32's speed on this CPU (auto takes it from 1.25x)"]
+    # An explicit choice, or a loss that is not the softmax, measures nothing.
+    assert tasks.bfloat16_products({**cfg, "mixed_precision": "off"}, torch.device("cpu")) is False
+    assert tasks.bfloat16_products({**cfg, "loss": "bpr"}, torch.device("cpu")) is False
+    assert len(shapes) == 1
+
+
+def test_a_resumed_run_trains_in_the_precision_auto_chose_when_it_began(tmp_path, synthetic_ml100k, monkeypatch):
+    """auto's choice on a CPU is a measurement, which another moment (or machine) could answer
+    otherwise: config.json keeps what was chosen, and --resume trains on in it."""
+    monkeypatch.setattr(tasks, "native_bfloat16", lambda device: True)
+    args = ["--task=ranking", "--dataset=ml-100k", f"--data_dir={synthetic_ml100k}", "--download=False",
+            "--progress=False", "--dim=8", "--batch_size=32", "--ranking_core=10", "--patience=0",
+            "--lr_decay=0", "--eval_every=1", "--run_name=auto", f"--runs_dir={tmp_path / 'runs'}",
+            f"--results_dir={tmp_path / 'results'}"]
+    monkeypatch.setattr(tasks, "bfloat16_speedup", lambda *shape: 3.0)
+    assert train.main(args + ["--epochs=1"]) == 0
+    run_dir = tmp_path / "runs" / "auto"
+    assert json.loads((run_dir / "config.json").read_text())["mixed_precision"] == "bfloat16"
+    monkeypatch.setattr(tasks, "bfloat16_speedup", lambda *shape: 0.5)  # now float32 measures faster
+    assert train.main([f"--resume={run_dir}", "--epochs=2"]) == 0
+    summary = json.loads((tmp_path / "results" / "auto" / "summary.json").read_text())
+    assert summary["epochs_run"] == 2 and summary["training_products"] == "bfloat16"
+
+
+def test_timing_bfloat16_leaves_the_runs_seeded_draws_alone():
+    import torch
+
+    import tasks
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    speedup = tasks.bfloat16_speedup(64, 8, 100, repeats=1)
+    assert torch.equal(torch.rand(4), expected) and speedup > 0
+
+
 def test_the_softmax_loss_batch_keeps_an_epoch_to_24_steps_within_its_memory_bound(tmp_path):
     def users_per_step(n_users, n_items, **cfg):
         return tasks.batch_size_for({"batch_size": 0, **cfg}, n_users, tasks.RANKING_BATCH_STEPS,
