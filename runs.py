@@ -815,7 +815,9 @@ def write_projector(writer, run_dir, item_vectors, movies, seen_items):
     replaces its entry instead of adding a second one beside it. Above PROJECTOR_ITEMS items,
     the PROJECTOR_ITEMS with the most interactions (seen_items: the item of each), in item order: the
     projector's file is text (ML-25M's 59,047 x 160 took 14 s to write, 100 MB for a browser
-    to load)."""
+    to load). item_vectors as a numpy array: tensorboardX writes them one number at a time, and
+    a numpy row's numbers come out in half the time of a tensor's (ML-1M: 0.49 s against 0.88 s),
+    the same text."""
     shutil.rmtree(run_dir / "00000" / "item_embeddings", ignore_errors=True)
     (run_dir / "projector_config.pbtxt").unlink(missing_ok=True)
     shown = np.arange(len(item_vectors))

@@ -402,7 +402,7 @@ def finish(cfg, task, model, best_file, history, epochs_run, run_dir, results, t
     trained = getattr(model, "module", model)
     with runs.saving_into(run_dir, run_dir, tb_logger):
         movies = runs.save_run_data(run_dir, task, cfg)
-        runs.write_projector(tb_logger.writer, run_dir, trained.item_factors.detach().cpu(), movies, task.seen[1])
+        runs.write_projector(tb_logger.writer, run_dir, trained.item_factors.detach().cpu().numpy(), movies, task.seen[1])
         tb_logger.writer.add_hparams({k: v if not isinstance(v, float) or math.isfinite(v) else str(v)  # -inf: a
                                       for k, v in cfg.items() if k not in ("resume",)},  # file's ranking_min_rating
                                      {f"hparam/{k}": v for k, v in final.items()}, name="hparams")
