@@ -290,8 +290,8 @@ class RankingTask:
         self.device, self.world_size = device, world_size
         self.n_interactions = len(data)
         self.bfloat16 = bfloat16_products(cfg, torch.device(device), described=self.described,
-                                          shape=(self.batch_size * 2 * cfg["n_tastes"], self.dim,
-                                                 self.softmax_items or self.n_items))
+                                          shape=None if self.softmax_items else
+                                          (self.batch_size * 2 * cfg["n_tastes"], self.dim, self.n_items))
         self.share_taste_prior = cfg["share_taste_prior"]
 
     def loss(self, model, batch):
@@ -516,13 +516,16 @@ def sampled_log_softmax(scores, positive_scores, position, items, columns, draws
 BFLOAT16_SPEEDUP = 1.25
 
 
-def bfloat16_products(cfg, device, shape=(1024, 160, 3123), described=None):
+def bfloat16_products(cfg, device, shape=None, described=None):
     """Whether the ranking task's training forward runs under bfloat16 autocast (train.py's
     mixed_precision). Its full-softmax step is matrix products, every user of the batch against
     every item (ML-1M: 1024 x 160 by 160 x 3123, forward and backward). Where bfloat16 is emulated
     it is slower than float32, so "auto" asks the hardware of the run's own device: a GPU by its
-    compute capability, a CPU by its instructions and then by timing the product of the step's
-    shape (rows, d, columns) both ways (BFLOAT16_SPEEDUP). described: a list the measured choice
+    compute capability, a CPU by its instructions and, given the step's shape (rows, d, columns),
+    by timing its product both ways (BFLOAT16_SPEEDUP). shape None: a sampled softmax's step,
+    whose memory rather than its products bounds the run: bfloat16, which halves its largest
+    tensors, is kept wherever native (ML-25M's shape on the Intel Xeon: float32's steps 13%
+    faster, its peak over the 6 GB bound; docs/scale.md). described: a list the measured choice
     is said in. Every process of a distributed run takes rank 0's choice, so all train alike."""
     if cfg["mixed_precision"] != "auto":
         return cfg["mixed_precision"] == "bfloat16"
@@ -530,7 +533,7 @@ def bfloat16_products(cfg, device, shape=(1024, 160, 3123), described=None):
         return False
     if not native_bfloat16(device):
         return False
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" or shape is None:
         return True
     speedup = bfloat16_speedup(*shape)
     chosen = bool(idist.broadcast(torch.tensor(int(speedup >= BFLOAT16_SPEEDUP)), src=0).item())

@@ -364,9 +364,11 @@ def test_auto_mixed_precision_on_a_cpu_takes_bfloat16_only_where_it_measured_fas
     assert shapes == [(1024, 160, 3123)]
     assert described == [f"training products in {'bfloat16' if chosen else 'float32'}: bfloat16's ran "
                          f"{speedup:.2f}x float32's speed on this CPU (auto takes it from 1.25x)"]
-    # An explicit choice, or a loss that is not the softmax, measures nothing.
+    # An explicit choice, or a loss that is not the softmax, measures nothing; nor does a sampled
+    # softmax's step (no shape given), bound by its memory: bfloat16 wherever native.
     assert tasks.bfloat16_products({**cfg, "mixed_precision": "off"}, torch.device("cpu")) is False
     assert tasks.bfloat16_products({**cfg, "loss": "bpr"}, torch.device("cpu")) is False
+    assert tasks.bfloat16_products(cfg, torch.device("cpu")) is True
     assert len(shapes) == 1
 
 
