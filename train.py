@@ -121,7 +121,7 @@ test_curve = True          # also score the test set after every epoch, for its 
 eval_every = 1             # evaluate every this many epochs, and after the last; the model is chosen among those
 mixed_precision = "auto"   # "bfloat16": the training forward under torch.autocast (matrix products in bf16, weights,
                            # optimiser and evaluation in fp32); "off"; "auto": bfloat16 for the full-softmax ranking
-                           # loss where the device computes bf16 natively (CUDA; a CPU where it also ran faster)
+                           # loss where the device computes bf16 natively (CUDA; a CPU: if measured faster, or sampled)
 eval_batch_size = 16384    # ratings per evaluation batch (temporaries under 32 MB, see keep_freed_memory); ranking: /16 users
 # system
 seed = 0                   # seeds initialisation and shuffling; the same seed gives the same run
