@@ -525,7 +525,7 @@ def bfloat16_products(cfg, device, shape=None, described=None):
     by timing its product both ways (BFLOAT16_SPEEDUP). shape None: a sampled softmax's step,
     whose memory rather than its products bounds the run: bfloat16, which halves its largest
     tensors, is kept wherever native (ML-25M's shape on the Intel Xeon: float32's steps 13%
-    faster, its peak over the 6 GB bound; docs/scale.md). described: a list the measured choice
+    faster in isolation, 4% in the whole run, its peak over the 6 GB bound; docs/scale.md). described: a list the measured choice
     is said in. Every process of a distributed run takes rank 0's choice, so all train alike."""
     if cfg["mixed_precision"] != "auto":
         return cfg["mixed_precision"] == "bfloat16"
