@@ -352,9 +352,6 @@ def test_auto_mixed_precision_on_a_cpu_takes_bfloat16_only_where_it_measured_fas
     """A CPU with native bfloat16 instructions can still run float32's products faster (an Intel
     Xeon whose AMX is hidden: bfloat16 at 0.57x): "auto" times the step's product both ways and
     takes bfloat16 only from BFLOAT16_SPEEDUP on, and says what it measured."""
-    import torch
-
-    import tasks
     monkeypatch.setattr(tasks, "native_bfloat16", lambda device: True)
     shapes = []
     monkeypatch.setattr(tasks, "bfloat16_speedup", lambda *shape: shapes.append(shape) or speedup)
@@ -391,9 +388,6 @@ def test_a_resumed_run_trains_in_the_precision_auto_chose_when_it_began(tmp_path
 
 
 def test_timing_bfloat16_leaves_the_runs_seeded_draws_alone():
-    import torch
-
-    import tasks
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)
