@@ -319,9 +319,18 @@ GRIDS = {"pop": {},
          "bpr": {"factors": (64,), "learning_rate": (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
                  "regularization": (0.0, 0.00001, 0.0001, 0.001, 0.01, 0.1), "iterations": (50, 100, 300, 1000)}}
 # Settings scored: TPE, then the best's neighbourhood (rounds begun while under 3x the budget); BPR by TPE
-# alone within 12 (NO_CLIMB: up to 117 s a fit on ML-1M at 1,000 iterations, 26 neighbours a round).
+# alone within 12 (NO_CLIMB: up to 117 s a fit on ML-1M at 1,000 iterations).
 BUDGETS = {"admmslim": 16, "als": 60, "bpr": 12}
 NO_CLIMB = ("bpr",)
+# ALS's and BPR's iterations are chosen along each fit, as our model's epoch is (fit_along): the
+# fit scored on validation after each count of their iterations axis, the best count kept, the fit
+# ended after PATIENCE counts without a better score (train.py's patience). implicit's factors after
+# N iterations of a longer fit are those of an N-iteration fit, to the bit (ALS; BPR on one thread:
+# tests/test_benchmark.py), so the axis costs one fit a setting, not one per count: over the whole
+# grid ALS's search on ML-1M climbed to 1,024 factors and 120 iterations, fits of 4 minutes, where
+# one fit scored along gives 0.2171 / 0.2165 / 0.2167 after 5 / 15 / 60 of them (issue 48).
+ALONG = ("als", "bpr")
+PATIENCE = 2
 SEEDS = (0, 1, 2)  # a stochastic peer's (ALS, BPR) chosen setting refitted at each: mean and spread
 
 
@@ -388,8 +397,9 @@ def grid_edges(grid, setting):
 
 def ranking_baseline(name, dataset, data_dir, columns="", split="random", choices=""):
     """Fit a baseline over its grid (GRIDS, searched by grid_search within BUDGETS) on the
-    training part, keep the setting with the best validation NDCG@k, and report its test figures
-    (training and validation items masked); a stochastic one (ALS, BPR) refitted at each of SEEDS,
+    training part, keep the setting with the best validation NDCG@k (ALS's and BPR's iterations
+    chosen along each fit: fit_along), and report its test figures (training and validation items
+    masked); a stochastic one (ALS, BPR) refitted at each of SEEDS,
     its figures their mean. split: train.py's --split, as the rows of ours take it. choices: a
     JSON file where each search leaves its choice (ease_single's L2 is the ease row's)."""
     task = ranking_task(dataset, data_dir, columns, split=split)
@@ -403,15 +413,25 @@ def ranking_baseline(name, dataset, data_dir, columns="", split="random", choice
             return None, {"skipped": "the implicit package is not installed: pip install implicit"}
         diverged = (ModelFitError,)
     grid = GRIDS[name] if name != "ease_single" else {"l2": (chosen_setting(choices, "ease")["l2"],)}
+    along = grid.get("iterations") if name in ALONG else None  # chosen along each fit, not searched
+
+    def validation(scorer):
+        return task.evaluate(scorer, "val")[f"ndcg@{task.k}"]
 
     def score(setting):
         try:
+            if along:
+                value, iterations, scorer = fit_along(name, X, setting, along, validation)
+                return value, (scorer, iterations)
             scorer = fit_ranking_baseline(name, X, setting)
         except diverged:
             return -np.inf, None
-        return task.evaluate(scorer, "val")[f"ndcg@{task.k}"], scorer
+        return validation(scorer), scorer
 
-    val, setting, scorer, fits = grid_search(grid, score, BUDGETS.get(name), climb=name not in NO_CLIMB)
+    searched = {k: v for k, v in grid.items() if not (along and k == "iterations")}
+    val, setting, scorer, fits = grid_search(searched, score, BUDGETS.get(name), climb=name not in NO_CLIMB)
+    if along:
+        scorer, setting["iterations"] = scorer
     if choices and name != "ease_single":
         record_setting(choices, name, setting)
     extra = {"chosen on val": ", ".join(f"{k}={v:g}" for k, v in setting.items()) or "-",
@@ -485,6 +505,58 @@ def admm_slim(X, l1, l2, alpha=0.5, rho=4000.0, iterations=50):
     return C
 
 
+class _Enough(Exception):
+    """Raised in implicit's per-iteration callback: the fit has stopped improving on validation."""
+
+
+def fit_along(name, X, setting, counts, validation, seed=0):
+    """One implicit fit (ALS, BPR) of setting (without its iterations) up to the last of counts,
+    scored by validation(scorer) -> value after each count of iterations (higher is better) and
+    ended after PATIENCE counts without a better one. -> (best value, its count of iterations,
+    its scorer); a value that is not finite counts as no better, and a fit that ends in NaN
+    factors (implicit's ModelFitError, BPR at too large a step) keeps its best count before them."""
+    from implicit.recommender_base import ModelFitError
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    best, threads = [-np.inf, None, None], threadpool_info()
+    misses = 0
+
+    def after_iteration(iteration, *_):  # ALS passes (iteration, seconds, loss); BPR two more
+        nonlocal misses
+        if iteration + 1 not in counts:
+            return
+        user_factors, item_factors = np.array(model.user_factors), np.array(model.item_factors)
+        scorer = Scorer(lambda users: user_factors[users] @ item_factors.T)
+        with threadpool_limits(threads):  # implicit's threads wait meanwhile: BLAS may use the cores
+            value = validation(scorer)
+        if np.isfinite(value) and value > best[0]:
+            best[:], misses = [value, iteration + 1, scorer], 0
+        else:
+            misses += 1
+            if misses >= PATIENCE:
+                raise _Enough
+
+    with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, BLAS single-threaded
+        model = implicit_model(name, {**setting, "iterations": max(counts)}, seed)
+        try:
+            model.fit(X, show_progress=False, callback=after_iteration)
+        except (_Enough, ModelFitError):
+            pass
+    return tuple(best)
+
+
+def implicit_model(name, setting, seed=0):
+    """implicit's CPU ALS or BPR at setting (its iterations included), unfitted."""
+    import implicit
+    if name == "als":
+        return implicit.cpu.als.AlternatingLeastSquares(
+            factors=setting["factors"], regularization=setting["regularization"],
+            alpha=setting["alpha"], iterations=setting["iterations"], random_state=seed)
+    return implicit.cpu.bpr.BayesianPersonalizedRanking(
+        factors=setting["factors"], learning_rate=setting["learning_rate"],
+        regularization=setting["regularization"], iterations=setting["iterations"], random_state=seed)
+
+
 def fit_ranking_baseline(name, X, setting, seed=0):
     if name == "pop":
         counts = np.asarray(X.sum(0)).ravel()
@@ -492,17 +564,9 @@ def fit_ranking_baseline(name, X, setting, seed=0):
     if name in ("ease", "ease_single", "admmslim"):  # item-item models: a user's scores are X_u B
         weights = admm_slim(X, setting["l1"], setting["l2"]) if name == "admmslim" else ease(X, setting["l2"])
         return Scorer(lambda users: X[users] @ weights)  # sparse rows times the dense weights: a few items each
-    import implicit
     from threadpoolctl import threadpool_limits
     with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, BLAS single-threaded
-        if name == "als":
-            model = implicit.cpu.als.AlternatingLeastSquares(
-                factors=setting["factors"], regularization=setting["regularization"],
-                alpha=setting["alpha"], iterations=setting["iterations"], random_state=seed)
-        else:
-            model = implicit.cpu.bpr.BayesianPersonalizedRanking(
-                factors=setting["factors"], learning_rate=setting["learning_rate"],
-                regularization=setting["regularization"], iterations=setting["iterations"], random_state=seed)
+        model = implicit_model(name, setting, seed)
         model.fit(X, show_progress=False)
     user_factors, item_factors = np.asarray(model.user_factors), np.asarray(model.item_factors)
     return Scorer(lambda users: user_factors[users] @ item_factors.T)

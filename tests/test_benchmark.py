@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import benchmark
 import loader
@@ -426,24 +427,80 @@ def test_a_choice_at_an_end_of_its_axis_is_an_edge_unless_the_axis_is_fixed_or_t
     assert peers.grid_edges(grid, {"factors": 16, "regularization": 0.1, "lr": 0.01}) == ["factors", "regularization"]
 
 
-def test_a_baseline_setting_that_diverges_scores_below_every_other(monkeypatch, synthetic_ml100k):
-    """implicit's BPR at too large a learning rate ends in NaN factors (ModelFitError, Amazon
-    Beauty at 1.0): the grid's climb then keeps the best setting that fitted, not a crash."""
-    pytest.importorskip("implicit")
-    from implicit.recommender_base import ModelFitError
-    fitted = []
+class _FakeImplicit:
+    """An implicit model's fit as fit_along meets it: its factors after each iteration, then the
+    callback; implicit's ModelFitError at the end of a fit whose factors went NaN. A user's score of
+    an item is user . item: every user's one factor good(iterations) ? 1 : -1, an item's its
+    training count, so validation NDCG is popularity's where good, its reverse's elsewhere."""
 
-    def fit(name, X, setting, seed=0):  # validation NDCG that rises with lr, until lr 0.03 diverges
-        if setting["learning_rate"] >= 0.03:
+    def __init__(self, setting, X, good, log, nan_at_end=False):
+        self.setting, self.good, self.log, self.nan_at_end = setting, good, log, nan_at_end
+        self.counts = np.asarray(X.sum(0)).ravel().astype(np.float32).reshape(-1, 1)
+
+    def fit(self, X, show_progress=False, callback=None):
+        from implicit.recommender_base import ModelFitError
+        for iteration in range(self.setting["iterations"]):
+            self.log.append((self.setting.get("learning_rate"), iteration + 1))
+            sign = 1.0 if self.good(self.setting, iteration + 1) else -1.0
+            self.user_factors, self.item_factors = np.full((X.shape[0], 1), sign, np.float32), self.counts
+            if callback:  # fit_along's; a refit at the chosen count has none
+                callback(iteration, 0.0, 0.0, 0)  # BPR's four arguments
+        if self.nan_at_end:
             raise ModelFitError("NaN encountered in factors")
-        fitted.append(setting["learning_rate"])
-        counts = np.asarray(X.sum(0)).ravel() * (setting["learning_rate"] >= 0.01)
-        return peers.Scorer(lambda users: np.broadcast_to(counts, (len(users), len(counts))))
 
-    monkeypatch.setattr(peers, "fit_ranking_baseline", fit)
+
+def test_bpr_chooses_its_iterations_along_one_fit(monkeypatch, synthetic_ml100k):
+    """BPR's (and ALS's) iterations: validation scored after each count of the grid's axis in one
+    fit, the best count kept, the fit ended after PATIENCE counts without a better one."""
+    pytest.importorskip("implicit")
+    X = peers.ranking_task("ml-100k", str(synthetic_ml100k)).training_matrix()
+    log = []
+
+    def good(setting, iterations):  # lr 0.01 good after 51 to 100 iterations; lr 0.001 never
+        return setting["learning_rate"] == 0.01 and 50 < iterations <= 100
+
+    monkeypatch.setattr(peers, "implicit_model", lambda name, setting, seed=0: _FakeImplicit(setting, X, good, log))
+    monkeypatch.setitem(peers.GRIDS, "bpr", {"factors": (8,), "learning_rate": (0.001, 0.01), "regularization": (0.0,),
+                                             "iterations": (50, 100, 300, 1000)})
     test, extra = peers.ranking_baseline("bpr", "ml-100k", str(synthetic_ml100k))
-    assert "learning_rate=0.01," in extra["chosen on val"] and 0 < test["ndcg@10"] <= 1
-    assert 0.01 in fitted and all(lr < 0.03 for lr in fitted)
+    assert extra["chosen on val"] == "factors=8, learning_rate=0.01, regularization=0, iterations=100"
+    assert extra["settings fitted"] == 2 and 0 < test["ndcg@10"] <= 1
+    ran = {lr: max(i for rate, i in log if rate == lr) for lr in (0.001, 0.01)}
+    # lr 0.01: better at 100, then 300 and 1000 no better (the whole fit); lr 0.001: its first
+    # count the best, then 100 and 300 no better: ended there, 700 iterations saved
+    assert ran == {0.01: 1000, 0.001: 300}
+
+
+def test_a_fit_that_ends_in_nan_factors_keeps_its_best_count_before_them(monkeypatch, synthetic_ml100k):
+    """implicit's BPR at too large a step ends in NaN factors, found after its last iteration
+    (ModelFitError, Amazon Beauty at lr 1.0): the count that scored best before is kept."""
+    pytest.importorskip("implicit")
+    X = peers.ranking_task("ml-100k", str(synthetic_ml100k)).training_matrix()
+    monkeypatch.setattr(peers, "implicit_model", lambda name, setting, seed=0: _FakeImplicit(
+        setting, X, lambda setting, iterations: True, [], nan_at_end=True))
+    values = iter([0.1, 0.3, 0.2])
+    value, iterations, scorer = peers.fit_along("bpr", X, {"learning_rate": 1.0}, (1, 2, 3), lambda scorer: next(values))
+    assert (value, iterations) == (0.3, 2) and scorer is not None
+
+
+def test_als_stopped_along_its_fit_is_the_fit_of_that_many_iterations(synthetic_ml100k):
+    """What lets the iterations axis be chosen along one fit: implicit's ALS after N iterations of
+    a longer fit is the N-iteration fit, to the bit (each half-step a deterministic solve)."""
+    pytest.importorskip("implicit")
+    task = peers.ranking_task("ml-100k", str(synthetic_ml100k))
+    X = task.training_matrix()
+    setting = {"factors": 8, "regularization": 1.0, "alpha": 5.0}
+    seen = []
+
+    def validation(scorer):  # the 5-iteration factors' scores are the best: later counts score less
+        seen.append(scorer.score_all(torch.arange(4)))
+        return -len(seen) + (2 if len(seen) == 2 else 0)
+
+    value, iterations, scorer = peers.fit_along("als", X, setting, (2, 5, 15, 30, 60), validation)
+    assert (iterations, len(seen)) == (5, 4)  # 2, 5, then 15 and 30 no better (PATIENCE): no 60
+    straight = peers.fit_ranking_baseline("als", X, {**setting, "iterations": 5})
+    assert torch.equal(scorer.score_all(torch.arange(4)), straight.score_all(torch.arange(4)))
+    assert not torch.equal(seen[0], seen[1])
 
 
 def test_the_one_fit_ease_row_fits_at_the_l2_its_search_chose_on_the_same_data(monkeypatch, synthetic_ml100k, tmp_path):
