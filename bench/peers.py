@@ -405,28 +405,22 @@ def ranking_baseline(name, dataset, data_dir, columns="", split="random", choice
     JSON file where each search leaves its choice (ease_single's L2 is the ease row's)."""
     task = ranking_task(dataset, data_dir, columns, split=split)
     X = task.training_matrix()
-    diverged = ()  # the errors that mean a setting diverged: it then scores below every other
     if name in ("als", "bpr"):
         try:
             import implicit
-            from implicit.recommender_base import ModelFitError  # SGD at too large a step: NaN factors
         except ImportError:
             return None, {"skipped": "the implicit package is not installed: pip install implicit"}
-        diverged = (ModelFitError,)
     grid = GRIDS[name] if name != "ease_single" else {"l2": (chosen_setting(choices, "ease")["l2"],)}
     along = grid.get("iterations") if name in ALONG else None  # chosen along each fit, not searched
 
     def validation(scorer):
         return task.evaluate(scorer, "val")[f"ndcg@{task.k}"]
 
-    def score(setting):
-        try:
-            if along:
-                value, iterations, scorer = fit_along(name, X, setting, along, validation)
-                return value, (scorer, iterations)
-            scorer = fit_ranking_baseline(name, X, setting)
-        except diverged:
-            return -np.inf, None
+    def score(setting):  # a fit that diverges (NaN factors) is fit_along's to handle
+        if along:
+            value, iterations, scorer = fit_along(name, X, setting, along, validation)
+            return value, (scorer, iterations)
+        scorer = fit_ranking_baseline(name, X, setting)
         return validation(scorer), scorer
 
     searched = {k: v for k, v in grid.items() if not (along and k == "iterations")}
@@ -519,11 +513,10 @@ def fit_along(name, X, setting, counts, validation, seed=0):
     from implicit.recommender_base import ModelFitError
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    best, threads = [-np.inf, None, None], threadpool_info()
-    misses = 0
+    best, misses, threads = (-np.inf, None, None), 0, threadpool_info()
 
     def after_iteration(iteration, *_):  # ALS passes (iteration, seconds, loss); BPR two more
-        nonlocal misses
+        nonlocal best, misses
         if iteration + 1 not in counts:
             return
         user_factors, item_factors = np.array(model.user_factors), np.array(model.item_factors)
@@ -531,7 +524,7 @@ def fit_along(name, X, setting, counts, validation, seed=0):
         with threadpool_limits(threads):  # implicit's threads wait meanwhile: BLAS may use the cores
             value = validation(scorer)
         if np.isfinite(value) and value > best[0]:
-            best[:], misses = [value, iteration + 1, scorer], 0
+            best, misses = (value, iteration + 1, scorer), 0
         else:
             misses += 1
             if misses >= PATIENCE:
@@ -543,7 +536,7 @@ def fit_along(name, X, setting, counts, validation, seed=0):
             model.fit(X, show_progress=False, callback=after_iteration)
         except (_Enough, ModelFitError):
             pass
-    return tuple(best)
+    return best
 
 
 def implicit_model(name, setting, seed=0):
