@@ -525,8 +525,10 @@ def bfloat16_products(cfg, device, shape=None, described=None):
     by timing its product both ways (BFLOAT16_SPEEDUP). shape None: a sampled softmax's step,
     whose memory rather than its products bounds the run: bfloat16, which halves its largest
     tensors, is kept wherever native (ML-25M's shape on the Intel Xeon: float32's steps 13%
-    faster in isolation, 4% in the whole run, its peak over the 6 GB bound; docs/scale.md). described: a list the measured choice
-    is said in. Every process of a distributed run takes rank 0's choice, so all train alike."""
+    faster in isolation, 4% in the whole run, its peak over the 6 GB bound; docs/scale.md).
+    described: a list the measured choice is said in. Rank 0 alone measures (the others wait at
+    the broadcast, so no two timings share the cores) and every process takes its figure: all
+    train alike."""
     if cfg["mixed_precision"] != "auto":
         return cfg["mixed_precision"] == "bfloat16"
     if cfg["loss"] != "softmax":  # the sampled losses run through the fused node, in float32
@@ -535,8 +537,9 @@ def bfloat16_products(cfg, device, shape=None, described=None):
         return False
     if torch.device(device).type != "cpu" or shape is None:
         return True
-    speedup = bfloat16_speedup(*shape)
-    chosen = bool(idist.broadcast(torch.tensor(int(speedup >= BFLOAT16_SPEEDUP)), src=0).item())
+    speedup = bfloat16_speedup(*shape) if idist.get_rank() == 0 else 0.0
+    speedup = idist.broadcast(torch.tensor(speedup, dtype=torch.float64), src=0).item()
+    chosen = speedup >= BFLOAT16_SPEEDUP
     if described is not None:
         described.append(f"training products in {'bfloat16' if chosen else 'float32'}: bfloat16's ran "
                          f"{speedup:.2f}x float32's speed on this CPU (auto takes it from {BFLOAT16_SPEEDUP}x)")
