@@ -297,6 +297,7 @@ def main():
         sys.exit(variants.train_variant(name, sys.argv[2:]))
     parser = command_line()
     args = parser.parse_args()
+    peers.exit_on_terminate()
     args.command = shlex.join(["python", "benchmark.py", *sys.argv[1:]])  # the reports' Command: line, as given
     # The rows run from the project folder: paths given relative to the caller's folder must
     # mean the same there.

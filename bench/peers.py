@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -161,15 +162,28 @@ def measure(command, env=None):
                "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, t, "
                "file=sys.stderr); sys.exit(p.returncode)")
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True,
-                          text=True, env=env, cwd=ROOT)
+    # A session of its own, so that a benchmark stopped (Ctrl-C, a kill: exit_on_terminate) stops
+    # the row's process too and not the wrapper alone, whose child would run on, holding the cores.
+    child = subprocess.Popen([sys.executable, "-c", wrapper, *command], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True)
+    try:
+        stdout, stderr = child.communicate()
+    except BaseException:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        raise
     wall = time.perf_counter() - started
-    peak = re.search(r"^PEAK_KB (\d+) (\S+)\n?", done.stderr, re.MULTILINE)
-    stderr = done.stderr.replace(peak.group(0), "") if peak else done.stderr  # the child's own
+    peak = re.search(r"^PEAK_KB (\d+) (\S+)\n?", stderr, re.MULTILINE)
+    stderr = stderr.replace(peak.group(0), "") if peak else stderr  # the child's own
     if peak:
         wall = float(peak.group(2))
-    return wall, int(peak.group(1)) / 1024 if peak else float("nan"), done.stdout, stderr, \
-        done.returncode
+    return wall, int(peak.group(1)) / 1024 if peak else float("nan"), stdout, stderr, child.returncode
+
+
+def exit_on_terminate():
+    """A kill (SIGTERM) ends benchmark.py as Ctrl-C does: through its finally blocks, so that its
+    rows' processes are stopped (measure) and its scratch folders removed."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
 def failed_row(name, stderr):

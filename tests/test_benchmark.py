@@ -573,3 +573,49 @@ def test_fold_in_seeds_that_are_not_numbers_are_one_line(tmp_path, synthetic_ml1
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode != 0 and "--fold_in_seeds=0,one: give whole numbers" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "b.md").exists()
+
+
+def _gone(pid):
+    """A process that has exited (a zombie no one reaped counts: it holds no core)."""
+    try:
+        status = open(f"/proc/{pid}/status").read() if sys.platform == "linux" else ""
+    except FileNotFoundError:
+        return True
+    if status:
+        return re.search(r"^State:\s+Z", status, re.MULTILINE) is not None
+    try:
+        import os
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGTERM are POSIX")
+def test_a_killed_benchmark_stops_its_rows_process_and_removes_its_scratch(tmp_path):
+    """benchmark.py killed mid-row: the row's process (under measure's wrapper) is stopped with it,
+    not left running on the cores, and its scratch folder is removed."""
+    import signal
+    import time
+    pid_file, scratch_root = tmp_path / "row.pid", tmp_path / "scratch"
+    scratch_root.mkdir()
+    row = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    script = (f"import sys, tempfile; sys.path.insert(0, {str(ROOT)!r}); from bench import peers; "
+              f"peers.exit_on_terminate()\n"
+              f"with tempfile.TemporaryDirectory(dir={str(scratch_root)!r}):\n"
+              f"    peers.measure([sys.executable, '-c', {row!r}])\n")
+    benchmark_process = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 120  # a slow, shared machine starts two interpreters slowly
+        while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        row_pid = int(pid_file.read_text())
+        benchmark_process.send_signal(signal.SIGTERM)
+        assert benchmark_process.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while not _gone(row_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(row_pid)
+        assert list(scratch_root.iterdir()) == []
+    finally:
+        benchmark_process.kill()
