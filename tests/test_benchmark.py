@@ -503,6 +503,17 @@ def test_als_stopped_along_its_fit_is_the_fit_of_that_many_iterations(synthetic_
     assert not torch.equal(seen[0], seen[1])
 
 
+def test_a_seeded_bpr_fit_is_repeatable(synthetic_ml100k):
+    """BPR's search chooses the same setting run to run only if a seeded fit repeats: implicit's
+    BPR on several threads races (Hogwild), so peers fit it on one."""
+    pytest.importorskip("implicit")
+    X = peers.ranking_task("ml-100k", str(synthetic_ml100k)).training_matrix()
+    setting = {"factors": 8, "learning_rate": 0.05, "regularization": 0.001, "iterations": 20}
+    first, second = (peers.fit_ranking_baseline("bpr", X, setting, seed=3).score_all(torch.arange(50)) for _ in range(2))
+    other_seed = peers.fit_ranking_baseline("bpr", X, setting, seed=4).score_all(torch.arange(50))
+    assert torch.equal(first, second) and not torch.equal(first, other_seed)
+
+
 def test_the_one_fit_ease_row_fits_at_the_l2_its_search_chose_on_the_same_data(monkeypatch, synthetic_ml100k, tmp_path):
     fitted = []
 
